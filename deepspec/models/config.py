@@ -1,0 +1,206 @@
+"""The one in-memory description of a drafter.
+
+Layer ids, mask id and block size are resolved here once from the user's DrafterConfig and the
+target's HF config; the model, the trainer, the evaluator and every export format read them
+from a :class:`DSparkConfig` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+SUPPORTED_FAMILIES = ("qwen3", "llama", "qwen2", "mistral")
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+
+
+@dataclass
+class DSparkConfig:
+    # Architecture of the drafter layers (copied from the target's family).
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool
+    use_qk_norm: bool
+    # Drafter-specific facts.
+    num_hidden_layers: int
+    num_target_layers: int
+    target_hidden_size: int
+    target_layer_ids: List[int]
+    block_size: int
+    mask_token_id: int
+    num_anchors: int = 512
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+    # Per-slot temperatures from sequential temperature scaling (None until calibrated).
+    sts_temperatures: Optional[List[float]] = None
+    # The target's own HF config, kept so exports can start from it.
+    target_config: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_features(self) -> int:
+        return len(self.target_layer_ids)
+
+    @property
+    def markov_enabled(self) -> bool:
+        return self.markov_rank > 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DSparkConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"DSparkConfig: unknown keys {unknown}")
+        return cls(**d)
+
+
+def default_target_layer_ids(num_layers: int, n: int = 5) -> List[int]:
+    """SPEC §2: ``n`` ids evenly spaced from 1 to num_layers-3, fewer on small targets.
+
+    Qwen3 36 layers -> [1, 9, 17, 25, 33]; 40 layers -> [1, 10, 19, 28, 37].
+    """
+    if num_layers < 1:
+        raise ValueError(f"target has {num_layers} layers; need at least 1")
+    lo = min(1, num_layers - 1)
+    hi = max(lo, num_layers - 3)
+    n = max(1, min(n, hi - lo + 1))
+    if n == 1:
+        return [hi]
+    step = (hi - lo) / (n - 1)
+    return sorted({int(round(lo + i * step)) for i in range(n)})
+
+
+def check_layer_ids(ids: List[int], num_layers: int) -> None:
+    if not ids:
+        raise ValueError("drafter.target_layer_ids is empty; give at least one layer id or 'auto'")
+    for i in ids:
+        if not isinstance(i, int) or i < -1 or i >= num_layers:
+            raise ValueError(
+                f"drafter.target_layer_ids={ids}: id {i!r} is out of range; the target has "
+                f"{num_layers} layers, so ids must be in [-1, {num_layers - 1}] (-1 = embeddings)"
+            )
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise ValueError(
+            f"drafter.target_layer_ids={ids} must be strictly increasing and distinct "
+            f"(the target has {num_layers} layers)"
+        )
+
+
+def validate(c: DSparkConfig) -> None:
+    if c.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
+        )
+    if c.block_size < 2:
+        raise ValueError(f"drafter.block_size={c.block_size}: must be >= 2 (anchor + at least one draft)")
+    if c.num_hidden_layers < 1:
+        raise ValueError(f"drafter.num_layers={c.num_hidden_layers}: must be >= 1")
+    if c.markov_head_type not in MARKOV_HEAD_TYPES:
+        raise ValueError(
+            f"drafter.markov_head_type={c.markov_head_type!r} is unknown; expected one of {MARKOV_HEAD_TYPES}"
+        )
+    if c.markov_rank < 0:
+        raise ValueError(f"drafter.markov_rank={c.markov_rank}: must be >= 0 (0 = Markov head off)")
+    if not 0 <= c.mask_token_id < c.vocab_size:
+        raise ValueError(
+            f"drafter.mask_token_id={c.mask_token_id} is outside the target's embedding "
+            f"(vocab_size={c.vocab_size}); expected an id in [0, {c.vocab_size - 1}]"
+        )
+    check_layer_ids(list(c.target_layer_ids), c.num_target_layers)
+    if c.sts_temperatures is not None and len(c.sts_temperatures) != c.block_size:
+        raise ValueError(
+            f"sts_temperatures has {len(c.sts_temperatures)} entries; expected block_size={c.block_size}"
+        )
+
+
+def _get(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
+    v = cfg.get(key, default)
+    return default if v is None else v
+
+
+def resolve_drafter_config(
+    drafter_cfg: Any, target_config: Dict[str, Any], mask_token_id: Optional[int] = None
+) -> DSparkConfig:
+    """Turn a user DrafterConfig (with 'auto' values) plus a target HF config dict into a DSparkConfig.
+
+    ``mask_token_id`` is the tokenizer's mask id, used when the config says 'auto'.
+    """
+    t = dict(target_config)
+    # Multimodal configs (e.g. Gemma) nest the LM config.
+    if "text_config" in t and "num_hidden_layers" not in t:
+        t = {**t["text_config"]}
+    num_target_layers = int(t["num_hidden_layers"])
+    ids = drafter_cfg.target_layer_ids
+    if isinstance(ids, str):
+        if ids != "auto":
+            raise ValueError(f"drafter.target_layer_ids={ids!r}: expected 'auto' or a list of ints")
+        ids = default_target_layer_ids(num_target_layers, int(drafter_cfg.num_target_features))
+    ids = [int(i) for i in ids]
+    check_layer_ids(ids, num_target_layers)
+
+    mask = drafter_cfg.mask_token_id
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise ValueError(f"drafter.mask_token_id={mask!r}: expected 'auto' or an int")
+        if mask_token_id is None:
+            raise ValueError(
+                "drafter.mask_token_id='auto' but the tokenizer has no mask token; set "
+                "drafter.mask_token_id to an embedding row no real text uses"
+            )
+        mask = mask_token_id
+
+    kind = drafter_cfg.kind
+    if kind not in ("dspark", "dflash"):
+        raise ValueError(f"drafter.kind={kind!r} is unknown; expected 'dspark' or 'dflash'")
+    dflash = kind == "dflash"
+    hidden = int(t["hidden_size"])
+    heads = int(t["num_attention_heads"])
+    model_type = t.get("model_type", "qwen3")
+    return DSparkConfig(
+        model_type=model_type,
+        vocab_size=int(t["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(t["intermediate_size"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_get(t, "num_key_value_heads", heads)),
+        head_dim=int(_get(t, "head_dim", hidden // heads)),
+        rms_norm_eps=float(_get(t, "rms_norm_eps", 1e-6)),
+        rope_theta=float(_rope_theta(t)),
+        attention_bias=bool(_get(t, "attention_bias", False)),
+        use_qk_norm=model_type == "qwen3",
+        num_hidden_layers=int(drafter_cfg.num_layers),
+        num_target_layers=num_target_layers,
+        target_hidden_size=hidden,
+        target_layer_ids=ids,
+        block_size=int(drafter_cfg.block_size),
+        mask_token_id=int(mask),
+        markov_rank=0 if dflash else int(drafter_cfg.markov_rank),
+        markov_head_type=str(drafter_cfg.markov_head_type),
+        enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
+        confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
+        target_config=dict(target_config),
+    )
+
+
+def _rope_theta(t: Dict[str, Any]) -> float:
+    if t.get("rope_theta") is not None:
+        return t["rope_theta"]
+    rp = t.get("rope_parameters") or {}
+    if isinstance(rp, dict) and rp.get("rope_theta") is not None:
+        return rp["rope_theta"]
+    return 10000.0

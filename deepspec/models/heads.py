@@ -1,0 +1,86 @@
+"""Sequential heads on top of the parallel backbone: the low-rank Markov head and the confidence head.
+
+Both see x_{k-1}, the token before slot k in the block (x_0 = the anchor). In training that is the
+ground-truth token (teacher forcing); at inference it is the token just sampled, so
+:meth:`MarkovHead.step` must give exactly what :meth:`MarkovHead.forward` gives for the same tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from deepspec.models.config import DSparkConfig
+
+
+class MarkovHead(nn.Module):
+    """Logit bias W2ᵀ·f(W1[x_{k-1}], ...) of rank r added to the backbone's logits at slot k."""
+
+    def __init__(self, c: DSparkConfig) -> None:
+        super().__init__()
+        r, h = c.markov_rank, c.hidden_size
+        self.kind = c.markov_head_type
+        self.rank = r
+        self.markov_w1 = nn.Embedding(c.vocab_size, r)
+        self.markov_w2 = nn.Linear(r, c.vocab_size, bias=False)
+        if self.kind == "gated":
+            self.gate = nn.Linear(h + r, r)
+        elif self.kind == "rnn":
+            # GRU-style cell over [s_{k-1}; W1[x_{k-1}]; h_k]
+            self.gates = nn.Linear(2 * r + h, 2 * r)
+            self.candidate = nn.Linear(2 * r + h, r)
+            self.out_proj = nn.Linear(r, r)
+
+    def init_state(self, n: int, device, dtype) -> Optional[torch.Tensor]:
+        return torch.zeros(n, self.rank, device=device, dtype=dtype) if self.kind == "rnn" else None
+
+    def step(
+        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One slot. prev: [N] token ids; h: [N, H]. Returns (bias [N, V], W1[prev] [N, r], new state)."""
+        e = self.markov_w1(prev)
+        if self.kind == "vanilla":
+            z = e
+        elif self.kind == "gated":
+            z = torch.sigmoid(self.gate(torch.cat([h, e], dim=-1))) * e
+        else:
+            inp = torch.cat([state, e, h], dim=-1)
+            update, reset = torch.sigmoid(self.gates(inp)).chunk(2, dim=-1)
+            cand = torch.tanh(self.candidate(torch.cat([reset * state, e, h], dim=-1)))
+            state = (1 - update) * cand + update * state
+            z = torch.tanh(self.out_proj(state))
+        return self.markov_w2(z), e, state
+
+    def forward(self, prev: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced, all slots. prev: [N, G]; h: [N, G, H] -> (bias [N, G, V], e [N, G, r])."""
+        if self.kind != "rnn":
+            e = self.markov_w1(prev)
+            if self.kind == "vanilla":
+                z = e
+            else:
+                z = torch.sigmoid(self.gate(torch.cat([h, e], dim=-1))) * e
+            return self.markov_w2(z), e
+        state = self.init_state(prev.shape[0], h.device, h.dtype)
+        biases, feats = [], []
+        for k in range(prev.shape[1]):
+            b, e, state = self.step(prev[:, k], h[:, k], state)
+            biases.append(b)
+            feats.append(e)
+        return torch.stack(biases, dim=1), torch.stack(feats, dim=1)
+
+
+class ConfidenceHead(nn.Module):
+    """c_k = σ(w·[h_k ; W1[x_{k-1}]] + b): the chance slot k survives given slots < k did."""
+
+    def __init__(self, c: DSparkConfig) -> None:
+        super().__init__()
+        self.with_markov = c.confidence_head_with_markov and c.markov_enabled
+        in_dim = c.hidden_size + (c.markov_rank if self.with_markov else 0)
+        self.proj = nn.Linear(in_dim, 1)
+
+    def forward(self, h: torch.Tensor, markov_feat: Optional[torch.Tensor]) -> torch.Tensor:
+        """Returns the confidence logit (pre-sigmoid), shape h.shape[:-1]."""
+        x = torch.cat([h, markov_feat], dim=-1) if self.with_markov else h
+        return self.proj(x).squeeze(-1)
