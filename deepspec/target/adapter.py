@@ -138,7 +138,7 @@ class TargetModel:
             aux=aux,
             final=final,
             logits=out.logits if with_logits else None,
-            past_key_values=getattr(out, "past_key_values", None) if use_cache else None,
+            past_key_values=(getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None,
         )
 
     __call__ = forward
