@@ -53,7 +53,7 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfig:
-    kind: str = "dspark"  # dspark | dflash (dflash = markov_rank 0, CE only, no confidence head)
+    kind: str = "dspark"  # dspark | dflash (select with model=dflash: markov off, CE only, no confidence head)
     num_layers: int = 2
     block_size: int = 7
     target_layer_ids: Any = "auto"  # "auto" or a list of strictly increasing ids (-1 = embeddings)
@@ -116,7 +116,7 @@ class EvalConfig:
 class DeepSpecConfig:
     run_name: str = "tiny"
     target: TargetConfig = field(default_factory=TargetConfig)
-    drafter: DrafterConfig = field(default_factory=DrafterConfig)
+    model: DrafterConfig = field(default_factory=DrafterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -87,16 +87,16 @@ def default_target_layer_ids(num_layers: int, n: int = 5) -> List[int]:
 
 def check_layer_ids(ids: List[int], num_layers: int) -> None:
     if not ids:
-        raise ValueError("drafter.target_layer_ids is empty; give at least one layer id or 'auto'")
+        raise ValueError("model.target_layer_ids is empty; give at least one layer id or 'auto'")
     for i in ids:
         if not isinstance(i, int) or i < -1 or i >= num_layers:
             raise ValueError(
-                f"drafter.target_layer_ids={ids}: id {i!r} is out of range; the target has "
+                f"model.target_layer_ids={ids}: id {i!r} is out of range; the target has "
                 f"{num_layers} layers, so ids must be in [-1, {num_layers - 1}] (-1 = embeddings)"
             )
     if any(b <= a for a, b in zip(ids, ids[1:])):
         raise ValueError(
-            f"drafter.target_layer_ids={ids} must be strictly increasing and distinct "
+            f"model.target_layer_ids={ids} must be strictly increasing and distinct "
             f"(the target has {num_layers} layers)"
         )
 
@@ -107,18 +107,18 @@ def validate(c: DSparkConfig) -> None:
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
         )
     if c.block_size < 2:
-        raise ValueError(f"drafter.block_size={c.block_size}: must be >= 2 (anchor + at least one draft)")
+        raise ValueError(f"model.block_size={c.block_size}: must be >= 2 (anchor + at least one draft)")
     if c.num_hidden_layers < 1:
-        raise ValueError(f"drafter.num_layers={c.num_hidden_layers}: must be >= 1")
+        raise ValueError(f"model.num_layers={c.num_hidden_layers}: must be >= 1")
     if c.markov_head_type not in MARKOV_HEAD_TYPES:
         raise ValueError(
-            f"drafter.markov_head_type={c.markov_head_type!r} is unknown; expected one of {MARKOV_HEAD_TYPES}"
+            f"model.markov_head_type={c.markov_head_type!r} is unknown; expected one of {MARKOV_HEAD_TYPES}"
         )
     if c.markov_rank < 0:
-        raise ValueError(f"drafter.markov_rank={c.markov_rank}: must be >= 0 (0 = Markov head off)")
+        raise ValueError(f"model.markov_rank={c.markov_rank}: must be >= 0 (0 = Markov head off)")
     if not 0 <= c.mask_token_id < c.vocab_size:
         raise ValueError(
-            f"drafter.mask_token_id={c.mask_token_id} is outside the target's embedding "
+            f"model.mask_token_id={c.mask_token_id} is outside the target's embedding "
             f"(vocab_size={c.vocab_size}); expected an id in [0, {c.vocab_size - 1}]"
         )
     check_layer_ids(list(c.target_layer_ids), c.num_target_layers)
@@ -148,7 +148,7 @@ def resolve_drafter_config(
     ids = drafter_cfg.target_layer_ids
     if isinstance(ids, str):
         if ids != "auto":
-            raise ValueError(f"drafter.target_layer_ids={ids!r}: expected 'auto' or a list of ints")
+            raise ValueError(f"model.target_layer_ids={ids!r}: expected 'auto' or a list of ints")
         ids = default_target_layer_ids(num_target_layers, int(drafter_cfg.num_target_features))
     ids = [int(i) for i in ids]
     check_layer_ids(ids, num_target_layers)
@@ -156,17 +156,17 @@ def resolve_drafter_config(
     mask = drafter_cfg.mask_token_id
     if isinstance(mask, str):
         if mask != "auto":
-            raise ValueError(f"drafter.mask_token_id={mask!r}: expected 'auto' or an int")
+            raise ValueError(f"model.mask_token_id={mask!r}: expected 'auto' or an int")
         if mask_token_id is None:
             raise ValueError(
-                "drafter.mask_token_id='auto' but the tokenizer has no mask token; set "
-                "drafter.mask_token_id to an embedding row no real text uses"
+                "model.mask_token_id='auto' but the tokenizer has no mask token; set "
+                "model.mask_token_id to an embedding row no real text uses"
             )
         mask = mask_token_id
 
     kind = drafter_cfg.kind
     if kind not in ("dspark", "dflash"):
-        raise ValueError(f"drafter.kind={kind!r} is unknown; expected 'dspark' or 'dflash'")
+        raise ValueError(f"model.kind={kind!r} is unknown; expected 'dspark' or 'dflash'")
     dflash = kind == "dflash"
     hidden = int(t["hidden_size"])
     heads = int(t["num_attention_heads"])

@@ -1,0 +1,123 @@
+"""Native DSpark checkpoint (SPEC §7): an HF-style folder, config.json + model.safetensors.
+
+config.json is the target's config with the drafter's facts laid over it; the tensor names are the
+drafter's own state_dict names, so saving is a dump and loading is a strict ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deepspec.models.config import DSparkConfig
+from deepspec.models.drafter import DSparkDrafter
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+# DSparkConfig fields that describe the drafter's architecture and are read back from config.json.
+_ARCH_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+    "head_dim", "rms_norm_eps", "attention_bias",
+)
+
+
+def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
+    cfg = dict(c.target_config)
+    cfg.update(
+        architectures=["Qwen3DSparkModel"],
+        model_type=c.model_type,
+        num_hidden_layers=c.num_hidden_layers,
+        num_target_layers=c.num_target_layers,
+        block_size=c.block_size,
+        mask_token_id=c.mask_token_id,
+        target_layer_ids=list(c.target_layer_ids),
+        num_anchors=c.num_anchors,
+        markov_rank=c.markov_rank,
+        markov_head_type=c.markov_head_type,
+        enable_confidence_head=c.enable_confidence_head,
+        confidence_head_with_markov=c.confidence_head_with_markov,
+        tie_word_embeddings=False,
+        torch_dtype=dtype,
+        rope_theta=c.rope_theta,
+    )
+    for k in _ARCH_KEYS:
+        cfg[k] = getattr(c, k)
+    if c.sts_temperatures is not None:
+        cfg["sts_temperatures"] = list(c.sts_temperatures)
+    return cfg
+
+
+def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
+    missing = [k for k in ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id") if k not in cfg]
+    if missing:
+        raise ValueError(f"config.json is not a native DSpark config: missing keys {missing}")
+    target = dict(cfg)
+    for k in ("architectures", "num_target_layers", "block_size", "mask_token_id", "target_layer_ids", "num_anchors",
+              "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+              "sts_temperatures"):
+        target.pop(k, None)
+    target["num_hidden_layers"] = cfg["num_target_layers"]
+    return DSparkConfig(
+        model_type=cfg.get("model_type", "qwen3"),
+        **{k: cfg[k] for k in _ARCH_KEYS},
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        use_qk_norm=cfg.get("model_type", "qwen3") == "qwen3",
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_target_layers=int(cfg["num_target_layers"]),
+        target_hidden_size=int(cfg["hidden_size"]),
+        target_layer_ids=[int(i) for i in cfg["target_layer_ids"]],
+        block_size=int(cfg["block_size"]),
+        mask_token_id=int(cfg["mask_token_id"]),
+        num_anchors=int(cfg.get("num_anchors", 512)),
+        markov_rank=int(cfg.get("markov_rank", 0)),
+        markov_head_type=cfg.get("markov_head_type", "vanilla"),
+        enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
+        confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
+        sts_temperatures=cfg.get("sts_temperatures"),
+        target_config=target,
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+    """Write config.json + model.safetensors into ``out_dir`` (each file atomically)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in drafter.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.safetensors.")
+    os.close(fd)
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    atomic_write_text(out / "config.json", json.dumps(native_config(drafter.config, dtype), indent=2, sort_keys=True))
+    return out
+
+
+def load_native(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DSparkDrafter:
+    p = Path(path)
+    for name in ("config.json", "model.safetensors"):
+        if not (p / name).is_file():
+            raise FileNotFoundError(f"{p / name} not found: not a native DSpark drafter folder")
+    cfg = config_from_native(json.loads((p / "config.json").read_text()))
+    drafter = DSparkDrafter(cfg)
+    state = load_file(str(p / "model.safetensors"))
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{p / 'model.safetensors'}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for mod in (drafter.embed_tokens, drafter.lm_head):
+        mod.weight.requires_grad_(False)
+    return drafter.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,89 @@
+"""DSpark loss (SPEC §3): 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised.
+
+Every term is a *sum* over valid slots of w_k·term, divided by ``denominator``: the sum of w_k·valid
+over the whole global batch (all ranks, all micro-batches of the step). The caller computes that
+sum before the first backward so the update does not depend on how the batch was split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from deepspec.data.anchors import BlockTargets, slot_weights
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar to backpropagate (already divided by the denominator)
+    sums: Dict[str, torch.Tensor]  # detached weighted sums for logging: ce, l1, bce, weight
+
+
+def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
+    """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V]."""
+    b, a, g = target_pos.shape
+    idx = target_pos.reshape(b, a * g, 1).expand(-1, -1, target_final.shape[-1])
+    h = torch.gather(target_final, 1, idx).reshape(b, a, g, -1)
+    with torch.no_grad():
+        return lm_head(h.to(lm_head.weight.dtype))
+
+
+def weighted_valid(valid: torch.Tensor, decay_gamma: float) -> torch.Tensor:
+    return valid * slot_weights(valid.shape[-1], decay_gamma, valid.device)
+
+
+def dspark_loss(
+    draft_logits: torch.Tensor,
+    confidence_logits,
+    tgt_logits: torch.Tensor,
+    targets: BlockTargets,
+    loss_cfg,
+    denominator: float,
+) -> LossOutput:
+    """draft_logits/tgt_logits [B, A, γ, V]; confidence_logits [B, A, γ] or None."""
+    w = weighted_valid(targets.valid, loss_cfg.decay_gamma)
+    logq = F.log_softmax(draft_logits.float(), dim=-1)
+    ce = -torch.gather(logq, -1, targets.labels.unsqueeze(-1)).squeeze(-1)
+    p = F.softmax(tgt_logits.float(), dim=-1)
+    l1 = (logq.exp() - p).abs().sum(-1)
+    accept = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # c*_k, analytic acceptance at T=1
+    zero = draft_logits.new_zeros((), dtype=torch.float32)
+    bce = zero
+    if confidence_logits is not None:
+        bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
+    ce_s, l1_s = (w * ce).sum(), (w * l1).sum()
+    bce_s = (w * bce).sum() if confidence_logits is not None else zero
+    total = loss_cfg.ce_weight * ce_s + loss_cfg.l1_weight * l1_s
+    if confidence_logits is not None and loss_cfg.confidence_weight:
+        total = total + loss_cfg.confidence_weight * bce_s
+    sums = {
+        "ce": ce_s.detach(),
+        "l1": l1_s.detach(),
+        "bce": bce_s.detach(),
+        "weight": w.sum().detach(),
+    }
+    sums.update(acceptance_sums(accept, targets.valid, confidence_logits))
+    return LossOutput(loss=total / denominator, sums=sums)
+
+
+def acceptance_sums(accept: torch.Tensor, valid: torch.Tensor, confidence_logits) -> Dict[str, torch.Tensor]:
+    """Sums for accept-rate@k and the τ estimate, reduced later over ranks and micro-batches.
+
+    τ estimate per block = 1 + Σ_k Π_{i≤k} c*_i, over blocks whose γ slots are all valid (blocks cut
+    by the end of the answer would bias it down).
+    """
+    out = {
+        "accept_k": (accept * valid).sum(dim=(0, 1)).detach(),
+        "valid_k": valid.sum(dim=(0, 1)).detach(),
+    }
+    full = valid.prod(dim=-1)
+    tau = 1.0 + torch.cumprod(accept, dim=-1).sum(-1)
+    out["tau"] = (tau * full).sum().detach()
+    out["full_blocks"] = full.sum().detach()
+    if confidence_logits is not None:
+        err = (torch.sigmoid(confidence_logits.float()) - accept).abs()
+        out["conf_abs_err"] = (err * valid).sum().detach()
+    return out
