@@ -80,7 +80,6 @@ class DataConfig:
     max_length: int = 384  # tokens per training sequence (longer ones are truncated)
     num_anchors: int = 512  # anchors sampled per sequence (fewer if the sequence has fewer)
     max_train_samples: int = 0  # 0 = all
-    max_eval_prompts: int = 32
     num_workers: int = 0
 
 
