@@ -43,6 +43,9 @@ def _split_function(lines: List[str], node) -> Optional[Tuple[str, str]]:
     header_end = doc.end_lineno if doc is not None else rest[0].lineno - 1
     if header_end < node.lineno or rest[0].lineno <= header_end:
         return None  # one-liners such as `def f(): return 1` or `"""doc"""; x = 1`
+    # Comments and blank lines before the first statement belong to the body, not the signature.
+    while header_end > node.lineno and lines[header_end - 1].strip()[:1] in ("", "#"):
+        header_end -= 1
     header = textwrap.dedent("".join(lines[node.lineno - 1 : header_end])).rstrip()
     answer = textwrap.dedent("".join(lines[header_end : node.end_lineno])).strip("\n").rstrip()
     if not header or not answer:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
-from deepspec.export.native import atomic_write_text, save_native
+from deepspec.exporting.native import atomic_write_text, save_native
 from deepspec.losses import dspark_loss, target_logits
 from deepspec.training.optim import build_optimizer, build_scheduler
 from deepspec.training.setup import RunSetup, build_run

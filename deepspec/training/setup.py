@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
-from deepspec.export.native import atomic_write_text
+from deepspec.exporting.native import atomic_write_text
 from deepspec.models.config import DSparkConfig, resolve_drafter_config
 from deepspec.models.drafter import DSparkDrafter
 from deepspec.target.adapter import TargetModel
