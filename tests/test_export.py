@@ -245,6 +245,7 @@ def test_bad_inputs(targets, tmp_path):
         resolve_checkpoint(run)
     native = save_native(d, run / "drafter")
     assert resolve_checkpoint(run) == (native, run)
+    assert resolve_checkpoint(native) == (native, run)  # the run's own drafter/ keeps its run (for the card)
 
     (native / "model.safetensors").write_bytes((native / "model.safetensors").read_bytes()[:5000])
     with pytest.raises(ExportInputError, match=r"drafter/model.safetensors: not a readable safetensors file"):

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from deepspec.exporting.formats import EMBED_KEYS, FORMATS, SAMPLE_FROM_ANCHOR, config_from_export, detect_format
+from deepspec.exporting.formats import EMBED_KEYS, SAMPLE_FROM_ANCHOR, config_from_export, detect_format
 from deepspec.exporting.io import CONFIG_NAME, WEIGHTS_NAME, ExportInputError, read_json, tensor_header
 from deepspec.exporting.target_info import TargetInfo, as_target
 from deepspec.exporting.writer import SIDECAR_NAME, drafter_outputs, load_export, probe_ids, tolerance
@@ -300,10 +300,3 @@ def _check_logits(rep, c, sidecar, reference: Optional[DSparkDrafter], tgt: Opti
                           f"allowed for {dtype}{hint}")
     else:
         rep.passed.append(f"logits reproduce {what} (max |Δ|={diff:.2g} ≤ {tol:.2g}, {dtype})")
-
-
-def check_or_raise(path, target=None, reference=None) -> CheckReport:
-    return check_export(path, target, reference).raise_if_failed()
-
-
-__all__ = ["CheckReport", "ExportCheckError", "check_export", "check_or_raise", "FORMATS"]

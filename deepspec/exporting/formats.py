@@ -104,10 +104,7 @@ def _require(cfg: Dict[str, Any], keys, where: str) -> None:
 
 # --------------------------------------------------------------------------- native
 def to_native(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
-    cfg = native_config(c, dtype)
-    cfg["dtype"] = dtype  # transformers 5 reads `dtype`; keep it in step with torch_dtype
-    cfg.pop("layer_types", None)  # the target's per-layer list has the wrong length for the drafter
-    return cfg
+    return native_config(c, dtype)
 
 
 def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:

@@ -181,7 +181,9 @@ def resolve_checkpoint(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
     if not p.exists():
         raise ExportInputError(f"export.checkpoint={p} does not exist")
     if (p / CONFIG_NAME).exists() or (p / WEIGHTS_NAME).exists():
-        return p, None
+        # A run's own drafter/ folder: keep the run, so the card still finds eval.json and config.yaml.
+        run = p.parent if p.name == "drafter" and (p.parent / "config.yaml").is_file() else None
+        return p, run
     if (p / "drafter").is_dir():
         return p / "drafter", p
     if any((p / n).exists() for n in ("config.yaml", "metrics.jsonl", "run_info.json")):
