@@ -171,7 +171,7 @@ def build_card(c: DSparkConfig, fmt: str, *, base_model: str, repo_id: Optional[
     ds = (run_cfg or {}).get("data", {}).get("source", "eval") if isinstance(run_cfg, dict) else "eval"
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-        f"# {kind.upper()} drafter for `{base_model or 'its target model'}`", "",
+        f"# {dict(dspark='DSpark', dflash='DFlash')[kind]} drafter for `{base_model or 'its target model'}`", "",
         f"A speculative-decoding drafter trained with deepspec. Given the anchor token and the target's hidden "
         f"states from layers {list(c.target_layer_ids)}, it proposes {c.block_size} tokens in one parallel "
         f"pass of {c.num_hidden_layers} layer(s)" + (", with " + " and ".join(heads) if heads else "") + ". "

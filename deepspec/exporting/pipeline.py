@@ -116,8 +116,9 @@ def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Pat
         result.report = check_export(stage, target=target, reference=drafter, display_path=out)
         result.report.raise_if_failed()
 
+    source = (run_dir or Path(src or "")).name  # a name, not a local path: the record may go public
     export_drafter(drafter, out, e.format, e.dtype, e.include_embeddings, e.include_sts, overwrite, extra,
-                   protected, source=str(src or run_dir or ""), verify=verify if e.check else None, config=c)
+                   protected, source=source, verify=verify if e.check else None, config=c)
     echo(f"exported {e.format} ({e.dtype}) to {out}")
     if result.report is not None:
         echo(result.report.render())
