@@ -106,7 +106,8 @@ def push_folder(folder, repo_id: str, private: bool = False, revision: Optional[
                           revision=plan.revision, commit_message=plan.commit_message,
                           ignore_patterns=[".*", "**/.*"])
     except Exception as e:  # noqa: BLE001 - re-raised with the token scrubbed and no chained context
-        raise HubError(f"push to {plan.repo_id} at {endpoint} failed: {_scrub(f'{type(e).__name__}: {e}', token)}") from None
+        why = _scrub(f"{type(e).__name__}: {e}", token)
+        raise HubError(f"push to {plan.repo_id} at {endpoint} failed: {why}") from None
     echo(f"pushed {len(plan.files)} files to {endpoint.rstrip('/')}/{plan.repo_id}"
          + (f" (revision {plan.revision})" if plan.revision else ""))
     return plan
