@@ -22,17 +22,17 @@ class TinyTargetConfig:
     corpus_dir: Optional[str] = None  # None = this Python's standard library sources
     corpus_glob: str = "**/*.py"
     heldout_fraction: float = 0.05  # share of files (by stable path hash) kept out of training
-    max_files: int = 0  # 0 = every matching file
+    max_files: int = 3000  # 0 = every matching file; a deterministic sample keeps the build short
     vocab_size: int = 4096
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 64
-    intermediate_size: int = 768
+    head_dim: int = 32
+    intermediate_size: int = 384
     seq_len: int = 256
     batch_size: int = 16
-    train_steps: int = 800
+    train_steps: int = 600
     lr: float = 3e-3
     warmup_steps: int = 50
     eval_batches: int = 20
