@@ -65,15 +65,16 @@ def check_against_target_config(dc: DSparkConfig, target_config: Dict[str, Any],
         raise ValueError(f"drafter does not match {target_name}: " + "; ".join(problems))
 
 
-def load_for_eval(cfg, device) -> Dict[str, Any]:
-    """Drafter folder + target path -> {drafter, drafter_dir, from_run_dir, target, tokenizer, target_path}."""
+def check_inputs(cfg) -> Dict[str, Any]:
+    """Resolve the drafter folder and the target, and check they fit, from config files only.
+
+    Returns {drafter_dir, from_run_dir, drafter_config, target_path, tokenizer}.
+    """
     import json
 
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from deepspec.exporting.native import config_from_native, load_native
-    from deepspec.target.adapter import TargetModel
+    from deepspec.exporting.native import config_from_native
     from deepspec.training.setup import resolve_target_path
 
     drafter_dir, from_run = resolve_drafter_dir(cfg.eval.drafter)
@@ -83,8 +84,19 @@ def load_for_eval(cfg, device) -> Dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
     target_config = AutoConfig.from_pretrained(path, trust_remote_code=trc).to_dict()
     check_against_target_config(dc, target_config, tokenizer, target_name=f"target {path}")
-    target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, device, trc)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.target.dtype]
-    drafter = load_native(drafter_dir, device=device, dtype=dtype)
-    return {"drafter": drafter, "drafter_dir": drafter_dir, "from_run_dir": from_run, "target": target,
-            "tokenizer": tokenizer, "target_path": path}
+    return {"drafter_dir": drafter_dir, "from_run_dir": from_run, "drafter_config": dc, "target_path": path,
+            "tokenizer": tokenizer}
+
+
+def load_models(cfg, inputs: Dict[str, Any], device) -> Tuple[Any, Any]:
+    """(target, drafter) for the inputs :func:`check_inputs` accepted."""
+    import torch
+
+    from deepspec.exporting.native import load_native
+    from deepspec.target.adapter import DTYPES, TargetModel
+
+    dc = inputs["drafter_config"]
+    target = TargetModel.from_pretrained(inputs["target_path"], dc.target_layer_ids, cfg.target.dtype, device,
+                                         cfg.target.trust_remote_code)
+    drafter = load_native(inputs["drafter_dir"], device=device, dtype=DTYPES.get(cfg.target.dtype, torch.float32))
+    return target, drafter

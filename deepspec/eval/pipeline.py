@@ -32,6 +32,9 @@ def check_eval_config(e) -> None:
         raise ValueError(f"eval.calibration_fraction={e.calibration_fraction}: must be in (0, 1)")
     if e.ece_bins < 2:
         raise ValueError(f"eval.ece_bins={e.ece_bins}: must be >= 2")
+    if e.save_sts and float(e.sts_fit_temperature) not in [float(t) for t in e.temperatures]:
+        raise ValueError(f"eval.save_sts: eval.sts_fit_temperature={e.sts_fit_temperature} is not one of "
+                         f"eval.temperatures={list(e.temperatures)}")
     if any(int(r) < 1 for r in e.concurrency):
         raise ValueError(f"eval.concurrency={list(e.concurrency)}: levels must be >= 1")
 
@@ -62,7 +65,7 @@ def run_evaluation(cfg) -> Dict:
     """Everything `python deepspec/evaluate.py` does; returns the report (also in eval.json)."""
     from deepspec.data.chat import end_of_turn_ids
     from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
-    from deepspec.eval.loading import load_for_eval
+    from deepspec.eval.loading import check_inputs, load_models
     from deepspec.eval.runner import _atomic_write_json, evaluate_datasets
     from deepspec.eval.scheduler import SPSCurve
 
@@ -70,36 +73,35 @@ def run_evaluation(cfg) -> Dict:
     check_eval_config(e)
     if e.num_threads > 0:
         torch.set_num_threads(e.num_threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_for_eval(cfg, device)
-    tokenizer = loaded["tokenizer"]
-
+    inputs = check_inputs(cfg)  # drafter vs target, from config files: before any weights load
+    tokenizer = inputs["tokenizer"]
     prompts = {}
     for name in e.datasets:
         texts = select(load_prompt_texts(str(name), cfg), e.num_prompts, e.seed)
         prompts[str(name)] = tokenize_prompts(tokenizer, texts)
         log.info("dataset %s: %d prompts", name, len(texts))
+    sps = SPSCurve.load(e.sps_profile) if e.sps_profile else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target, drafter = load_models(cfg, inputs, device)
 
-    out_dir = Path(e.output_dir) if e.output_dir else default_output_dir(loaded["drafter_dir"], loaded["from_run_dir"])
+    drafter_dir = inputs["drafter_dir"]
+    out_dir = Path(e.output_dir) if e.output_dir else default_output_dir(drafter_dir, inputs["from_run_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sps = SPSCurve.load(e.sps_profile) if e.sps_profile else None
 
-    report = evaluate_datasets(loaded["target"], loaded["drafter"], prompts, e, end_of_turn_ids(tokenizer),
+    report = evaluate_datasets(target, drafter, prompts, e, end_of_turn_ids(tokenizer),
                                out_dir=str(out_dir), progress=e.progress_bar, sps=sps)
-    report["drafter_dir"] = str(loaded["drafter_dir"])
-    report["target"] = loaded["target_path"]
+    report["drafter_dir"] = str(drafter_dir)
+    report["target"] = inputs["target_path"]
     if e.save_sts:
         temps = sts_to_store(report, e.sts_fit_temperature)
         if temps is None:
-            raise ValueError(
-                f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
-                f"(evaluated: {list(e.temperatures)}; needs a confidence head and calibration on)"
-            )
-        save_sts(loaded["drafter"], loaded["drafter_dir"], temps)
+            raise ValueError(f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
+                             "(the drafter needs a confidence head, eval.calibration must be on)")
+        save_sts(drafter, drafter_dir, temps)
         report["sts_saved"] = {"temperatures": temps, "fit_at_temperature": float(e.sts_fit_temperature),
-                               "drafter_dir": str(loaded["drafter_dir"])}
-        log.info("stored sts_temperatures=%s in %s", temps, loaded["drafter_dir"] / "config.json")
+                               "drafter_dir": str(drafter_dir)}
+        log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
     _atomic_write_json(str(out_dir / "eval.json"), report)
     print(f"eval.json written to {out_dir}")
     return report
