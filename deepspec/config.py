@@ -137,6 +137,32 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`python deepspec/export.py export.checkpoint=DIR export.format=speculators ...` (see docs/export.md)."""
+
+    checkpoint: Optional[str] = None  # a drafter folder (any format) or a training output dir (uses drafter/)
+    format: str = "speculators"  # native | speculators (vLLM) | dflash (z-lab; no Markov/confidence head)
+    output_dir: Optional[str] = None  # None = <run>/export/<format>, or <drafter folder>-<format>
+    dtype: str = "bfloat16"  # bfloat16 | float32
+    include_embeddings: Optional[bool] = None  # None = format default (native/speculators yes, dflash never)
+    include_sts: bool = True  # write the STS temperatures when the drafter has them
+    overwrite: bool = False  # replace a non-empty output_dir
+    check: bool = True  # run the checker on the staged export before it appears
+    target: Optional[str] = None  # local target folder for the checker (None = the run's target if local)
+    base_model: Optional[str] = None  # hub id of the target for the card / verifier (None = from the run)
+    license: str = "apache-2.0"
+    library_name: str = "deepspec"
+    card: bool = True  # write README.md (model card) into the export
+    after_training: bool = True  # export_after_training() runs at the end of `train.py`
+    push_to_hub: bool = False
+    repo_id: Optional[str] = None  # 'user/name'
+    private: bool = False
+    revision: Optional[str] = None  # branch to push to (created if missing); None = main
+    commit_message: str = "Upload DSpark drafter"
+    dry_run: bool = False  # build the export and print what would be uploaded; upload nothing
+
+
+@dataclass
 class DeepSpecConfig:
     run_name: str = "tiny"
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -145,6 +171,7 @@ class DeepSpecConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:

@@ -44,8 +44,10 @@ def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
         confidence_head_with_markov=c.confidence_head_with_markov,
         tie_word_embeddings=False,
         torch_dtype=dtype,
+        dtype=dtype,  # transformers 5 reads `dtype`; the target's own value would be stale here
         rope_theta=c.rope_theta,
     )
+    cfg.pop("layer_types", None)  # the target's per-layer list has the target's length, not the drafter's
     for k in _ARCH_KEYS:
         cfg[k] = getattr(c, k)
     if c.sts_temperatures is not None:

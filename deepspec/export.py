@@ -1,0 +1,70 @@
+"""Export, check and share a drafter.
+
+    python deepspec/export.py export.checkpoint=outputs/tiny-dspark export.format=speculators \\
+        export.output_dir=exports/tiny [export.dtype=float32] [export.push_to_hub=true export.repo_id=me/x]
+    python deepspec/export.py check DIR [--target TARGET_DIR] [--reference DRAFTER_DIR]
+
+The export form is Hydra (configs/export.yaml, keys typed by ExportConfig in deepspec/config.py);
+the check form is a plain command line, since it takes a folder and not a configuration.
+Exit status: 0 on success, 1 when the check fails or the input is refused (message on stderr).
+"""
+
+import os
+import sys
+
+# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
+_here = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _here:
+    sys.path.pop(0)
+
+import hydra  # noqa: E402
+
+from deepspec.config import register_configs  # noqa: E402
+
+CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
+register_configs()
+
+
+
+def _user_errors():
+    """Errors a user can act on (bad input, failed check, refused push): one message, no traceback."""
+    from deepspec.exporting.hub import HubError
+
+    return (ValueError, HubError)
+
+
+def check_main(argv) -> int:
+    import argparse
+
+    from deepspec.exporting.check import check_export
+
+    ap = argparse.ArgumentParser(prog="deepspec/export.py check", description="Check an exported drafter folder.")
+    ap.add_argument("dir", help="export folder (native, speculators or dflash)")
+    ap.add_argument("--target", help="local target model folder (config.json, optional safetensors weights)")
+    ap.add_argument("--reference", help="drafter folder to compare logits against (default: the probe "
+                                        "stored in deepspec_export.json)")
+    args = ap.parse_args(argv)
+    try:
+        report = check_export(args.dir, target=args.target, reference=args.reference)
+    except _user_errors() as e:  # an unreadable --target/--reference: still a one-line answer
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.render())
+    return 0 if report.ok else 1
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def export_main(cfg) -> None:
+    from deepspec.exporting.pipeline import run_export
+
+    try:
+        run_export(cfg.export)
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "check":
+        sys.exit(check_main(sys.argv[2:]))
+    export_main()

@@ -1,0 +1,259 @@
+"""The three checkpoint formats of SPEC §7, each one pair of mapping functions to/from DSparkConfig.
+
+Layer ids, mask id, block size and the head settings live only in :class:`DSparkConfig`; each
+format's config.json is *derived* from it here, and read back into it here, so they cannot drift.
+Tensor names are the drafter's own ``state_dict`` names in every format; formats differ only in
+which tensors they carry (the z-lab format and "embeddings omitted" exports drop the frozen
+embedding and lm_head, which engines share from the verifier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, List, Optional
+
+from deepspec.exporting.io import ExportInputError
+from deepspec.exporting.native import config_from_native, native_config
+from deepspec.models.config import DSparkConfig
+
+FORMATS = ("native", "speculators", "dflash")
+EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
+
+# Our drafter feeds [anchor, MASK × (γ-1)] and block slot j predicts token p0+j+1: the anchor's own
+# output is the first draft (SPEC §2). An engine must therefore sample draft 1 from the anchor
+# position, not from the first MASK position as DFlash-style runtimes do. Written explicitly
+# because engines default to the other convention and then serve at <1% acceptance, silently.
+SAMPLE_FROM_ANCHOR = True
+
+_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+         "head_dim", "rms_norm_eps", "attention_bias")
+# Keys that describe the target's identity or training bookkeeping, not the drafter's layers.
+_NOT_LAYER_KEYS = ("architectures", "_name_or_path", "auto_map", "id2label", "label2id", "layer_types",
+                   "transformers_version", "torch_dtype", "dtype", "rope_theta", "text_config",
+                   "num_target_layers", "target_layer_ids", "block_size", "mask_token_id", "num_anchors",
+                   "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+                   "sts_temperatures", "sample_from_anchor", "dflash_config")
+
+
+class FormatError(ValueError):
+    """The drafter cannot be written in the requested format (e.g. a Markov head in z-lab DFlash)."""
+
+
+def drafter_kind(c: DSparkConfig) -> str:
+    """'dflash' for the plain parallel backbone (no Markov, no confidence head), else 'dspark'."""
+    return "dflash" if not c.markov_enabled and not c.enable_confidence_head else "dspark"
+
+
+def rope_theta_of(d: Dict[str, Any]) -> float:
+    if d.get("rope_theta") is not None:
+        return float(d["rope_theta"])
+    rp = d.get("rope_parameters") or {}
+    return float(rp.get("rope_theta", 10000.0)) if isinstance(rp, dict) else 10000.0
+
+
+def verifier_name(c: DSparkConfig) -> str:
+    return str(c.target_config.get("_name_or_path") or "")
+
+
+def verifier_architectures(c: DSparkConfig) -> List[str]:
+    archs = c.target_config.get("architectures")
+    if archs:
+        return list(archs)
+    return [{"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "mistral": "MistralForCausalLM"}.get(c.model_type, "AutoModelForCausalLM")]
+
+
+def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+    """A complete qwen3/llama HF config dict describing the drafter's own decoder layers."""
+    from transformers import CONFIG_MAPPING
+
+    base = {k: v for k, v in c.target_config.items() if k not in _NOT_LAYER_KEYS}
+    rope = dict(base.get("rope_parameters") or {"rope_type": "default"})
+    rope["rope_theta"] = c.rope_theta
+    base.update({k: getattr(c, k) for k in _ARCH})
+    base.update(model_type=c.model_type, num_hidden_layers=c.num_hidden_layers, rope_parameters=rope,
+                tie_word_embeddings=False)
+    # Round-trip through transformers so the dict is complete (every field the family defines).
+    full = CONFIG_MAPPING[c.model_type](**{k: v for k, v in base.items() if k != "model_type"}).to_dict()
+    full.pop("architectures", None)
+    full["dtype"] = dtype
+    return full
+
+
+def _arch_from_layer(d: Dict[str, Any], where: str) -> Dict[str, Any]:
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads") if k not in d]
+    if missing:
+        raise ExportInputError(f"{where}: missing drafter architecture keys {missing}")
+    heads, hidden = int(d["num_attention_heads"]), int(d["hidden_size"])
+    model_type = d.get("model_type", "qwen3")
+    return dict(
+        model_type=model_type, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]), num_attention_heads=heads,
+        num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+        head_dim=int(d.get("head_dim") or hidden // heads), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta_of(d), attention_bias=bool(d.get("attention_bias", False)),
+        use_qk_norm=model_type == "qwen3", num_hidden_layers=int(d.get("num_hidden_layers", 1)),
+    )
+
+
+def _require(cfg: Dict[str, Any], keys, where: str) -> None:
+    missing = [k for k in keys if k not in cfg]
+    if missing:
+        raise ExportInputError(f"{where}: missing required keys {missing}")
+
+
+# --------------------------------------------------------------------------- native
+def to_native(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+    return native_config(c, dtype)
+
+
+def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+    _require(cfg, ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id", "hidden_size",
+                   "vocab_size", "num_attention_heads", "intermediate_size"), where)
+    filled = {k: cfg.get(k) for k in _ARCH}
+    filled["num_key_value_heads"] = filled["num_key_value_heads"] or cfg["num_attention_heads"]
+    filled["head_dim"] = filled["head_dim"] or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
+    filled["rms_norm_eps"] = filled["rms_norm_eps"] or 1e-6
+    filled["attention_bias"] = bool(filled["attention_bias"])
+    d = {**cfg, **filled, "rope_theta": rope_theta_of(cfg)}
+    return config_from_native(d)
+
+
+# --------------------------------------------------------------------------- vLLM speculators
+def to_speculators(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+    kind = drafter_kind(c)
+    cfg: Dict[str, Any] = {
+        "architectures": ["DSparkSpeculator" if kind == "dspark" else "DFlashSpeculator"],
+        "speculators_model_type": kind,
+        "transformer_layer_config": transformer_layer_config(c, dtype),
+        "speculators_config": {
+            "algorithm": kind,
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": c.block_size}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": verifier_name(c), "architectures": verifier_architectures(c)},
+        },
+        # The trap of SPEC §7: vLLM indexes hidden states with the embedding output at 0, so layer i's
+        # output is aux id i+1 (our native ids use HF's hidden_states[i+1] convention instead).
+        "aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],
+        "num_target_layers": c.num_target_layers,
+        "mask_token_id": c.mask_token_id,
+        "block_size": c.block_size,
+        "target_hidden_size": c.target_hidden_size,
+        "draft_vocab_size": c.vocab_size,
+        "markov_rank": c.markov_rank,
+        "markov_head_type": c.markov_head_type,
+        "enable_confidence_head": c.enable_confidence_head,
+        "confidence_head_with_markov": c.confidence_head_with_markov,
+        "sample_from_anchor": SAMPLE_FROM_ANCHOR,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
+    if c.sts_temperatures is not None:
+        cfg["sts_temperatures"] = list(c.sts_temperatures)
+    return cfg
+
+
+def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+    _require(cfg, ("transformer_layer_config", "aux_hidden_state_layer_ids", "mask_token_id", "block_size"), where)
+    layer = cfg["transformer_layer_config"]
+    arch = _arch_from_layer(layer, f"{where}: transformer_layer_config")
+    target_hidden = int(cfg.get("target_hidden_size", arch["hidden_size"]))
+    ids = [int(i) - 1 for i in cfg["aux_hidden_state_layer_ids"]]
+    n_target = int(cfg.get("num_target_layers", max(ids) + 1))
+    verifier = (cfg.get("speculators_config") or {}).get("verifier") or {}
+    target = {**layer, "num_hidden_layers": n_target, "hidden_size": target_hidden,
+              "_name_or_path": verifier.get("name_or_path", ""), "architectures": verifier.get("architectures")}
+    return DSparkConfig(
+        **arch, num_target_layers=n_target, target_hidden_size=target_hidden, target_layer_ids=ids,
+        block_size=int(cfg["block_size"]), mask_token_id=int(cfg["mask_token_id"]),
+        markov_rank=int(cfg.get("markov_rank", 0)), markov_head_type=cfg.get("markov_head_type", "vanilla"),
+        enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
+        confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
+        sts_temperatures=cfg.get("sts_temperatures"), target_config=target,
+    )
+
+
+# --------------------------------------------------------------------------- z-lab DFlash
+def to_dflash(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+    heads = [name for name, on in (("a Markov head (markov_rank=%d)" % c.markov_rank, c.markov_enabled),
+                                   ("a confidence head", c.enable_confidence_head)) if on]
+    if heads:
+        raise FormatError(
+            f"the z-lab DFlash format cannot hold {' and '.join(heads)}: DFlashDraftModel is the plain parallel "
+            "backbone, so these weights would be dropped and the drafter would propose different tokens. "
+            "Export with export.format=speculators (or native), or train with model=dflash"
+        )
+    cfg = transformer_layer_config(c, dtype)
+    cfg.update(
+        architectures=["DFlashDraftModel"],
+        dflash_config={"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids),
+                       "block_size": c.block_size},
+        num_target_layers=c.num_target_layers,
+        # Not read by the z-lab runtime (which drafts from the MASK slots); kept so that every export
+        # says which slot holds draft 1 and the checker can flag the mismatch.
+        sample_from_anchor=SAMPLE_FROM_ANCHOR,
+        torch_dtype=dtype,
+    )
+    return cfg
+
+
+def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+    _require(cfg, ("dflash_config", "num_target_layers"), where)
+    dc = cfg["dflash_config"]
+    _require(dc, ("mask_token_id", "target_layer_ids", "block_size"), f"{where}: dflash_config")
+    arch = _arch_from_layer(cfg, where)
+    target = {k: v for k, v in cfg.items() if k not in ("dflash_config", "architectures", "sample_from_anchor")}
+    target["num_hidden_layers"] = int(cfg["num_target_layers"])
+    return DSparkConfig(
+        **arch, num_target_layers=int(cfg["num_target_layers"]), target_hidden_size=arch["hidden_size"],
+        target_layer_ids=[int(i) for i in dc["target_layer_ids"]], block_size=int(dc["block_size"]),
+        mask_token_id=int(dc["mask_token_id"]), markov_rank=0, enable_confidence_head=False,
+        target_config=target,
+    )
+
+
+# --------------------------------------------------------------------------- registry
+TO_CONFIG: Dict[str, Callable[[DSparkConfig, str], Dict[str, Any]]] = {
+    "native": to_native, "speculators": to_speculators, "dflash": to_dflash}
+FROM_CONFIG: Dict[str, Callable[..., DSparkConfig]] = {
+    "native": from_native, "speculators": from_speculators, "dflash": from_dflash}
+
+
+def format_config(c: DSparkConfig, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
+    if fmt not in TO_CONFIG:
+        raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
+    if not include_sts:
+        c = dataclasses.replace(c, sts_temperatures=None)
+    return TO_CONFIG[fmt](c, dtype)
+
+
+def detect_format(cfg: Dict[str, Any], where: str = "config.json") -> str:
+    if "speculators_model_type" in cfg:
+        return "speculators"
+    if "dflash_config" in cfg or "DFlashDraftModel" in (cfg.get("architectures") or []):
+        return "dflash"
+    if "target_layer_ids" in cfg and "num_target_layers" in cfg:
+        return "native"
+    raise ExportInputError(
+        f"{where}: not a DSpark drafter config (none of 'speculators_model_type', 'dflash_config', "
+        f"'target_layer_ids'+'num_target_layers'; architectures={cfg.get('architectures')})"
+    )
+
+
+def config_from_export(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+    fmt = detect_format(cfg, where)
+    try:
+        return FROM_CONFIG[fmt](cfg, where)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ExportInputError):
+            raise
+        raise ExportInputError(f"{where}: invalid {fmt} drafter config: {e}") from None
+
+
+def default_include_embeddings(fmt: str, requested: Optional[bool]) -> bool:
+    if fmt == "dflash":
+        if requested:
+            raise FormatError("export.include_embeddings=true is not possible for the z-lab DFlash format: "
+                              "it never carries embedding or lm_head tensors (the runtime shares the target's)")
+        return False
+    return True if requested is None else bool(requested)

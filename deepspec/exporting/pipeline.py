@@ -1,0 +1,143 @@
+"""One export, end to end: read the checkpoint, write the format, card and check it, push it.
+
+Cheap refusals come first (unknown format, bad repo id, no token, occupied output folder), so a
+mistake costs a second, not a model load; the checker runs on the staged folder, so an export that
+fails it never appears at ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from deepspec.exporting.card import build_card, is_hub_id
+from deepspec.exporting.check import check_export
+from deepspec.exporting.formats import FORMATS, default_include_embeddings, format_config
+from deepspec.exporting.hub import HubError, PushPlan, push_folder, resolve_token, validate_repo_id
+from deepspec.exporting.io import ExportInputError, check_output_dir
+from deepspec.exporting.target_info import TargetInfo, read_target
+from deepspec.exporting.writer import EXPORT_DTYPES, export_drafter, load_export, resolve_checkpoint
+from deepspec.models.drafter import DSparkDrafter
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    format: str
+    report: Any = None  # CheckReport, or None with export.check=false
+    push: Optional[PushPlan] = None
+
+
+def _preflight(e) -> None:
+    if e.format not in FORMATS:
+        raise ValueError(f"export.format={e.format!r} is unknown; expected one of {FORMATS}")
+    if e.dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export.dtype={e.dtype!r}: expected one of {EXPORT_DTYPES}")
+    if e.push_to_hub or e.dry_run:
+        validate_repo_id(e.repo_id)
+    if e.push_to_hub and not e.dry_run and resolve_token() is None:
+        raise HubError("export.push_to_hub=true but no Hugging Face token: set HF_TOKEN or run `hf auth login` "
+                       "(checked before any export or upload work)")
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+def _target_path(e, run_dir: Optional[Path]) -> Optional[str]:
+    if e.target:
+        return e.target
+    info = _read_json(run_dir / "run_info.json") if run_dir else None
+    t = (info or {}).get("target")
+    return t if t and Path(t).is_dir() else None
+
+
+def _base_model(e, drafter: DSparkDrafter, run_dir: Optional[Path], target_path: Optional[str]) -> str:
+    if e.base_model:
+        return e.base_model
+    from deepspec.exporting.card import _load
+
+    run_cfg = _load(run_dir / "config.yaml", yaml_file=True) if run_dir else None
+    name = ((run_cfg or {}).get("target") or {}).get("name_or_path") if isinstance(run_cfg, dict) else None
+    if name and name != "tiny":
+        return str(name)
+    return str(drafter.config.target_config.get("_name_or_path") or target_path or "")
+
+
+def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Path] = None,
+               eval_result: Any = None, echo: Callable[[str], None] = print,
+               default_overwrite: bool = False) -> ExportResult:
+    """Run one export as configured by ``e`` (an :class:`deepspec.config.ExportConfig`)."""
+    _preflight(e)
+    protected = ()
+    if drafter is None:
+        if not e.checkpoint:
+            raise ExportInputError("export.checkpoint is not set: give a drafter folder or a training output dir")
+        src, found_run = resolve_checkpoint(e.checkpoint)
+        run_dir = run_dir or found_run
+        protected = (src,) + ((found_run,) if found_run else ())
+    else:
+        src = None
+    out = Path(e.output_dir) if e.output_dir else (
+        Path(run_dir) / "export" / e.format if run_dir else Path(f"{src}-{e.format}"))
+    overwrite = e.overwrite or (default_overwrite and not e.output_dir)
+    check_output_dir(out, overwrite, protected)
+    if drafter is None:
+        drafter = load_export(src)
+    run_dir = Path(run_dir) if run_dir else None
+
+    target_path = _target_path(e, run_dir)
+    base_model = _base_model(e, drafter, run_dir, target_path)
+    c = drafter.config
+    if base_model and (is_hub_id(base_model) or not c.target_config.get("_name_or_path")):
+        # Engines resolve the verifier by this name: prefer a hub id, else whatever we know.
+        c = dataclasses.replace(c, target_config={**c.target_config, "_name_or_path": base_model})
+    format_config(c, e.format, e.dtype, e.include_sts)  # refuses e.g. a Markov head in dflash, before any write
+    with_embed = default_include_embeddings(e.format, e.include_embeddings)
+    target = read_target(target_path, load_head=not with_embed) if target_path else TargetInfo(
+        dict(c.target_config), where="the drafter's recorded target config")
+
+    extra = {}
+    if e.card:
+        readme, plots = build_card(c, e.format, base_model=base_model, repo_id=e.repo_id, license=e.license,
+                                   library_name=e.library_name, dtype=e.dtype, embeddings_included=with_embed,
+                                   run_dir=run_dir, eval_result=eval_result)
+        extra = {"README.md": readme, **plots}
+
+    result = ExportResult(out, e.format)
+
+    def verify(stage: Path) -> None:
+        result.report = check_export(stage, target=target, reference=drafter, display_path=out)
+        result.report.raise_if_failed()
+
+    source = (run_dir or Path(src or "")).name  # a name, not a local path: the record may go public
+    export_drafter(drafter, out, e.format, e.dtype, e.include_embeddings, e.include_sts, overwrite, extra,
+                   protected, source=source, verify=verify if e.check else None, config=c)
+    echo(f"exported {e.format} ({e.dtype}) to {out}")
+    if result.report is not None:
+        echo(result.report.render())
+    if e.push_to_hub or e.dry_run:
+        result.push = push_folder(out, e.repo_id, e.private, e.revision, e.commit_message, e.dry_run, echo)
+    return result
+
+
+def export_after_training(cfg, drafter: DSparkDrafter, out_dir, eval_result: Any = None,
+                          echo: Callable[[str], None] = print) -> Optional[ExportResult]:
+    """Called by the trainer (main process only) after the native save and the evaluation.
+
+    Exports ``cfg.export.format`` into ``<out_dir>/export/<format>`` (replacing an earlier export of the
+    same run) unless ``export.after_training=false``; pushes when ``export.push_to_hub=true``.
+    """
+    from deepspec.config import ExportConfig
+
+    e = getattr(cfg, "export", None) or ExportConfig()
+    if not e.after_training:
+        return None
+    return run_export(e, drafter=drafter, run_dir=Path(out_dir), eval_result=eval_result, echo=echo,
+                      default_overwrite=True)

@@ -1,0 +1,194 @@
+"""Write a drafter in any of the three formats, and load any of them back into a DSparkDrafter.
+
+Each export also carries ``deepspec_export.json``: what was written (format, dtype, whether the
+embeddings were included), the drafter's *native* layer ids, and a logits probe of the original
+drafter on a fixed input. Engines ignore it; the checker uses it to catch a layer-id offset and
+to confirm, without the original checkpoint, that the export still computes the same logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import torch
+
+from deepspec.exporting.formats import (
+    EMBED_KEYS, FORMATS, config_from_export, default_include_embeddings, format_config,
+)
+from deepspec.exporting.io import (
+    CONFIG_NAME, WEIGHTS_NAME, ExportInputError, check_output_dir, read_json, read_tensors, staged_folder,
+    write_json, write_tensors,
+)
+from deepspec.exporting.native import DTYPES
+from deepspec.models.config import DSparkConfig
+from deepspec.models.drafter import DSparkDrafter
+
+SIDECAR_NAME = "deepspec_export.json"
+EXPORT_DTYPES = ("bfloat16", "float32")
+
+
+# --------------------------------------------------------------------------- fixed-input probe
+def fixed_input(c: DSparkConfig, seed: int = 0, ctx_len: int = 12):
+    """A deterministic batch (features, ids, anchors, previous tokens) any loader can rebuild from config."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(1, ctx_len, c.num_features * c.target_hidden_size, generator=g)
+    ids = torch.randint(0, c.vocab_size, (1, ctx_len), generator=g)
+    anchors = torch.tensor([[3, ctx_len - 4]])
+    prev = torch.randint(0, c.vocab_size, (1, 2, c.block_size), generator=g)
+    prev[:, :, 0] = torch.gather(ids, 1, anchors)  # x0 is the anchor itself
+    return feats, ids, anchors, prev
+
+
+@torch.no_grad()
+def drafter_outputs(drafter: DSparkDrafter) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """fp32 logits [2, γ, V] and confidence logits [2, γ] (or None) on the fixed input."""
+    p = next(drafter.parameters())
+    if p.dtype == torch.float32 and p.device.type == "cpu":
+        d = drafter
+    else:
+        # A CPU fp32 twin: the probe must not depend on the device or the training precision.
+        d = DSparkDrafter(drafter.config)
+        d.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in drafter.state_dict().items()})
+    was_training = d.training
+    d.eval()
+    out = d(*fixed_input(d.config))
+    d.train(was_training)
+    conf = out.confidence_logits[0].float().cpu() if out.confidence_logits is not None else None
+    return out.logits[0].float().cpu(), conf
+
+
+def probe_ids(vocab_size: int, n: int = 32) -> torch.Tensor:
+    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1))[: min(n, vocab_size)].sort().values
+
+
+def make_probe(logits: torch.Tensor, conf: Optional[torch.Tensor]) -> Dict:
+    """A small fingerprint of the logits: sampled columns, log-partition and argmax per slot."""
+    ids = probe_ids(logits.shape[-1])
+    return {
+        "vocab_ids": ids.tolist(),
+        "logits": logits[..., ids].tolist(),
+        "logsumexp": torch.logsumexp(logits, -1).tolist(),
+        "argmax": logits.argmax(-1).tolist(),
+        "confidence_logits": conf.tolist() if conf is not None else None,
+    }
+
+
+def tolerance(dtype: str, scale: float) -> float:
+    """Allowed max |Δlogit|: fp32 exports must match to float noise, bf16 to its ~3 significant digits."""
+    rel = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}.get(dtype, 2e-2)
+    return rel * (1.0 + scale)
+
+
+# --------------------------------------------------------------------------- write
+def export_drafter(
+    drafter: DSparkDrafter,
+    out_dir: Union[str, Path],
+    fmt: str,
+    dtype: str = "bfloat16",
+    include_embeddings: Optional[bool] = None,
+    include_sts: bool = True,
+    overwrite: bool = False,
+    extra_files: Optional[Dict[str, Union[str, bytes, Path]]] = None,
+    protected: Tuple[Path, ...] = (),
+    source: str = "",
+    verify: Optional[Callable[[Path], None]] = None,
+    config: Optional[DSparkConfig] = None,
+) -> Path:
+    """Write ``drafter`` as ``fmt`` into ``out_dir`` atomically; ``verify(stage)`` runs before it appears.
+
+    ``config`` replaces ``drafter.config`` for the written config (e.g. with the verifier's hub name).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export.dtype={dtype!r}: expected one of {EXPORT_DTYPES}")
+    c = config or drafter.config
+    config = format_config(c, fmt, dtype, include_sts)  # refuses impossible formats before any write
+    with_embed = default_include_embeddings(fmt, include_embeddings)
+    out = Path(out_dir)
+    check_output_dir(out, overwrite, protected)
+
+    tensors = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in drafter.state_dict().items()
+               if with_embed or k not in EMBED_KEYS}
+    logits, conf = drafter_outputs(drafter)
+    sidecar = {
+        "format": fmt, "dtype": dtype, "embeddings_included": with_embed,
+        "sts_included": bool(include_sts and c.sts_temperatures is not None),
+        "target_layer_ids": list(c.target_layer_ids), "num_target_layers": c.num_target_layers,
+        "block_size": c.block_size, "mask_token_id": c.mask_token_id, "vocab_size": c.vocab_size,
+        "source": source, "probe": make_probe(logits, conf),
+    }
+    with staged_folder(out) as stage:
+        write_tensors(tensors, stage / WEIGHTS_NAME)
+        write_json(config, stage / CONFIG_NAME)
+        write_json(sidecar, stage / SIDECAR_NAME)
+        for name, content in (extra_files or {}).items():
+            dest = stage / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, Path):
+                dest.write_bytes(content.read_bytes())
+            else:
+                dest.write_bytes(content.encode() if isinstance(content, str) else content)
+        if verify is not None:
+            verify(stage)
+    return out
+
+
+# --------------------------------------------------------------------------- read
+def read_export_config(path: Union[str, Path]) -> Tuple[DSparkConfig, Dict]:
+    p = Path(path)
+    raw = read_json(p / CONFIG_NAME)
+    return config_from_export(raw, str(p / CONFIG_NAME)), raw
+
+
+def load_export(
+    path: Union[str, Path],
+    target_embed: Optional[torch.Tensor] = None,
+    target_lm_head: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+) -> DSparkDrafter:
+    """Load a native, speculators or z-lab DFlash folder. Omitted embedding/lm_head come from the target."""
+    p = Path(path)
+    c, _ = read_export_config(p)
+    state = read_tensors(p / WEIGHTS_NAME)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in DSparkDrafter(c).state_dict().items()}
+    if not any(k in state for k in EMBED_KEYS):
+        if target_embed is None or target_lm_head is None:
+            raise ExportInputError(
+                f"{p / WEIGHTS_NAME} has no embed_tokens/lm_head (shared from the verifier); pass the target's "
+                "embedding and lm_head weights (load_export(..., target_embed=..., target_lm_head=...) or --target)"
+            )
+        state = {**state, EMBED_KEYS[0]: target_embed, EMBED_KEYS[1]: target_lm_head}
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise ExportInputError(f"{p / WEIGHTS_NAME}: missing tensors {missing}, unexpected tensors {unexpected}")
+    bad = [f"{k}: {tuple(v.shape)} != expected {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
+    if bad:
+        raise ExportInputError(f"{p / WEIGHTS_NAME}: wrong tensor shapes: {'; '.join(bad)}")
+    drafter = DSparkDrafter(c)
+    drafter.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    for mod in (drafter.embed_tokens, drafter.lm_head):
+        mod.weight.requires_grad_(False)
+    return drafter.to(dtype).eval()
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
+    """(drafter folder, training run folder or None) for a drafter folder or a training output dir."""
+    p = Path(path)
+    if not p.exists():
+        raise ExportInputError(f"export.checkpoint={p} does not exist")
+    if (p / CONFIG_NAME).exists() or (p / WEIGHTS_NAME).exists():
+        # A run's own drafter/ folder: keep the run, so the card still finds eval.json and config.yaml.
+        run = p.parent if p.name == "drafter" and (p.parent / "config.yaml").is_file() else None
+        return p, run
+    if (p / "drafter").is_dir():
+        return p / "drafter", p
+    if any((p / n).exists() for n in ("config.yaml", "metrics.jsonl", "run_info.json")):
+        raise ExportInputError(f"{p / 'drafter'} not found: the training run in {p} has not finished (no drafter/ yet)")
+    raise ExportInputError(
+        f"export.checkpoint={p} is neither a drafter folder (config.json + model.safetensors) "
+        "nor a training output dir (with drafter/)"
+    )
