@@ -6,6 +6,7 @@ forward, loss, backward) -> clip, step, log -> export -> evaluate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -14,7 +15,6 @@ from typing import Dict, List
 
 import torch
 from accelerate import Accelerator
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from deepspec.data.anchors import block_targets, slot_weights
@@ -92,6 +92,10 @@ def summarise(sums: Dict[str, torch.Tensor], cfg) -> Dict[str, float]:
 
 
 def train(cfg) -> Path:
+    if cfg.export.after_training:
+        from deepspec.exporting.pipeline import _preflight
+
+        _preflight(cfg.export)  # a bad repo id or a missing Hub token fails now, not after training
     acc = Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=not torch.cuda.is_available())
     run = build_run(cfg, acc)
     out_dir = run.out_dir
@@ -117,7 +121,7 @@ def train(cfg) -> Path:
         sums: Dict[str, torch.Tensor] = {}
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
-            with acc.autocast(), (acc.no_sync(model) if not sync else _nullcontext()):
+            with acc.autocast(), (acc.no_sync(model) if not sync else contextlib.nullcontext()):
                 out = micro_step(run, model, batch, denom)
                 acc.backward(out.loss)
             for k, v in out.sums.items():
@@ -153,14 +157,11 @@ def train(cfg) -> Path:
             from deepspec.training.setup import run_eval
 
             result["eval"] = run_eval(run, drafter.eval(), out_dir)
+        from deepspec.exporting.pipeline import export_after_training
+
+        exported = export_after_training(cfg, drafter, out_dir, result.get("eval"))
+        if exported is not None:
+            result["export"] = str(exported.output_dir)
         atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))
     acc.wait_for_everyone()
     return out_dir
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

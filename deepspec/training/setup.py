@@ -51,22 +51,36 @@ def resolve_target_path(cfg, accelerator=None) -> str:
     return str(build_tiny_target(cfg.target.tiny))
 
 
-def load_records(cfg, split: str) -> List[dict]:
+def load_records(cfg) -> dict:
+    """{"train": [...], "heldout": [...]} chat records ({"id", "messages"})."""
     if cfg.data.source == "tiny_chat":
-        from deepspec.data.tiny_chat import tiny_chat_split
+        from deepspec.data.tiny_chat import tiny_chat_splits
 
-        return tiny_chat_split(cfg.target.tiny, split)
+        return tiny_chat_splits(cfg.target.tiny)
     raise ValueError(f"data.source={cfg.data.source!r} is unknown; expected 'tiny_chat'")
 
 
 def tokenize_records(records: List[dict], tokenizer, max_length: int) -> List[Example]:
-    from deepspec.data.chat import tokenize_conversation
+    """Token ids + assistant loss masks. A record whose turns do not tokenise prefix-stably (a
+    BPE merge across the prompt/answer boundary) has no well-defined mask: it is skipped and
+    counted, and more than 5% of them is an error (the template or tokenizer is the problem)."""
+    from deepspec.data.chat import ChatTemplateError, tokenize_conversation
 
-    out = []
+    out, unstable = [], []
     for r in records:
-        ids, mask = tokenize_conversation(tokenizer, r["messages"], max_length)
+        try:
+            ids, mask = tokenize_conversation(tokenizer, r["messages"], max_length)
+        except ChatTemplateError:
+            unstable.append(r.get("id", "?"))
+            continue
         if anchor_candidates(torch.tensor(mask)).numel() > 0:
             out.append(Example(ids, mask))
+    if unstable:
+        log.warning("skipped %d of %d records whose chat turns do not tokenise prefix-stably (e.g. %s)",
+                    len(unstable), len(records), unstable[0])
+        if len(unstable) > 0.05 * len(records):
+            raise ValueError(f"{len(unstable)} of {len(records)} records are not prefix-stable under the chat "
+                             f"template (first: {unstable[0]}); fix the template or the data")
     return out
 
 
@@ -92,13 +106,14 @@ def build_run(cfg, accelerator) -> RunSetup:
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
 
-    records = load_records(cfg, "train")
+    splits = load_records(cfg)
+    records = splits["train"]
     if cfg.data.max_train_samples > 0:
         records = records[: cfg.data.max_train_samples]
     examples = tokenize_records(records, tokenizer, cfg.data.max_length)
     if not examples:
         raise ValueError("no training sequence has an answer token to anchor on (check the data and loss masks)")
-    eval_records = load_records(cfg, "heldout")[: cfg.eval.num_prompts]
+    eval_records = splits["heldout"][: cfg.eval.num_prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if accelerator.is_main_process:
         info = {"target": path, "drafter": dc.to_dict() | {"target_config": "<omitted>"},

@@ -1,0 +1,356 @@
+"""Build (or reuse) the embedded target: a small Qwen3 LM trained here, on CPU, on local Python.
+
+The result is an ordinary HF folder (model + tokenizer + chat template + generation config), so
+everything downstream loads it exactly like a downloaded target. It is cached under a key made of
+every config field that changes the result and the corpus (paths and contents), and written into
+a temporary folder that is renamed into place only once complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from deepspec.config import TinyTargetConfig
+from deepspec.data.chat import tokenize_conversation
+from deepspec.data.tiny_chat import chat_pairs
+from deepspec.target.corpus import HELDOUT, TRAIN, CorpusFile, corpus_digest, corpus_root, load_corpus
+
+BUILD_VERSION = 1  # bump when this recipe changes, so old cached targets are not reused
+ENDOFTEXT, MASK, IM_START, IM_END = "<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [ENDOFTEXT, MASK, IM_START, IM_END]  # ids 0, 1, 2, 3
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+REPORT_FILE, COMPLETE_MARKER = "tiny_target.json", ".complete"
+CHAT_SHARE = 0.5  # share of each training batch that is chat-formatted pairs (the rest raw files)
+MAX_POSITIONS = 2048
+# Fields that cannot change the trained weights or the report; the corpus enters the key by content.
+_NOT_IN_KEY = {"cache_dir", "num_threads", "corpus_dir"}
+
+
+def _as_config(cfg) -> TinyTargetConfig:
+    if isinstance(cfg, TinyTargetConfig):
+        return cfg
+    from omegaconf import OmegaConf  # a Hydra DictConfig of the same schema
+
+    return TinyTargetConfig(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def cache_key(cfg: TinyTargetConfig, files: Sequence[CorpusFile]) -> str:
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
+    blob = json.dumps({"v": BUILD_VERSION, "cfg": fields, "corpus": corpus_digest(files)}, sort_keys=True)
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _scrub(text: str) -> str:
+    """Break up special-token literals in corpus text, so MASK & co never occur in training data."""
+    for tok in SPECIAL_TOKENS:
+        text = text.replace(tok, tok[:2] + " " + tok[2:])
+    return text
+
+
+def _scrub_pair(pair: Dict) -> List[Dict]:
+    return [{"role": m["role"], "content": _scrub(m["content"])} for m in pair["messages"]]
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE wrapped as a PreTrainedTokenizerFast with the ChatML-style template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size must exceed {len(alphabet) + len(SPECIAL_TOKENS)}, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        mask_token=MASK,
+        extra_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=MAX_POSITIONS,
+    )
+
+
+def _render_chat(messages: List[Dict]) -> str:
+    # Same text as CHAT_TEMPLATE (a test checks it); Jinja per pair would dominate data prep.
+    return "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+
+
+def _stream(tokenizer, texts: Sequence[str]):
+    """Token stream of the texts, each followed by <|endoftext|>, and the offset each starts at."""
+    eot = tokenizer.pad_token_id
+    ids: List[int] = []
+    starts: List[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(list(texts)):
+        starts.append(len(ids))
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+
+
+def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
+    """Rows of ``length`` tokens beginning at the given offsets (clamped to fit in the stream)."""
+    starts = starts.clamp(max=max(0, stream.numel() - length))
+    idx = starts[:, None] + torch.arange(min(length, stream.numel()))[None, :]
+    return stream[idx]
+
+
+def _lr_at(step: int, cfg: TinyTargetConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _build_model(cfg: TinyTargetConfig, tokenizer):
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max(MAX_POSITIONS, cfg.seq_len),
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return model
+
+
+def _train(model, cfg: TinyTargetConfig, raw, chat) -> Dict:
+    raw_ids, _ = raw
+    chat_ids, chat_starts = chat
+    length = cfg.seq_len + 1
+    if raw_ids.numel() < length:
+        raise ValueError(f"training corpus has {raw_ids.numel()} tokens, fewer than seq_len + 1 = {length}")
+    n_chat = round(cfg.batch_size * CHAT_SHARE) if chat_ids.numel() >= length else 0
+    n_raw = cfg.batch_size - n_chat
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: List[float] = []
+    model.train()
+    bar = tqdm(range(cfg.train_steps), desc="tiny target", dynamic_ncols=True)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        # Raw rows start anywhere; chat rows start at a conversation, as prompts do at inference.
+        raw_off = torch.randint(0, max(1, raw_ids.numel() - length), (n_raw,), generator=gen)
+        rows = [_windows(raw_ids, raw_off, length)]
+        if n_chat:
+            pick = torch.randint(0, chat_starts.numel(), (n_chat,), generator=gen)
+            rows.append(_windows(chat_ids, chat_starts[pick], length))
+        batch = torch.cat(rows)
+        logits = model(input_ids=batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == cfg.train_steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    bar.close()
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {"train_loss_first": losses[0], "train_loss_last": sum(tail) / len(tail)}
+
+
+@torch.no_grad()
+def _heldout_text_loss(model, cfg: TinyTargetConfig, stream: torch.Tensor) -> float:
+    """Mean next-token loss on evenly spaced windows of the held-out files' token stream."""
+    length = min(cfg.seq_len + 1, stream.numel())
+    n = cfg.eval_batches * cfg.batch_size
+    offsets = torch.linspace(0, stream.numel() - length, n).long()
+    total, count = 0.0, 0
+    for chunk in offsets.split(cfg.batch_size):
+        batch = _windows(stream, chunk, length)
+        logits = model(input_ids=batch[:, :-1]).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def _heldout_chat_loss(model, cfg: TinyTargetConfig, tokenizer, pairs: List[Dict]) -> float:
+    """Mean loss on the assistant tokens (loss-masked, through <|im_end|>) of held-out pairs."""
+    n = min(len(pairs), cfg.eval_batches * cfg.batch_size)
+    chosen = [pairs[int(i)] for i in torch.linspace(0, len(pairs) - 1, n).long()] if n else []
+    seqs = [tokenize_conversation(tokenizer, _scrub_pair(p), cfg.seq_len + 1) for p in chosen]
+    total, count = 0.0, 0
+    for b in range(0, len(seqs), cfg.batch_size):
+        group = seqs[b : b + cfg.batch_size]
+        width = max(len(ids) for ids, _ in group)
+        ids = torch.full((len(group), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(group), width), dtype=torch.long)
+        for r, (seq, mask) in enumerate(group):
+            ids[r, : len(seq)] = torch.tensor(seq)
+            attn[r, : len(seq)] = 1
+            labels[r, : len(seq)] = torch.tensor([t if m else -100 for t, m in zip(seq, mask)])
+        logits = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits
+        target = labels[:, 1:]
+        total += F.cross_entropy(
+            logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
+        count += int((target != -100).sum())
+    return total / max(1, count)
+
+
+@torch.no_grad()
+def _sample(model, tokenizer, pair: Dict, max_new_tokens: int = 48) -> Dict:
+    from deepspec.data.chat import prompt_ids
+
+    prompt = prompt_ids(tokenizer, _scrub_pair(pair))
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
+    )
+    return {"prompt": tokenizer.decode(prompt), "greedy": tokenizer.decode(out[0, len(prompt) :])}
+
+
+def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, log) -> Dict:
+    t0 = time.time()
+    train_files = [f for f in files if f.split == TRAIN]
+    heldout_files = [f for f in files if f.split == HELDOUT]
+    if not train_files or not heldout_files:
+        raise ValueError(
+            f"corpus split has {len(train_files)} train and {len(heldout_files)} held-out files; "
+            "need both (raise max_files or adjust heldout_fraction)"
+        )
+    # Corpus order is by path; shuffle once by seed so raw windows mix packages evenly.
+    order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    train_texts = [_scrub(train_files[i].text) for i in order]
+    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    train_pairs, heldout_pairs = chat_pairs(files, TRAIN), chat_pairs(files, HELDOUT)
+    pair_order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    raw = _stream(tokenizer, train_texts)
+    chat = _stream(tokenizer, [_render_chat(_scrub_pair(train_pairs[i])) for i in pair_order])
+    heldout_raw, _ = _stream(tokenizer, [_scrub(f.text) for f in heldout_files])
+    t_prep = time.time() - t0
+    log(
+        f"tiny target: {len(train_files)} train / {len(heldout_files)} held-out files, "
+        f"{raw[0].numel():,} raw + {chat[0].numel():,} chat tokens, {len(train_pairs)} train pairs "
+        f"(prep {t_prep:.1f}s)"
+    )
+
+    model = _build_model(cfg, tokenizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"tiny target: Qwen3 with {n_params / 1e6:.2f}M parameters, {cfg.train_steps} steps")
+    t1 = time.time()
+    train_stats = _train(model, cfg, raw, chat)
+    t_train = time.time() - t1
+    model.eval()
+    text_loss = _heldout_text_loss(model, cfg, heldout_raw)
+    chat_loss = _heldout_chat_loss(model, cfg, tokenizer, heldout_pairs)
+    report = {
+        "heldout_text_loss": text_loss,
+        "heldout_text_ppl": math.exp(text_loss),
+        "heldout_chat_loss": chat_loss,
+        "heldout_chat_ppl": math.exp(chat_loss),
+        **train_stats,
+        "uniform_loss": math.log(len(tokenizer)),
+        "train_time_s": t_train,
+        "prep_time_s": t_prep,
+        "num_parameters": n_params,
+        "train_files": len(train_files),
+        "heldout_files": len(heldout_files),
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "train_tokens_seen": cfg.train_steps * cfg.batch_size * cfg.seq_len,
+        "special_token_ids": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
+        "sample": _sample(model, tokenizer, heldout_pairs[0]) if heldout_pairs else None,
+    }
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    report["build_time_s"] = time.time() - t0
+    return report
+
+
+def build_tiny_target(cfg: TinyTargetConfig, log: Callable[[str], None] = print) -> Path:
+    """Folder of the tiny target for ``cfg``: reused if already built, else trained now (minutes)."""
+    cfg = _as_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        return _build_or_reuse(cfg, log)
+    finally:
+        torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
+
+
+def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
+    files = load_corpus(cfg.corpus_dir, cfg.corpus_glob, cfg.heldout_fraction, cfg.max_files)
+    cache = Path(cfg.cache_dir).expanduser().resolve()
+    final = cache / f"tiny-target-{cache_key(cfg, files)}"
+    if (final / COMPLETE_MARKER).is_file():
+        log(f"tiny target: reusing {final}")
+        return final
+
+    log(f"tiny target: building {final.name} from {corpus_root(cfg.corpus_dir)} ({len(files)} files)")
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    try:
+        report = _run_build(cfg, files, tmp, log)
+        payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION, **report}
+        (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        if final.exists() and not (final / COMPLETE_MARKER).is_file():
+            shutil.rmtree(final)  # left by an older, interrupted writer: never valid
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / COMPLETE_MARKER).is_file():
+                raise  # not a concurrent build that finished first
+            log(f"tiny target: another build finished first; using {final}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(
+        f"tiny target: held-out text loss {report['heldout_text_loss']:.3f} "
+        f"(ppl {report['heldout_text_ppl']:.2f}), chat loss {report['heldout_chat_loss']:.3f} "
+        f"(ppl {report['heldout_chat_ppl']:.2f}), train {report['train_time_s']:.0f}s -> {final}"
+    )
+    return final
+
+
+def load_report(folder) -> Dict:
+    return json.loads((Path(folder) / REPORT_FILE).read_text())

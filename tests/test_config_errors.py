@@ -1,0 +1,178 @@
+"""Drafter config resolution: default layer ids, validation errors, and the lr schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import pytest
+from transformers import LlamaConfig, Qwen3Config
+
+from deepspec.config import DrafterConfig
+from deepspec.models.config import DSparkConfig, default_target_layer_ids, resolve_drafter_config
+from deepspec.training.optim import lr_factor
+
+V = 64
+
+
+def qwen3_dict(layers: int = 6) -> dict:
+    return Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8).to_dict()
+
+
+def resolve(layers: int = 6, mask: int = V - 1, **kw) -> DSparkConfig:
+    return resolve_drafter_config(DrafterConfig(**kw), qwen3_dict(layers), mask_token_id=mask)
+
+
+# ----------------------------------------------------------------------------- 8. default layer ids
+
+
+def test_default_target_layer_ids_reference_models():
+    assert default_target_layer_ids(36) == [1, 9, 17, 25, 33]  # Qwen3-4B / 8B
+    assert default_target_layer_ids(40) == [1, 10, 19, 28, 37]  # Qwen3-14B
+
+
+@pytest.mark.parametrize("layers", range(1, 65))
+def test_default_target_layer_ids_small_and_large_targets(layers):
+    ids = default_target_layer_ids(layers)
+    assert 1 <= len(ids) <= 5
+    assert all(0 <= i < layers for i in ids)
+    assert all(b > a for a, b in zip(ids, ids[1:]))  # strictly increasing, distinct
+    if layers >= 4:
+        assert ids[0] == 1 and ids[-1] == layers - 3
+    if layers >= 8:
+        assert len(ids) == 5
+    # The rule's ids always pass the config's own validation.
+    c = resolve(layers)
+    assert c.target_layer_ids == ids and c.num_target_layers == layers
+
+
+def test_default_ids_other_counts():
+    assert default_target_layer_ids(4) == [1]
+    assert default_target_layer_ids(6) == [1, 2, 3]
+    assert default_target_layer_ids(36, n=3) == [1, 17, 33]
+    assert default_target_layer_ids(36, n=1) == [33]
+
+
+def test_resolve_fills_target_facts():
+    c = resolve(6, block_size=5, markov_rank=12, markov_head_type="gated")
+    assert (c.vocab_size, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (V, 32, 8, 4, 2)
+    assert c.block_size == 5 and c.mask_token_id == V - 1 and c.markov_rank == 12
+    assert c.model_type == "qwen3" and c.use_qk_norm and c.rope_theta == 10000.0
+    assert c.enable_confidence_head and c.markov_enabled
+    # Explicit ids and mask id are taken as given.
+    c = resolve_drafter_config(DrafterConfig(target_layer_ids=[-1, 2, 5], mask_token_id=7), qwen3_dict(6))
+    assert c.target_layer_ids == [-1, 2, 5] and c.mask_token_id == 7
+    # dflash: Markov head and confidence head off.
+    c = resolve(6, kind="dflash")
+    assert c.markov_rank == 0 and not c.enable_confidence_head and not c.markov_enabled
+    # Llama family: no q/k norm.
+    llama = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8).to_dict()
+    c = resolve_drafter_config(DrafterConfig(), llama, mask_token_id=3)
+    assert c.model_type == "llama" and not c.use_qk_norm and c.target_layer_ids == [1, 2]
+    # to_dict / from_dict round trip.
+    assert DSparkConfig.from_dict(c.to_dict()) == c
+
+
+# ----------------------------------------------------------------------------- 9. errors
+
+
+@pytest.mark.parametrize("ids", [[1, 6], [0, 17], [-2, 1]])
+def test_layer_ids_out_of_range(ids):
+    with pytest.raises(ValueError, match=r"out of range; the target has 6 layers"):
+        resolve(6, target_layer_ids=ids)
+
+
+@pytest.mark.parametrize("ids", [[3, 2], [1, 1, 4], [4, 2, 5]])
+def test_layer_ids_not_increasing(ids):
+    with pytest.raises(ValueError, match=r"must be strictly increasing and distinct \(the target has 6 layers\)"):
+        resolve(6, target_layer_ids=ids)
+
+
+def test_layer_ids_empty_or_bad_string():
+    with pytest.raises(ValueError, match="target_layer_ids is empty"):
+        resolve(6, target_layer_ids=[])
+    with pytest.raises(ValueError, match="expected 'auto' or a list of ints"):
+        resolve(6, target_layer_ids="last")
+
+
+@pytest.mark.parametrize("bs", [1, 0, -3])
+def test_block_size_too_small(bs):
+    with pytest.raises(ValueError, match=re.escape(f"model.block_size={bs}: must be >= 2")):
+        resolve(6, block_size=bs)
+
+
+def test_unknown_markov_head_type():
+    with pytest.raises(ValueError, match=r"model.markov_head_type='lstm' is unknown; expected one of \("):
+        resolve(6, markov_head_type="lstm")
+
+
+def test_negative_markov_rank():
+    with pytest.raises(ValueError, match="markov_rank=-1: must be >= 0"):
+        resolve(6, markov_rank=-1)
+
+
+@pytest.mark.parametrize("mask", [V, V + 100, -1])
+def test_mask_id_outside_embedding(mask):
+    with pytest.raises(ValueError, match=re.escape(f"model.mask_token_id={mask} is outside the target's embedding (vocab_size={V})")):
+        resolve(6, mask=mask)
+    with pytest.raises(ValueError, match="outside the target's embedding"):
+        resolve_drafter_config(DrafterConfig(mask_token_id=mask), qwen3_dict(6))
+
+
+def test_mask_auto_without_tokenizer_mask():
+    with pytest.raises(ValueError, match="the tokenizer has no mask token"):
+        resolve_drafter_config(DrafterConfig(), qwen3_dict(6), mask_token_id=None)
+
+
+def test_unknown_drafter_kind():
+    with pytest.raises(ValueError, match=r"model.kind='eagle3' is unknown; expected 'dspark' or 'dflash'"):
+        resolve(6, kind="eagle3")
+
+
+def test_direct_config_validation():
+    good = resolve(6)
+    with pytest.raises(ValueError, match="is not supported"):
+        dataclasses.replace(good, model_type="gpt2")
+    with pytest.raises(ValueError, match="the target has 6 layers"):
+        dataclasses.replace(good, target_layer_ids=[1, 6])
+    with pytest.raises(ValueError, match="sts_temperatures has 2 entries; expected block_size=7"):
+        dataclasses.replace(good, sts_temperatures=[1.0, 1.0])
+    with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
+        DSparkConfig.from_dict({**good.to_dict(), "bogus": 1})
+
+
+# ----------------------------------------------------------------------------- 10. lr schedule
+
+
+def test_lr_warmup_then_cosine():
+    total, ratio = 100, 0.1  # 10 warm-up steps
+    f = [lr_factor(s, total, ratio) for s in range(total + 1)]
+    # Linear warm-up, reaching the peak of 1 on its last step.
+    for s in range(10):
+        assert f[s] == pytest.approx((s + 1) / 10)
+    assert max(f) == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0)
+    # Cosine from 1 to 0 over the remaining 90 steps.
+    for s in range(10, total + 1):
+        assert f[s] == pytest.approx(0.5 * (1 + math.cos(math.pi * (s - 10) / 90)), abs=1e-12)
+    assert f[55] == pytest.approx(0.5)
+    assert all(b <= a for a, b in zip(f[10:], f[11:]))
+    assert f[total] == pytest.approx(0.0, abs=1e-12)
+    assert f[total - 1] < 1e-3
+
+
+def test_lr_min_ratio_and_no_warmup():
+    total = 50
+    f = [lr_factor(s, total, 0.0, min_lr_ratio=0.1) for s in range(total + 1)]
+    assert f[0] == pytest.approx(1.0)  # no warm-up: start at the peak
+    assert f[25] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f[total] == pytest.approx(0.1)
+    assert min(f) == pytest.approx(0.1)
+    assert lr_factor(10 * total, total, 0.0, 0.1) == pytest.approx(0.1)  # past the end: stays at the floor
+    # SPEC default: 4% warm-up.
+    g = [lr_factor(s, 1000, 0.04) for s in range(1000)]
+    assert g[0] == pytest.approx(1 / 40) and g[39] == pytest.approx(1.0) and g[40] == pytest.approx(1.0)
+    assert g[999] < 1e-4
