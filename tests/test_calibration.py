@@ -55,6 +55,8 @@ def test_sts_fixes_overconfidence_and_keeps_ranking():
     assert all(abs(t - 3.0) <= 0.25 for t in temps[:2]) and all(2.0 <= t <= 4.5 for t in temps), temps
     assert rep["mean_ece_before"] > 0.05  # the raw head is badly calibrated ...
     assert rep["mean_ece_after"] < 0.02  # ... and STS fixes it on held-out prompts
+    # what is left is mostly sampling noise: a perfectly calibrated head would show about as much
+    assert rep["mean_ece_after"] < 2 * rep["mean_ece_floor_after"] + 0.005
     for b, a in zip(rep["before"], rep["after"]):
         assert a["ece"] < b["ece"] and a["brier"] < b["brier"]
         # each c_k is rescaled monotonically: its ranking (conditional AUC) is exactly unchanged

@@ -116,6 +116,16 @@ def _ece_many(preds: np.ndarray, obs: np.ndarray, bins: int) -> np.ndarray:
     return np.abs(gap.reshape(g, bins)).sum(axis=1) / n
 
 
+def ece_floor(pred: np.ndarray, bins: int = 15, draws: int = 20, seed: int = 0) -> float:
+    """The ECE a *perfectly* calibrated head would show on this many rounds: outcomes drawn from the
+    predictions themselves. ECE is biased upward by sampling noise; compare against this, not 0."""
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.size == 0:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece(pred, rng.random(pred.size) < pred, bins) for _ in range(draws)]))
+
+
 def auc(pred: np.ndarray, obs: np.ndarray) -> float:
     """ROC AUC (Mann–Whitney, ties count one half); NaN when only one class is present."""
     pred, obs = np.asarray(pred, dtype=np.float64), np.asarray(obs, dtype=bool)
@@ -190,6 +200,7 @@ def slot_metrics(data: ConfidenceData, temperatures: Optional[Sequence[float]], 
             "observed": float(y[m, k].mean()) if m.any() else float("nan"),
             "mean_estimate": float(a[m, k].mean()) if m.any() else float("nan"),
             "ece": ece(a[m, k], y[m, k], bins),
+            "ece_floor": ece_floor(a[m, k], bins, seed=k),
             "auc": auc(a[m, k], y[m, k]),
             "brier": brier(a[m, k], y[m, k]),
             "conditional_auc": auc(c[reached, k], y[reached, k]),
@@ -221,6 +232,7 @@ def calibration_report(data: ConfidenceData, calibration_fraction: float = 0.5, 
         "after": after,
         "mean_ece_before": _mean(before, "ece"),
         "mean_ece_after": _mean(after, "ece"),
+        "mean_ece_floor_after": _mean(after, "ece_floor"),
         "mean_auc_before": _mean(before, "auc"),
         "mean_auc_after": _mean(after, "auc"),
         "mean_brier_before": _mean(before, "brier"),

@@ -66,7 +66,8 @@ def run_evaluation(cfg) -> Dict:
     from deepspec.data.chat import end_of_turn_ids
     from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
     from deepspec.eval.loading import check_inputs, load_models
-    from deepspec.eval.runner import _atomic_write_json, evaluate_datasets
+    from deepspec.eval.report import atomic_write_json
+    from deepspec.eval.runner import evaluate_datasets
     from deepspec.eval.scheduler import SPSCurve
 
     e = cfg.eval
@@ -102,6 +103,6 @@ def run_evaluation(cfg) -> Dict:
         report["sts_saved"] = {"temperatures": temps, "fit_at_temperature": float(e.sts_fit_temperature),
                                "drafter_dir": str(drafter_dir)}
         log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
-    _atomic_write_json(str(out_dir / "eval.json"), report)
+    atomic_write_json(str(out_dir / "eval.json"), report)
     print(f"eval.json written to {out_dir}")
     return report
