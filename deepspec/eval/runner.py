@@ -197,8 +197,10 @@ def evaluate_datasets(
         if use_sched and sps is None:
             from deepspec.eval.profile import default_token_counts, profile_sps
 
-            sps = profile_sps(target, default_token_counts(gamma + 1, max(cfg.concurrency)), gamma + 1,
-                              cfg.profile_context, cfg.profile_repeats, cfg.seed)
+            counts = default_token_counts(gamma + 1, max(cfg.concurrency))
+            if progress:
+                print(f"profiling target steps/s at B = {counts} tokens per step")
+            sps = profile_sps(target, counts, gamma + 1, cfg.profile_context, cfg.profile_repeats, cfg.seed)
         per_dataset, runs = {}, []
         for name, prompts in datasets.items():
             per_temp = {}
