@@ -107,8 +107,33 @@ class EvalConfig:
     enabled: bool = True  # run the evaluator at the end of training
     temperatures: List[float] = field(default_factory=lambda: [0.0, 1.0])
     max_new_tokens: int = 96
-    num_prompts: int = 16
+    num_prompts: int = 16  # prompts per dataset (0 = all)
     seed: int = 0
+    # --- deepspec/evaluate.py (standalone evaluation) ---
+    drafter: str = ""  # a native drafter folder, or a training output dir holding drafter/
+    output_dir: str = ""  # "" = <drafter run dir>/eval (or outputs/eval-${run_name})
+    # tiny | gsm8k | humaneval | mt-bench | a local .jsonl/.json/.parquet with a "turns" list |
+    # any other hub dataset id (read with dataset_split / prompt_column)
+    datasets: List[str] = field(default_factory=lambda: ["tiny"])
+    dataset_split: str = "test"  # split of a hub dataset that is not one of the named ones
+    prompt_column: str = "turns"  # column of a hub/local dataset: a list of turns or one string
+    baseline: bool = True  # also decode with the plain target (tokens/s, greedy identity check)
+    progress_bar: bool = True
+    num_threads: int = 0  # torch intra-op threads for evaluate.py (0 = torch default)
+    # --- confidence calibration (SPEC §4) ---
+    calibration: bool = True  # ECE/AUC/Brier, STS, threshold sweep (needs a confidence head)
+    calibration_fraction: float = 0.5  # share of prompts whose rounds fit STS; the rest evaluate it
+    ece_bins: int = 15
+    sts_fit_temperature: float = 1.0  # decoding temperature whose STS fit is stored in the drafter
+    save_sts: bool = False  # write sts_temperatures into the drafter's config.json (re-save)
+    thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(20)])
+    # --- scheduler simulation (SPEC §5) ---
+    scheduler: bool = True  # profile SPS(B) and replay rounds for R concurrent requests
+    concurrency: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    sps_profile: str = ""  # a saved sps.json to reuse instead of profiling
+    profile_repeats: int = 3  # timed forwards per batch size (median kept)
+    profile_context: int = 64  # tokens of KV cache each profiled request attends to
+    plots: bool = True
 
 
 @dataclass

@@ -266,7 +266,7 @@ def test_t1_lossless_variable_verify_len(tiny_vocab_setup):
     # A scheduler's cut ℓ in {0, 1, 2} chosen at random each round: bonus after a partial block,
     # plain target steps (ℓ = 0), full blocks.
     rng = random.Random(7)
-    counts, rounds = sample_counts(target, drafter, prompt, 3, 3000, seed=12, verify_len=lambda r: rng.choice([0, 1, 2]))
+    counts, rounds = sample_counts(target, drafter, prompt, 3, 3000, seed=12, verify_len=lambda r, draft: rng.choice([0, 1, 2]))
     assert {r.verified for r in rounds} == {0, 1, 2}
     assert g_test_pvalue(counts, exact) > ALPHA
 
@@ -339,7 +339,9 @@ def test_evaluate_writes_report(target32, tmp_path):
     cfg = EvalConfig(temperatures=[0.0, 1.0], max_new_tokens=10, seed=3)
     rep = evaluate(target32, drafter, PROMPTS, cfg, stop_ids=[31], out_dir=str(tmp_path), progress=False)
     on_disk = json.loads((tmp_path / "eval.json").read_text())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]  # no temp file left behind
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {"eval.json", "rounds.jsonl", "acceptance_prompts.png"} <= set(names)
+    assert not [n for n in names if ".tmp" in n or n.startswith(".")]  # no temp file left behind
     assert set(on_disk["temperatures"]) == {"0.0", "1.0"}
     greedy = on_disk["temperatures"]["0.0"]
     assert greedy["identical_outputs"] == len(PROMPTS)  # lossless at T=0

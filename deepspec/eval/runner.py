@@ -1,19 +1,24 @@
 """Offline evaluation (SPEC §6): chain drafting, batch 1, full block, at each configured temperature.
 
 Every prompt is decoded by drafter + target and by the plain target (same seed) so the report
-carries both acceptance statistics and a wall-clock speed ratio. Results go to ``eval.json``.
+carries both acceptance statistics and a wall-clock speed ratio; the recorded rounds then feed
+calibration, the threshold sweep and the scheduler simulation (:mod:`deepspec.eval.analysis`).
+Results go to ``eval.json`` (plots next to it).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
 from deepspec.eval import metrics
+from deepspec.eval.report import atomic_write_json, finite_or_none, format_table, write_rounds
 from deepspec.eval.spec_decode import speculative_generate, target_generate
 
 
@@ -70,26 +75,185 @@ def _prompt_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _finite_or_none(obj):
-    # NaN (e.g. τ over zero rounds) is not valid JSON; write null instead.
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
+@dataclass
+class DecodeRun:
+    """Everything one dataset at one temperature produced."""
 
+    temperature: float
+    rounds_by_prompt: List[List] = field(default_factory=list)
+    spec_tokens: int = 0
+    spec_time: float = 0.0
+    base_tokens: int = 0
+    base_time: float = 0.0
+    identical: int = 0
+    draft_time: float = 0.0
+    verify_time: float = 0.0
 
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    @property
+    def rounds(self) -> List:
+        return [r for rs in self.rounds_by_prompt for r in rs]
 
 
 @torch.no_grad()
+def decode(target, drafter, prompts: List[List[int]], cfg, temperature: float, stop_ids: List[int],
+           progress: bool = True, desc: str = "eval", baseline: bool = True) -> DecodeRun:
+    """Decode every prompt with drafter + target (and, with ``baseline``, with the target alone).
+
+    Prompts run one after another (batch 1); each has its own seed, so its output does not depend
+    on the others.
+    """
+    from tqdm.auto import tqdm
+
+    dev = target.device
+    run = DecodeRun(temperature)
+    for i, prompt in enumerate(tqdm(prompts, desc=f"{desc} T={temperature:g}", disable=not progress)):
+        gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
+        s = speculative_generate(target, drafter, prompt, cfg.max_new_tokens, temperature, stop_ids, gen)
+        run.rounds_by_prompt.append(s.rounds)
+        run.spec_tokens += len(s.tokens)
+        run.spec_time += s.total_time
+        run.draft_time += sum(r.draft_time for r in s.rounds)
+        run.verify_time += sum(r.verify_time for r in s.rounds)
+        if baseline:
+            gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
+            b = target_generate(target, prompt, cfg.max_new_tokens, temperature, stop_ids, gen)
+            run.base_tokens += len(b.tokens)
+            run.base_time += b.total_time
+            run.identical += s.tokens == b.tokens
+    return run
+
+
+def decode_stats(run: DecodeRun, gamma: int, num_prompts: int, baseline: bool = True) -> Dict:
+    """The acceptance and speed statistics of one :class:`DecodeRun` (the keys eval.json always had)."""
+    rounds = run.rounds
+    stats = metrics.summarize(rounds, gamma)
+    spec_tps = metrics.tokens_per_second(run.spec_tokens, run.spec_time)
+    base_tps = metrics.tokens_per_second(run.base_tokens, run.base_time) if baseline else float("nan")
+    n = max(len(rounds), 1)
+    stats.update(
+        temperature=run.temperature,
+        num_prompts=num_prompts,
+        spec_new_tokens=run.spec_tokens,
+        target_new_tokens=run.base_tokens if baseline else None,
+        spec_tokens_per_s=spec_tps,
+        target_tokens_per_s=base_tps,
+        speedup=spec_tps / base_tps if base_tps > 0 else float("nan"),
+        draft_time_s=run.draft_time,
+        verify_time_s=run.verify_time,
+        draft_ms_per_round=1000 * run.draft_time / n,
+        verify_ms_per_round=1000 * run.verify_time / n,
+        # At T=0 this should be num_prompts (lossless); a shortfall means numerical ties
+        # (e.g. bf16) or a bug. At T>0 outputs legitimately differ.
+        identical_outputs=run.identical if baseline else None,
+    )
+    return stats
+
+
+def _warm_up(target, drafter, prompt, cfg, stop_ids) -> None:
+    # Untimed: first calls pay one-off costs (allocations, kernel selection).
+    warm = min(8, cfg.max_new_tokens)
+    speculative_generate(target, drafter, prompt, warm, 0.0, stop_ids)
+    target_generate(target, prompt, warm, 0.0, stop_ids)
+
+
+@torch.no_grad()
+def evaluate_datasets(
+    target,
+    drafter,
+    datasets: Dict[str, List[List[int]]],
+    cfg,
+    stop_ids: Iterable[int],
+    out_dir: Optional[str] = None,
+    progress: bool = True,
+    sps=None,
+) -> Dict:
+    """The §6 protocol on each named prompt set, plus calibration, threshold sweep and scheduler.
+
+    cfg: an :class:`~deepspec.config.EvalConfig`. ``sps``: a measured
+    :class:`~deepspec.eval.scheduler.SPSCurve` (profiled here when the scheduler is on and none is
+    given). Writes ``out_dir/eval.json`` (and plots); the top-level ``temperatures`` block is the
+    first dataset's, every dataset's is under ``datasets``.
+    """
+    from deepspec.eval.analysis import analyze
+
+    check_compatible(target, drafter)
+    if not datasets:
+        raise ValueError("no evaluation datasets")
+    temps = [float(t) for t in cfg.temperatures]
+    for name, prompts in datasets.items():
+        try:
+            _check_inputs(prompts, cfg.temperatures, cfg.max_new_tokens, target.vocab_size)
+        except ValueError as e:
+            raise ValueError(f"dataset {name!r}: {e}") from None
+    stop_ids = [int(s) for s in stop_ids]
+    gamma = drafter.config.block_size
+    baseline = bool(getattr(cfg, "baseline", True))
+    use_sched = bool(getattr(cfg, "scheduler", False)) and drafter.config.enable_confidence_head
+
+    was_training = drafter.training
+    drafter.eval()
+    try:
+        _warm_up(target, drafter, next(iter(datasets.values()))[0], cfg, stop_ids)
+        if use_sched and sps is None:
+            from deepspec.eval.profile import default_token_counts, profile_sps
+
+            counts = default_token_counts(gamma + 1, max(cfg.concurrency))
+            if progress:
+                print(f"profiling target steps/s at B = {counts} tokens per step")
+            sps = profile_sps(target, counts, gamma + 1, cfg.profile_context, cfg.profile_repeats, cfg.seed)
+        per_dataset, runs = {}, []
+        for name, prompts in datasets.items():
+            per_temp = {}
+            for temp in temps:
+                run = decode(target, drafter, prompts, cfg, temp, stop_ids, progress, name, baseline)
+                stats = decode_stats(run, gamma, len(prompts), baseline)
+                stats.update(analyze(run.rounds_by_prompt, _with_defaults(cfg), sps if use_sched else None))
+                per_temp[str(temp)] = stats
+                runs.append((name, temp, run))
+            per_dataset[name] = {"num_prompts": len(prompts), "temperatures": per_temp}
+    finally:
+        drafter.train(was_training)
+
+    first = next(iter(per_dataset))
+    report = {
+        "block_size": gamma,
+        "target_layer_ids": list(drafter.config.target_layer_ids),
+        "markov_rank": drafter.config.markov_rank,
+        "markov_head_type": drafter.config.markov_head_type,
+        "max_new_tokens": cfg.max_new_tokens,
+        "seed": cfg.seed,
+        "num_prompts": per_dataset[first]["num_prompts"],
+        "temperatures": per_dataset[first]["temperatures"],
+        "primary_dataset": first,
+        "datasets": per_dataset,
+        "sps_profile": sps.to_dict() if sps is not None else None,
+        "device": str(target.device),
+    }
+    report = finite_or_none(report)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_write_json(os.path.join(out_dir, "eval.json"), report)
+        write_rounds(os.path.join(out_dir, "rounds.jsonl"), runs)
+        if getattr(cfg, "plots", False):
+            from deepspec.eval.plots import write_plots
+
+            report_plots = write_plots(report, out_dir)
+            if progress and report_plots:
+                print(f"plots: {', '.join(os.path.basename(p) for p in report_plots)}")
+    if progress:
+        print(format_table(report))
+    return report
+
+
+def _with_defaults(cfg):
+    """An EvalConfig-like view with every analysis key (callers may pass a bare namespace)."""
+    from deepspec.config import EvalConfig
+
+    base = EvalConfig()
+    names = [f.name for f in dataclasses.fields(EvalConfig)]
+    return SimpleNamespace(**{n: getattr(cfg, n, getattr(base, n)) for n in names})
+
+
 def evaluate(
     target,
     drafter,
@@ -98,94 +262,11 @@ def evaluate(
     stop_ids: Iterable[int],
     out_dir: Optional[str] = None,
     progress: bool = True,
+    sps=None,
+    dataset_name: str = "prompts",
 ) -> Dict:
-    """Run the §6 protocol; returns the report dict (also written to ``out_dir/eval.json``).
+    """Run the §6 protocol on one prompt set; returns the report dict (also ``out_dir/eval.json``).
 
-    cfg: an :class:`~deepspec.config.EvalConfig` (temperatures, max_new_tokens, seed).
+    cfg: an :class:`~deepspec.config.EvalConfig` (temperatures, max_new_tokens, seed, analysis keys).
     """
-    from tqdm.auto import tqdm
-
-    check_compatible(target, drafter)
-    temps = [float(t) for t in cfg.temperatures]
-    _check_inputs(prompts, cfg.temperatures, cfg.max_new_tokens, target.vocab_size)
-    stop_ids = [int(s) for s in stop_ids]
-    dev = target.device
-    gamma = drafter.config.block_size
-
-    was_training = drafter.training
-    drafter.eval()
-    try:
-        # Warm-up (untimed): first calls pay one-off costs (allocations, kernel selection).
-        warm = min(8, cfg.max_new_tokens)
-        speculative_generate(target, drafter, prompts[0], warm, 0.0, stop_ids)
-        target_generate(target, prompts[0], warm, 0.0, stop_ids)
-
-        per_temp = {}
-        for temp in temps:
-            rounds, spec_tokens, spec_time, base_tokens, base_time, same = [], 0, 0.0, 0, 0.0, 0
-            draft_time = verify_time = 0.0
-            for i, prompt in enumerate(tqdm(prompts, desc=f"eval T={temp:g}", disable=not progress)):
-                gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
-                s = speculative_generate(target, drafter, prompt, cfg.max_new_tokens, temp, stop_ids, gen)
-                gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
-                b = target_generate(target, prompt, cfg.max_new_tokens, temp, stop_ids, gen)
-                rounds += s.rounds
-                spec_tokens += len(s.tokens)
-                spec_time += s.total_time
-                draft_time += sum(r.draft_time for r in s.rounds)
-                verify_time += sum(r.verify_time for r in s.rounds)
-                base_tokens += len(b.tokens)
-                base_time += b.total_time
-                same += s.tokens == b.tokens
-            stats = metrics.summarize(rounds, gamma)
-            spec_tps = metrics.tokens_per_second(spec_tokens, spec_time)
-            base_tps = metrics.tokens_per_second(base_tokens, base_time)
-            stats.update(
-                temperature=temp,
-                num_prompts=len(prompts),
-                spec_new_tokens=spec_tokens,
-                target_new_tokens=base_tokens,
-                spec_tokens_per_s=spec_tps,
-                target_tokens_per_s=base_tps,
-                speedup=spec_tps / base_tps if base_tps > 0 else float("nan"),
-                draft_time_s=draft_time,
-                verify_time_s=verify_time,
-                # At T=0 this should be num_prompts (lossless); a shortfall means numerical ties
-                # (e.g. bf16) or a bug. At T>0 outputs legitimately differ.
-                identical_outputs=same,
-            )
-            per_temp[str(temp)] = stats
-    finally:
-        drafter.train(was_training)
-
-    report = {
-        "block_size": gamma,
-        "target_layer_ids": list(drafter.config.target_layer_ids),
-        "markov_rank": drafter.config.markov_rank,
-        "markov_head_type": drafter.config.markov_head_type,
-        "max_new_tokens": cfg.max_new_tokens,
-        "seed": cfg.seed,
-        "num_prompts": len(prompts),
-        "temperatures": per_temp,
-    }
-    report = _finite_or_none(report)
-    if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        _atomic_write_json(os.path.join(out_dir, "eval.json"), report)
-    if progress:
-        print(format_table(report))
-    return report
-
-
-def format_table(report: Dict) -> str:
-    rows = [f"{'T':>5} {'tau':>6} {'accept':>7} {'spec tok/s':>11} {'target tok/s':>13} {'speedup':>8}"]
-    for s in report["temperatures"].values():
-        rows.append(
-            f"{s['temperature']:>5g} {_num(s['tau'], 6, 3)} {_num(s['acceptance_rate'], 7, 3)} "
-            f"{_num(s['spec_tokens_per_s'], 11, 1)} {_num(s['target_tokens_per_s'], 13, 1)} {_num(s['speedup'], 7, 2)}x"
-        )
-    return "\n".join(rows)
-
-
-def _num(x, width: int, digits: int) -> str:
-    return f"{x:>{width}.{digits}f}" if x is not None else f"{'-':>{width}}"
+    return evaluate_datasets(target, drafter, {dataset_name: prompts}, cfg, stop_ids, out_dir, progress, sps)

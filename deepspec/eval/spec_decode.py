@@ -15,6 +15,7 @@ is what a round actually added to the output after truncation.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
@@ -149,6 +150,21 @@ def _finish(tokens: List[int], new: List[int], max_new_tokens: int, stops: set) 
     return kept, False
 
 
+def _two_arg(fn: Optional[Callable[..., int]]) -> Optional[Callable[..., int]]:
+    """Accept both ``f(round_index)`` and ``f(round_index, draft)``."""
+    if fn is None:
+        return None
+    try:
+        kinds = [p.kind for p in inspect.signature(fn).parameters.values()]
+    except (TypeError, ValueError):
+        return fn
+    P = inspect.Parameter
+    positional = sum(k in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD) for k in kinds)
+    if positional >= 2 or P.VAR_POSITIONAL in kinds:
+        return fn
+    return lambda i, _draft: fn(i)
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -158,13 +174,17 @@ def speculative_generate(
     temperature: float = 0.0,
     stop_ids: Iterable[int] = (),
     generator: Optional[torch.Generator] = None,
-    verify_len: Optional[Callable[[int], int]] = None,
+    verify_len: Optional[Callable[..., int]] = None,
 ) -> GenerationResult:
     """Generate up to ``max_new_tokens`` with drafter + target (chain drafting, batch 1).
 
-    ``verify_len(round_index) -> ℓ`` (0 ≤ ℓ ≤ γ) sends only the first ℓ drafts to the target
-    (a scheduler's cut); default: the full block. ℓ = 0 is one plain target step.
+    ``verify_len(round_index, draft) -> ℓ`` (0 ≤ ℓ ≤ γ; a one-argument ``verify_len(round_index)``
+    works too) sends only the first ℓ drafts to the target (a scheduler's cut); default: the full
+    block. ℓ = 0 is one plain target step. It is called after drafting and before the target sees
+    the block, so it can use the drafter's confidences (:mod:`deepspec.eval.scheduler`); it stays
+    lossless as long as whether slot k is verified depends on nothing drawn after x_{k-1}.
     """
+    verify_len = _two_arg(verify_len)
     _check_temperature(temperature)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
@@ -186,7 +206,7 @@ def speculative_generate(
         t_a = _now(dev)
         d = drafter.draft(feats, anchor, temperature, generator)
         t_b = _now(dev)
-        ell = gamma if verify_len is None else int(verify_len(len(rounds)))
+        ell = gamma if verify_len is None else int(verify_len(len(rounds), d))
         if not 0 <= ell <= gamma:
             raise ValueError(f"verify_len returned {ell}; must be in [0, block_size={gamma}]")
         drafts = d.tokens[:ell]

@@ -1,0 +1,108 @@
+"""The `deepspec/evaluate.py` job: load, check, decode every dataset, analyse, write, optionally store STS.
+
+Order matters for users: every input check (temperatures, drafter vs target config, dataset keys)
+runs before the first token is decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger("deepspec")
+
+
+def check_eval_config(e) -> None:
+    for t in e.temperatures:
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)")
+    if not e.temperatures:
+        raise ValueError("eval.temperatures is empty")
+    if e.max_new_tokens < 1:
+        raise ValueError(f"eval.max_new_tokens={e.max_new_tokens}: must be >= 1")
+    if not e.datasets:
+        raise ValueError("eval.datasets is empty")
+    if not 0 < e.calibration_fraction < 1:
+        raise ValueError(f"eval.calibration_fraction={e.calibration_fraction}: must be in (0, 1)")
+    if e.ece_bins < 2:
+        raise ValueError(f"eval.ece_bins={e.ece_bins}: must be >= 2")
+    if e.save_sts and float(e.sts_fit_temperature) not in [float(t) for t in e.temperatures]:
+        raise ValueError(f"eval.save_sts: eval.sts_fit_temperature={e.sts_fit_temperature} is not one of "
+                         f"eval.temperatures={list(e.temperatures)}")
+    if any(int(r) < 1 for r in e.concurrency):
+        raise ValueError(f"eval.concurrency={list(e.concurrency)}: levels must be >= 1")
+
+
+def default_output_dir(drafter_dir: Path, from_run_dir: bool) -> Path:
+    return drafter_dir.parent / "eval" if from_run_dir else drafter_dir.parent / f"{drafter_dir.name}-eval"
+
+
+def sts_to_store(report: Dict, temperature: float) -> Optional[list]:
+    """The STS temperatures fitted on the primary dataset's rounds at decoding temperature ``temperature``."""
+    temps = report["temperatures"]
+    key = next((k for k, s in temps.items() if s["temperature"] == float(temperature)), None)
+    if key is None or not temps[key].get("confidence"):
+        return None
+    return temps[key]["confidence"]["sts_temperatures"]
+
+
+def save_sts(drafter, drafter_dir: Path, temps: list) -> None:
+    """Write ``sts_temperatures`` into the drafter's config and re-save the folder (same dtype)."""
+    from deepspec.exporting.native import save_native
+
+    saved = json.loads((drafter_dir / "config.json").read_text())
+    drafter.config.sts_temperatures = [float(t) for t in temps]
+    save_native(drafter, drafter_dir, dtype=saved.get("torch_dtype", "bfloat16"))
+
+
+def run_evaluation(cfg) -> Dict:
+    """Everything `python deepspec/evaluate.py` does; returns the report (also in eval.json)."""
+    from deepspec.data.chat import end_of_turn_ids
+    from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
+    from deepspec.eval.loading import check_inputs, load_models
+    from deepspec.eval.report import atomic_write_json
+    from deepspec.eval.runner import evaluate_datasets
+    from deepspec.eval.scheduler import SPSCurve
+
+    e = cfg.eval
+    check_eval_config(e)
+    if e.num_threads > 0:
+        torch.set_num_threads(e.num_threads)
+    inputs = check_inputs(cfg)  # drafter vs target, from config files: before any weights load
+    tokenizer = inputs["tokenizer"]
+    prompts = {}
+    for name in e.datasets:
+        texts = select(load_prompt_texts(str(name), cfg), e.num_prompts, e.seed)
+        prompts[str(name)] = tokenize_prompts(tokenizer, texts)
+        log.info("dataset %s: %d prompts", name, len(texts))
+    sps = SPSCurve.load(e.sps_profile) if e.sps_profile else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target, drafter = load_models(cfg, inputs, device)
+
+    drafter_dir = inputs["drafter_dir"]
+    out_dir = Path(e.output_dir) if e.output_dir else default_output_dir(drafter_dir, inputs["from_run_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    report = evaluate_datasets(target, drafter, prompts, e, end_of_turn_ids(tokenizer),
+                               out_dir=str(out_dir), progress=e.progress_bar, sps=sps)
+    report["drafter_dir"] = str(drafter_dir)
+    report["target"] = inputs["target_path"]
+    if e.save_sts:
+        temps = sts_to_store(report, e.sts_fit_temperature)
+        if temps is None:
+            raise ValueError(f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
+                             "(the drafter needs a confidence head, eval.calibration must be on)")
+        save_sts(drafter, drafter_dir, temps)
+        report["sts_saved"] = {"temperatures": temps, "fit_at_temperature": float(e.sts_fit_temperature),
+                               "drafter_dir": str(drafter_dir)}
+        log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
+    atomic_write_json(str(out_dir / "eval.json"), report)
+    print(f"eval.json written to {out_dir}")
+    return report

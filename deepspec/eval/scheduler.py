@@ -1,0 +1,190 @@
+"""Hardware-aware prefix scheduling (SPEC §5): how many drafts each request sends to the target.
+
+R requests, request r with prefix-survival estimates a_{r,1..γ} (calibrated, non-increasing) and a
+profiled curve SPS(B) (target forward steps per second at B tokens per step). Verifying ℓ_r drafts
+of request r costs ℓ_r + 1 tokens of the step (the anchor is always scored) and is expected to
+yield 1 + Σ_{j≤ℓ_r} a_{r,j} tokens. Throughput Θ = (expected tokens) · SPS(B).
+
+* :func:`schedule` is the causal early-stop greedy: visit (r, j) in descending a, add each while Θ
+  improves, stop at the first drop. Whether slot j of request r is verified then depends only on
+  a_{r,1..j}, i.e. on the drafts x_1..x_{j-1} before it, never on x_j or later drafts: the
+  verification rule stays lossless.
+* :func:`schedule_global` keeps the best Θ over all prefixes of the visiting order. Whether slot j
+  is verified then depends on later confidences, so it must be fed *lagged* survival curves
+  (decided from rounds already finished, as the asynchronous production variant does).
+* :func:`threshold_lengths` is the static rule ℓ = #{j : a_j ≥ t}.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+SPS = Callable[[int], float]
+
+
+@dataclass
+class SPSCurve:
+    """Steps per second measured at some total token counts B, interpolated in between.
+
+    Step *time* is interpolated linearly in B (forward time is close to affine in the token count
+    once the device is busy); below the first point time is flat, above the last it grows with the
+    slope of the last segment.
+    """
+
+    tokens: List[int]
+    steps_per_s: List[float]
+
+    def __post_init__(self) -> None:
+        if not self.tokens or len(self.tokens) != len(self.steps_per_s):
+            raise ValueError("SPSCurve needs as many steps_per_s values as token counts (at least one)")
+        if any(b <= a for a, b in zip(self.tokens, self.tokens[1:])):
+            raise ValueError(f"SPSCurve token counts must be strictly increasing, got {self.tokens}")
+        if not all(s > 0 for s in self.steps_per_s):
+            raise ValueError("SPSCurve steps_per_s must be positive")
+        self._time = [1.0 / s for s in self.steps_per_s]
+
+    def step_time(self, b: float) -> float:
+        xs, ts = self.tokens, self._time
+        if b <= xs[0]:
+            return ts[0]
+        if b >= xs[-1]:
+            if len(xs) == 1:
+                return ts[0]
+            slope = max(0.0, (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]))
+            return ts[-1] + slope * (b - xs[-1])
+        i = bisect.bisect_right(xs, b)  # xs[i-1] <= b < xs[i]
+        return ts[i - 1] + (ts[i] - ts[i - 1]) * (b - xs[i - 1]) / (xs[i] - xs[i - 1])
+
+    def __call__(self, b: float) -> float:
+        return 1.0 / self.step_time(b)
+
+    def to_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "steps_per_s": list(self.steps_per_s)}
+
+    @classmethod
+    def load(cls, path: str) -> "SPSCurve":
+        try:
+            d = json.loads(Path(path).read_text())
+            d = d.get("sps_profile", d)  # also accept a whole eval.json
+            return cls([int(b) for b in d["tokens"]], [float(s) for s in d["steps_per_s"]])
+        except KeyError as e:
+            raise ValueError(f"{path}: SPS profile needs keys 'tokens' and 'steps_per_s' (missing {e})") from None
+
+
+def _monotone(curve: Sequence[float]) -> List[float]:
+    """A prefix-survival curve cannot rise: a_j = min_{i≤j} a_i (also clips to [0, 1])."""
+    out, m = [], 1.0
+    for a in curve:
+        m = min(m, max(0.0, float(a)))
+        out.append(m)
+    return out
+
+
+def _visit_order(curves: Sequence[Sequence[float]]) -> List[Tuple[float, int, int]]:
+    # Descending a; on ties the earlier slot (then the lower request) first, so ℓ_r grows by one.
+    items = [(a, r, j) for r, c in enumerate(curves) for j, a in enumerate(c, start=1) if a > 0]
+    return sorted(items, key=lambda t: (-t[0], t[2], t[1]))
+
+
+def schedule(curves: Sequence[Sequence[float]], sps: SPS) -> Tuple[List[int], float]:
+    """SPEC §5 causal greedy: returns (ℓ_r per request, expected throughput Θ in tokens/s)."""
+    curves = [_monotone(c) for c in curves]
+    r_n = len(curves)
+    if r_n == 0:
+        return [], 0.0
+    ell = [0] * r_n
+    b, tau = r_n, float(r_n)
+    best = tau * sps(b)
+    for a, r, j in _visit_order(curves):
+        theta = (tau + a) * sps(b + 1)
+        if not theta > best:
+            break
+        ell[r], b, tau, best = j, b + 1, tau + a, theta
+    return ell, best
+
+
+def schedule_global(curves: Sequence[Sequence[float]], sps: SPS) -> Tuple[List[int], float]:
+    """Same visiting order, but the best Θ over *all* its prefixes (not causal: use lagged curves)."""
+    curves = [_monotone(c) for c in curves]
+    r_n = len(curves)
+    if r_n == 0:
+        return [], 0.0
+    order = _visit_order(curves)
+    b, tau = r_n, float(r_n)
+    best, best_n = tau * sps(b), 0
+    for n, (a, _, _) in enumerate(order, start=1):
+        b, tau = b + 1, tau + a
+        theta = tau * sps(b)
+        if theta > best:
+            best, best_n = theta, n
+    ell = [0] * r_n
+    for _, r, j in order[:best_n]:
+        ell[r] = max(ell[r], j)
+    return ell, best
+
+
+def threshold_lengths(curves: Sequence[Sequence[float]], threshold: float) -> List[int]:
+    """Static rule: verify the leading drafts whose survival estimate is at least ``threshold``."""
+    out = []
+    for c in curves:
+        n = 0
+        for a in _monotone(c):
+            if a < threshold or a <= 0:
+                break
+            n += 1
+        out.append(n)
+    return out
+
+
+def expected_tokens(curve: Sequence[float], ell: int) -> float:
+    return 1.0 + float(sum(_monotone(curve)[:ell]))
+
+
+# ---------------------------------------------------------------- inside speculative_generate
+
+
+def survival_from_draft(draft, sts_temperatures: Optional[Sequence[float]] = None) -> List[float]:
+    from deepspec.eval.calibration import survival_estimates
+
+    if getattr(draft, "confidence_logits", None) is None:
+        raise ValueError("scheduled verification needs a drafter with a confidence head (enable_confidence_head)")
+    z = np.asarray(draft.confidence_logits.detach().cpu().double().numpy())
+    return survival_estimates(z[None, :], sts_temperatures)[0].tolist()
+
+
+def causal_verify_len(sps: SPS, sts_temperatures: Optional[Sequence[float]] = None,
+                      others: Sequence[Sequence[float]] = ()) -> Callable:
+    """A ``verify_len(round_index, draft)`` for :func:`speculative_generate` that cuts each block with
+    :func:`schedule` on the drafter's own (calibrated) confidences for this very block.
+
+    ``others`` are survival curves of other requests sharing the step (fixed here), so a single
+    decoded request can be cut as it would be under load.
+    """
+
+    def verify_len(round_index: int, draft) -> int:
+        curve = survival_from_draft(draft, sts_temperatures)
+        return schedule([curve, *others], sps)[0][0]
+
+    return verify_len
+
+
+def lagged_verify_len(sps: SPS, sts_temperatures: Optional[Sequence[float]] = None, lag: int = 2,
+                      gamma: Optional[int] = None, others: Sequence[Sequence[float]] = ()) -> Callable:
+    """``verify_len`` with :func:`schedule_global` on the curve of the block drafted ``lag`` rounds ago
+    (full block until then). The cut never looks at the block it cuts, so it is causal."""
+    history: List[List[float]] = []
+
+    def verify_len(round_index: int, draft) -> int:
+        history.append(survival_from_draft(draft, sts_temperatures))
+        g = gamma if gamma is not None else len(history[-1])
+        if len(history) <= lag:
+            return g
+        return min(g, schedule_global([history[-1 - lag], *others], sps)[0][0])
+
+    return verify_len
