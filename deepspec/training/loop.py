@@ -77,7 +77,8 @@ def summarise(sums: Dict[str, torch.Tensor], cfg) -> Dict[str, float]:
     w = max(float(sums["weight"]), 1e-9)
     m = {
         "loss": (cfg.loss.ce_weight * float(sums["ce"]) + cfg.loss.l1_weight * float(sums["l1"])
-                 + cfg.loss.confidence_weight * float(sums["bce"])) / w,
+                 + cfg.loss.confidence_weight * float(sums["bce"])
+                 + cfg.loss.soft_ce_weight * float(sums.get("soft_ce", 0.0))) / w,
         "ce": float(sums["ce"]) / w,
         "l1": float(sums["l1"]) / w,
         "bce": float(sums["bce"]) / w,

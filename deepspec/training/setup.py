@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
 from deepspec.exporting.native import atomic_write_text
+from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig, resolve_drafter_config
 from deepspec.models.drafter import DSparkDrafter
 from deepspec.target.adapter import TargetModel
@@ -101,10 +102,14 @@ def build_run(cfg, accelerator) -> RunSetup:
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
 
     torch.manual_seed(cfg.train.seed)
-    drafter = DSparkDrafter(dc)
+    drafter = build_drafter(dc)
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
+    if cfg.train.compile:
+        # Compiles the module's __call__ (the training forward) in place: parameter names, draft()
+        # and exports are unchanged.
+        drafter.compile(backend=cfg.train.compile_backend)
 
     splits = load_records(cfg)
     records = splits["train"]
