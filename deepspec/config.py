@@ -79,7 +79,7 @@ class LossConfig:
     # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/lean_loss.py);
     # reference: the literal version that holds fp32 softmaxes of draft and target at once.
     impl: str = "lean"
-    chunk_size: int = 256  # rows (block positions) per chunk of the lean loss
+    chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from deepspec.data.anchors import BlockTargets, slot_weights
-from deepspec.lean_loss import block_row_stats, reference_row_stats
+from deepspec.lean_loss import HeadLogits, block_row_stats, reference_row_stats
 
 
 @dataclass
@@ -27,11 +27,22 @@ class LossOutput:
     sums: Dict[str, torch.Tensor]  # detached weighted sums for logging: ce, l1, bce, weight
 
 
-def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V]."""
+def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module,
+                  lazy: bool = False):
+    """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V].
+
+    ``lazy=True`` returns a :class:`~deepspec.lean_loss.HeadLogits` instead: the gathered hiddens and
+    the lm_head weight, from which the lean loss computes the logits a chunk at a time (the literal
+    loss materialises them). Either way the values are those of ``lm_head`` (bias-free).
+    """
     b, a, g = target_pos.shape
     idx = target_pos.reshape(b, a * g, 1).expand(-1, -1, target_final.shape[-1])
     h = torch.gather(target_final, 1, idx).reshape(b, a, g, -1)
+    if lazy and getattr(lm_head, "bias", None) is None:
+        # The dtype lm_head would compute in here (bf16 under autocast), so the values are the same.
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head.weight.dtype
+        return HeadLogits(h.detach().to(cd), lm_head.weight.detach().to(cd))
     with torch.no_grad():
         return lm_head(h.to(lm_head.weight.dtype))
 
@@ -48,7 +59,8 @@ def dspark_loss(
     loss_cfg,
     denominator: float,
 ) -> LossOutput:
-    """draft_logits/tgt_logits [B, A, γ, V]; confidence_logits [B, A, γ] or None.
+    """draft_logits/tgt_logits [B, A, γ, V] (tgt_logits may be lazy: ``target_logits(..., lazy=True)``);
+    confidence_logits [B, A, γ] or None.
 
     ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/lean_loss.py)
     or "reference" (the literal full-vocabulary version); both give the same values and gradients.

@@ -10,7 +10,9 @@ the vocabulary for every block slot, kept by autograd: SPEC §3 read literally) 
 * ``loss``: forward + backward of the DSpark loss (0.1·CE + 0.9·L1 + BCE) on given draft logits
   [B, A, γ, V] (requires grad), target logits and confidence logits;
 * ``step``: a 2-layer DSpark drafter (Markov rank r, confidence head) forward on random target
-  features, target logits from a frozen lm_head, the loss, backward into every trainable parameter.
+  features, target logits from a frozen lm_head (materialised for the reference; for the lean loss
+  computed per chunk from the target's hidden states, as the training loop does), the loss,
+  backward into every trainable parameter.
 
 Outputs (stdout + ``--out``/bench_train_step.{json,md}):
 
@@ -142,7 +144,8 @@ class Workload:
         for p in m.parameters():
             p.grad = None
         out = m(self.feats, self.ids, self.anchors, self.targets.prev_tokens)
-        tgt = target_logits(self.final, self.targets.target_pos, self.t_head)
+        # As in the training loop: the lean loss gets the target's logits lazily (hidden + lm_head).
+        tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=impl == "lean")
         lo = dspark_loss(out.logits, out.confidence_logits, tgt, self.targets, cfg, self.denom)
         lo.loss.backward()
         loss = float(lo.loss.detach())
