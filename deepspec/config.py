@@ -80,6 +80,9 @@ class LossConfig:
     # reference: the literal version that holds fp32 softmaxes of draft and target at once.
     impl: str = "lean"
     chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)
+    # Hand the loss the target's final hiddens + lm_head instead of its [B, A, γ, V] logits; the lean
+    # loss computes them per chunk (one fewer batch x vocab tensor, two extra lm_head matmuls).
+    lazy_target_logits: bool = False
 
 
 @dataclass

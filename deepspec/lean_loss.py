@@ -29,6 +29,7 @@ import torch
 # Elements per chunk buffer when loss.chunk_size = 0 (auto). CPU: cache-sized chunks are fastest
 # (2 MB of fp32, 3 rows of a Qwen3 vocabulary); GPU: big chunks keep kernel launches few (128 MB).
 CHUNK_ELEMENTS = {"cpu": 1 << 19, "cuda": 1 << 25}
+LAZY_MIN_ROWS = 32  # auto chunks with lazy target logits: at least this many rows per lm_head pass
 
 
 @dataclass
@@ -212,7 +213,10 @@ def block_row_stats(
         mask = valid.reshape(-1) > 0
         if not bool(mask.all()):
             active = torch.nonzero(mask).flatten()
-    ce, sce, l1 = BlockRowStats.apply(z, t, y, active, auto_chunk_rows(v, chunk_rows, logits.device), with_soft_ce)
+    rows = auto_chunk_rows(v, chunk_rows, logits.device)
+    if chunk_rows <= 0 and isinstance(t, HeadLogits):
+        rows = max(rows, LAZY_MIN_ROWS)  # a chunk's target matmul reads all of lm_head: amortise it
+    ce, sce, l1 = BlockRowStats.apply(z, t, y, active, rows, with_soft_ce)
     return ce.view(shape), sce.view(shape), l1.view(shape)
 
 

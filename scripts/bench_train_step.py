@@ -5,7 +5,8 @@
 
 Two scopes, each with ``loss.impl=reference`` (full fp32 log-softmax/softmax of draft and target over
 the vocabulary for every block slot, kept by autograd: SPEC §3 read literally) and ``loss.impl=lean``
-(deepspec/lean_loss.py: chunked over slots, recomputed in backward):
+(deepspec/lean_loss.py: chunked over slots, recomputed in backward; the default), and in the step
+scope also ``lean_lazy`` (lean + ``loss.lazy_target_logits=true``):
 
 * ``loss``: forward + backward of the DSpark loss (0.1·CE + 0.9·L1 + BCE) on given draft logits
   [B, A, γ, V] (requires grad), target logits and confidence logits;
@@ -16,9 +17,12 @@ the vocabulary for every block slot, kept by autograd: SPEC §3 read literally) 
 
 Outputs (stdout + ``--out``/bench_train_step.{json,md}):
 
-* equality: |Δloss| and max |Δgrad| between the two implementations on the same inputs;
-* time: median (and min) seconds over ``--repeats`` runs, the two variants interleaved in one process
-  (alternating which goes first), and the ratio lean / reference;
+* equality: |Δloss| and max |Δgrad| (absolute, and relative to the largest gradient entry) of each
+  variant against the reference on the same inputs;
+* time: median (and min) wall seconds over ``--repeats`` runs, the two variants interleaved in one
+  process (alternating which goes first), and the ratio lean / reference; also the process CPU time
+  (with one thread, the work done, which a busy shared machine does not inflate; with several
+  threads it also counts their spin-waiting);
 * peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call;
   on CPU, the peak resident set size of a fresh subprocess per variant during one call (Linux
   ``/proc/self/clear_refs`` resets the high-water mark after a warm-up call; glibc is told to return
@@ -48,7 +52,7 @@ from deepspec.config import LossConfig  # noqa: E402
 from deepspec.data.anchors import BlockTargets, block_targets  # noqa: E402
 from deepspec.losses import dspark_loss, target_logits, weighted_valid  # noqa: E402
 
-VARIANTS = ("reference", "lean")
+VARIANTS = ("reference", "lean", "lean_lazy")  # lean_lazy: loss.lazy_target_logits=true (step scope)
 SCOPES = ("loss", "step")
 
 
@@ -129,7 +133,8 @@ class Workload:
         self.anchors = anchors
         self.targets = block_targets(self.ids, torch.ones_like(self.ids), anchors, torch.ones_like(anchors), a.block)
 
-    def run(self, impl: str, want_grads: bool = False):
+    def run(self, variant: str, want_grads: bool = False):
+        impl = "lean" if variant.startswith("lean") else "reference"
         cfg = LossConfig(impl=impl, chunk_size=self.args.chunk)
         if self.scope == "loss":
             z = self.logits.detach().requires_grad_(True)
@@ -144,8 +149,8 @@ class Workload:
         for p in m.parameters():
             p.grad = None
         out = m(self.feats, self.ids, self.anchors, self.targets.prev_tokens)
-        # As in the training loop: the lean loss gets the target's logits lazily (hidden + lm_head).
-        tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=impl == "lean")
+        # As the training loop does with loss.lazy_target_logits=true: hidden + lm_head, per chunk.
+        tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=variant == "lean_lazy")
         lo = dspark_loss(out.logits, out.confidence_logits, tgt, self.targets, cfg, self.denom)
         lo.loss.backward()
         loss = float(lo.loss.detach())
@@ -233,41 +238,58 @@ def main(argv=None) -> dict:
     lines = [f"# train-step bench: V={args.vocab:,}, hidden {args.hidden}, B·A·γ = {args.batch}·{args.anchors}·"
              f"{args.block} = {n_rows} rows; one fp32 [rows, V] tensor = {unit / 2**20:.0f} MiB",
              f"machine: {results['machine']}", "",
-             "| scope | impl | time median s | time min s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| scope | impl | wall median s | wall min s | CPU median s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for scope in args.scopes.split(","):
+        variants = VARIANTS if scope == "step" else VARIANTS[:2]
         w = Workload(args, scope)
         ref_loss, ref_grads = w.run("reference", want_grads=True)
-        lean_loss, lean_grads = w.run("lean", want_grads=True)
-        eq = {"loss_reference": ref_loss, "loss_lean": lean_loss, "abs_loss_diff": abs(ref_loss - lean_loss),
-              "max_abs_grad_diff": max_abs(lean_grads, ref_grads), "max_rel_grad_diff": max_rel(lean_grads, ref_grads)}
-        del ref_grads, lean_grads
-        times = {v: [] for v in VARIANTS}
+        eq = {}
+        for v in variants[1:]:
+            loss, grads = w.run(v, want_grads=True)
+            eq[v] = {"loss_reference": ref_loss, "loss": loss, "abs_loss_diff": abs(ref_loss - loss),
+                     "max_abs_grad_diff": max_abs(grads, ref_grads), "max_rel_grad_diff": max_rel(grads, ref_grads)}
+            del grads
+        del ref_grads
+        times = {v: [] for v in variants}
+        cpu = {v: [] for v in variants}
         for r in range(args.repeats):
-            for impl in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            k = r % len(variants)  # rotate which variant goes first
+            for v in variants[k:] + variants[:k]:
                 _sync(args.device)
-                t0 = time.perf_counter()
-                w.run(impl)
+                t0, c0 = time.perf_counter(), time.process_time()
+                w.run(v)
                 _sync(args.device)
-                times[impl].append(time.perf_counter() - t0)
+                times[v].append(time.perf_counter() - t0)
+                cpu[v].append(time.process_time() - c0)
         del w
-        mem = {impl: peak_in_subprocess(args, scope, impl) for impl in VARIANTS}
-        s = {"equality": eq, "time_s": times,
+        mem = {v: peak_in_subprocess(args, scope, v) for v in variants}
+        s = {"equality": eq, "time_s": times, "cpu_time_s": cpu,
              "median_s": {k: statistics.median(v) for k, v in times.items()},
-             "peak_bytes": {k: m["peak_bytes"] for k, m in mem.items()}, "memory_method": mem["lean"]["method"]}
-        s["time_ratio_lean_over_reference"] = s["median_s"]["lean"] / s["median_s"]["reference"]
-        s["memory_ratio_lean_over_reference"] = s["peak_bytes"]["lean"] / max(s["peak_bytes"]["reference"], 1)
+             "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+             "peak_bytes": {k: m["peak_bytes"] for k, m in mem.items()}, "memory_method": mem["lean"]["method"],
+             "ratios_vs_reference": {}}
+        for v in variants[1:]:
+            s["ratios_vs_reference"][v] = {
+                "wall_time": s["median_s"][v] / s["median_s"]["reference"],
+                "cpu_time": s["median_cpu_s"][v] / s["median_cpu_s"]["reference"],
+                "peak_memory": s["peak_bytes"][v] / max(s["peak_bytes"]["reference"], 1),
+            }
         results["scopes"][scope] = s
-        for impl in VARIANTS:
-            pb = s["peak_bytes"][impl]
-            lines.append(f"| {scope} | {impl} | {s['median_s'][impl]:.3f} | {min(times[impl]):.3f} | {pb / 2**20:.0f} | "
-                         f"{pb / unit:.2f} | {eq['abs_loss_diff']:.1e} | {eq['max_abs_grad_diff']:.1e} "
-                         f"({eq['max_rel_grad_diff']:.1e}) |")
-        print(lines[-2] + "\n" + lines[-1], flush=True)
+        for v in variants:
+            pb = s["peak_bytes"][v]
+            e = eq.get(v)
+            diff = (f"{e['abs_loss_diff']:.1e} | {e['max_abs_grad_diff']:.1e} ({e['max_rel_grad_diff']:.1e})"
+                    if e else "- | -")
+            lines.append(f"| {scope} | {v} | {s['median_s'][v]:.3f} | {min(times[v]):.3f} | "
+                         f"{s['median_cpu_s'][v]:.3f} | {pb / 2**20:.0f} | {pb / unit:.2f} | {diff} |")
+            print(lines[-1], flush=True)
     lines.append("")
     for scope, s in results["scopes"].items():
-        lines.append(f"- {scope}: lean/reference time ×{s['time_ratio_lean_over_reference']:.2f}, "
-                     f"peak memory ×{s['memory_ratio_lean_over_reference']:.2f} ({s['memory_method']})")
+        for v, r in s["ratios_vs_reference"].items():
+            lines.append(f"- {scope}, {v} / reference: wall time ×{r['wall_time']:.2f} (CPU time ×{r['cpu_time']:.2f}), "
+                         f"peak memory ×{r['peak_memory']:.2f}")
+    lines.append(f"- memory: {mem['lean']['method']}")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

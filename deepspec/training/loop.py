@@ -69,7 +69,7 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor):
     feats = run.target(batch.input_ids, attention_mask=batch.attention_mask)
     targets = block_targets(batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size)
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
-    tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.impl == "lean")
+    tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)
     return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
 
 
