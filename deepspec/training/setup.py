@@ -106,10 +106,7 @@ def build_run(cfg, accelerator) -> RunSetup:
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
-    if cfg.train.compile:
-        # Compiles the module's __call__ (the training forward) in place: parameter names, draft()
-        # and exports are unchanged.
-        drafter.compile(backend=cfg.train.compile_backend)
+    maybe_compile(drafter, cfg.train)
 
     splits = load_records(cfg)
     records = splits["train"]
@@ -128,6 +125,13 @@ def build_run(cfg, accelerator) -> RunSetup:
         log.info("target %s | drafter layers=%s ids=%s | %d train sequences", path, dc.num_hidden_layers,
                  dc.target_layer_ids, len(examples))
     return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad)
+
+
+def maybe_compile(drafter, train_cfg) -> None:
+    """``train.compile=true``: torch.compile the drafter's __call__ (the training forward) in place, so
+    parameter names, ``draft()`` (evaluation stays eager) and exports are unchanged."""
+    if getattr(train_cfg, "compile", False):
+        drafter.compile(backend=train_cfg.compile_backend)
 
 
 def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
