@@ -257,6 +257,14 @@ def test_native_round_trip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(feats, ids, anchors, tg.prev_tokens).logits,
                                    d(feats, ids, anchors, tg.prev_tokens).logits)
+    # The serving formats carry DSpark/DFlash only: exporting EAGLE-3 there is refused before any write.
+    from deepspec.exporting.formats import FormatError
+    from deepspec.exporting.writer import export_drafter
+
+    for fmt in ("speculators", "dflash", "native"):
+        with pytest.raises(FormatError, match="eagle3"):
+            export_drafter(d, tmp_path / fmt, fmt, dtype="float32")
+        assert not (tmp_path / fmt).exists()
 
 
 def test_hydra_model_eagle3_composes():
