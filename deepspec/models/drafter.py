@@ -151,7 +151,9 @@ class DSparkDrafter(nn.Module):
         if self.markov_head is not None:
             b, a, g, _ = h.shape
             bias, feat = self.markov_head(prev_tokens.reshape(b * a, g), h.reshape(b * a, g, -1))
-            logits = logits + bias.reshape(b, a, g, -1)
+            # In place: the lm_head output is not saved for backward, and this avoids a third
+            # [B, A, γ, V] tensor at the peak of the forward.
+            logits = logits.add_(bias.reshape(b, a, g, -1))
             feat = feat.reshape(b, a, g, -1)
         conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
         return BlockOutput(logits=logits, confidence_logits=conf, hidden=h)
