@@ -53,7 +53,9 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfig:
-    kind: str = "dspark"  # dspark | dflash (select with model=dflash: markov off, CE only, no confidence head)
+    # dspark | dflash (model=dflash: markov off, CE only, no confidence head) | eagle3 (model=eagle3:
+    # one autoregressive layer, training-time test, soft CE; see docs/benchmarks.md)
+    kind: str = "dspark"
     num_layers: int = 2
     block_size: int = 7
     target_layer_ids: Any = "auto"  # "auto" or a list of strictly increasing ids (-1 = embeddings)
@@ -64,6 +66,7 @@ class DrafterConfig:
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     init_std: float = 0.02
+    attn_impl: str = "auto"  # auto (flex attention on CUDA when available, else SDPA) | sdpa | flex
 
 
 @dataclass
@@ -72,6 +75,14 @@ class LossConfig:
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
     decay_gamma: float = 4.0  # slot weight w_k = exp(-(k-1)/decay_gamma); <= 0 disables decay
+    soft_ce_weight: float = 0.0  # -Σ_v p_k(v) log q_k(v), CE to the target's distribution (EAGLE-3)
+    # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/lean_loss.py);
+    # reference: the literal version that holds fp32 softmaxes of draft and target at once.
+    impl: str = "lean"
+    chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)
+    # Hand the loss the target's final hiddens + lm_head instead of its [B, A, γ, V] logits; the lean
+    # loss computes them per chunk (one fewer batch x vocab tensor, two extra lm_head matmuls).
+    lazy_target_logits: bool = False
 
 
 @dataclass
@@ -100,6 +111,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 (fp32 master weights, bf16 autocast)
     log_every: int = 10
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the drafter's forward (training step); eval stays eager
+    compile_backend: str = "inductor"
 
 
 @dataclass

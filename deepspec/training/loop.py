@@ -69,7 +69,7 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor):
     feats = run.target(batch.input_ids, attention_mask=batch.attention_mask)
     targets = block_targets(batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size)
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
-    tgt = target_logits(feats.final, targets.target_pos, run.lm_head)
+    tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)
     return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
 
 
@@ -77,7 +77,8 @@ def summarise(sums: Dict[str, torch.Tensor], cfg) -> Dict[str, float]:
     w = max(float(sums["weight"]), 1e-9)
     m = {
         "loss": (cfg.loss.ce_weight * float(sums["ce"]) + cfg.loss.l1_weight * float(sums["l1"])
-                 + cfg.loss.confidence_weight * float(sums["bce"])) / w,
+                 + cfg.loss.confidence_weight * float(sums["bce"])
+                 + cfg.loss.soft_ce_weight * float(sums.get("soft_ce", 0.0))) / w,
         "ce": float(sums["ce"]) / w,
         "l1": float(sums["l1"]) / w,
         "bce": float(sums["bce"]) / w,

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
 from deepspec.exporting.native import atomic_write_text
+from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig, resolve_drafter_config
 from deepspec.models.drafter import DSparkDrafter
 from deepspec.target.adapter import TargetModel
@@ -101,10 +102,11 @@ def build_run(cfg, accelerator) -> RunSetup:
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
 
     torch.manual_seed(cfg.train.seed)
-    drafter = DSparkDrafter(dc)
+    drafter = build_drafter(dc)
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
+    maybe_compile(drafter, cfg.train)
 
     splits = load_records(cfg)
     records = splits["train"]
@@ -123,6 +125,13 @@ def build_run(cfg, accelerator) -> RunSetup:
         log.info("target %s | drafter layers=%s ids=%s | %d train sequences", path, dc.num_hidden_layers,
                  dc.target_layer_ids, len(examples))
     return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad)
+
+
+def maybe_compile(drafter, train_cfg) -> None:
+    """``train.compile=true``: torch.compile the drafter's __call__ (the training forward) in place, so
+    parameter names, ``draft()`` (evaluation stays eager) and exports are unchanged."""
+    if getattr(train_cfg, "compile", False):
+        drafter.compile(backend=train_cfg.compile_backend)
 
 
 def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
