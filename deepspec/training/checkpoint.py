@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from deepspec.training import distributed as dist_utils
+from deepspec.training import engine_state
 from deepspec.training.faults import maybe_kill
 
 log = logging.getLogger("deepspec")
@@ -180,6 +181,31 @@ def drafter_fingerprint(drafter_config) -> dict:
     return {k: v for k, v in drafter_config.to_dict().items() if k not in _DRAFTER_FREE}
 
 
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_best: bool) -> dict:
+    """Delete all but the newest ``keep_last`` checkpoints and (if ``keep_best``) the one with the best
+    held-out τ estimate (ties: the newer). Writes and returns the index."""
+    found = list_checkpoints(ckpt_dir)
+    keep = {c.path for c in found[-keep_last:]} if keep_last > 0 else set()
+    scored = [c for c in found if c.heldout_tau is not None]
+    best = max(scored, key=lambda c: (c.heldout_tau, c.step)) if scored else None
+    if keep_best and best is not None:
+        keep.add(best.path)
+    for c in found:
+        if c.path not in keep:
+            _remove(c.path)
+    kept = [c for c in found if c.path in keep]
+    index = {
+        "latest": kept[-1].path.name if kept else None,
+        "best": best.path.name if best is not None and best.path in keep else None,
+        "best_metric": "heldout tau_est (from c*, higher is better)",
+        "checkpoints": [{"name": c.path.name, "step": c.step, "heldout_tau": c.heldout_tau} for c in kept],
+    }
+    tmp = ckpt_dir / ".index.json.tmp"
+    _write_json(tmp, index)
+    os.replace(tmp, ckpt_dir / "index.json")
+    return index
+
+
 # ----------------------------------------------------------------------------- the checkpointer
 class Checkpointer:
     """Saves and restores the whole training state. Every rank calls ``save`` and ``resume``."""
@@ -217,8 +243,8 @@ class Checkpointer:
         acc, cfg = self.acc, self.cfg
         t0 = time.time()
         heldout = self.last_heldout = self.scorer(model) if self.scorer is not None else None  # collective
-        weights = dist_utils.full_weights(acc, model)  # collective
-        moments, adam_step = dist_utils.full_optimizer_state(acc, model, optimizer)  # collective
+        weights = engine_state.full_weights(acc, model)  # collective
+        moments, adam_step = engine_state.full_optimizer_state(acc, model, optimizer)  # collective
         rng = dist_utils.gather_objects(acc, capture_rng())
         final = self.dir / step_dir_name(step)
         if acc.is_main_process:
@@ -263,7 +289,7 @@ class Checkpointer:
                 _remove(final)
             os.replace(tmp, final)
             _fsync(self.dir)
-            self._prune()
+            prune_checkpoints(self.dir, self.c.keep_last, self.c.keep_best)
             log.info("checkpoint %s written in %.1fs%s", final, time.time() - t0,
                      f" (held-out τ estimate {heldout['tau_est']:.3f})" if heldout else "")
         acc.wait_for_everyone()
@@ -271,27 +297,6 @@ class Checkpointer:
         if acc.is_main_process:
             maybe_kill("kill_after_checkpoint", step)
         return final
-
-    def _prune(self) -> None:
-        found = list_checkpoints(self.dir)
-        keep = {c.path for c in found[-self.c.keep_last:]}
-        scored = [c for c in found if c.heldout_tau is not None]
-        best = max(scored, key=lambda c: (c.heldout_tau, c.step)) if scored else None
-        if self.c.keep_best and best is not None:
-            keep.add(best.path)
-        for c in found:
-            if c.path not in keep:
-                _remove(c.path)
-        kept = [c for c in found if c.path in keep]
-        index = {
-            "latest": kept[-1].path.name if kept else None,
-            "best": best.path.name if best is not None and best.path in keep else None,
-            "best_metric": "heldout tau_est (from c*, higher is better)",
-            "checkpoints": [{"name": c.path.name, "step": c.step, "heldout_tau": c.heldout_tau} for c in kept],
-        }
-        tmp = self.dir / ".index.json.tmp"
-        _write_json(tmp, index)
-        os.replace(tmp, self.dir / "index.json")
 
     # ------------------------------------------------------------------ resume
     def resume(self, model, optimizer, scheduler) -> int:
@@ -311,8 +316,8 @@ class Checkpointer:
                 continue
             if not f.is_file() or f.stat().st_size != size:
                 raise ValueError(f"checkpoint {path}: {rel} is missing or truncated (expected {size} bytes)")
-        dist_utils.load_full_weights(acc, model, load_file(str(path / "model.safetensors")))
-        dist_utils.load_full_optimizer_state(acc, model, optimizer, load_file(str(path / "optimizer.safetensors")),
+        engine_state.load_full_weights(acc, model, load_file(str(path / "model.safetensors")))
+        engine_state.load_full_optimizer_state(acc, model, optimizer, load_file(str(path / "optimizer.safetensors")),
                                              int(state["adam_step"]))
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         dist_utils.set_lr(scheduler)

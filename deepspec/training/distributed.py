@@ -3,10 +3,7 @@
 The strategy comes from the launcher (``accelerate launch --config_file configs/accelerate/<mode>.yaml``
 sets ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP) or from ``train.strategy`` (for ``torchrun``).
 Only the drafter is prepared: the frozen target stays an ordinary module on every rank.
-
-The rest of this module moves *full* (unsharded, fp32) trainable weights and AdamW moments in and out
-of whichever engine holds them, keyed by parameter name. Checkpoints therefore do not depend on the
-world size or the engine that wrote them.
+Moving full weights / optimizer state in and out of an engine is in engine_state.py.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +24,6 @@ log = logging.getLogger("deepspec")
 STRATEGIES = ("auto", "single", "ddp", "deepspeed", "fsdp")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _env_flag(name: str) -> bool:
@@ -171,163 +167,6 @@ def grad_sync(acc: Accelerator, model, sync: bool):
         yield
 
 
-# ----------------------------------------------------------------------------- full state in / out
-def named_trainable(acc: Accelerator, model) -> List[Tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in acc.unwrap_model(model).named_parameters() if p.requires_grad]
-
-
-def _is_dtensor(t) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    if _is_dtensor(t):
-        t = t.full_tensor()
-    return t.detach().to("cpu", torch.float32).contiguous()
-
-
-def _ds_utils():
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
-
-    return safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-
-def _ds_managed(acc: Accelerator, p) -> bool:
-    return acc.distributed_type == DistributedType.DEEPSPEED and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"))
-
-
-def full_weights(acc: Accelerator, model) -> Dict[str, torch.Tensor]:
-    """fp32 CPU copies of every trainable weight (the master copy where an engine keeps one).
-    Collective under DeepSpeed / FSDP: every rank must call it."""
-    out = {}
-    get_fp32 = _ds_utils()[0] if acc.distributed_type == DistributedType.DEEPSPEED else None
-    for name, p in named_trainable(acc, model):
-        if get_fp32 is not None and _ds_managed(acc, p):
-            out[name] = _full(get_fp32(p))
-        else:
-            out[name] = _full(p)
-    return out
-
-
-def _torch_optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer -> torch optimizer
-
-
-def full_optimizer_state(acc: Accelerator, model, optimizer) -> Tuple[Dict[str, torch.Tensor], int]:
-    """({"exp_avg.<name>": t, "exp_avg_sq.<name>": t}, adam step) as full fp32 CPU tensors. Collective."""
-    tensors: Dict[str, torch.Tensor] = {}
-    named = named_trainable(acc, model)
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        get_state = _ds_utils()[1]
-        inner = _torch_optimizer(acc.deepspeed_engine_wrapped.engine.optimizer)
-        steps = {int(float(s["step"])) for s in inner.state.values() if "step" in s}
-        for name, p in named:
-            for key in ADAM_KEYS:
-                v = get_state(p, key) if inner.state else None
-                tensors[f"{key}.{name}"] = _full(v) if v is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-    else:
-        opt = _torch_optimizer(optimizer)
-        steps = set()
-        for name, p in named:
-            st = opt.state.get(p, {})
-            if "step" in st:
-                steps.add(int(float(st["step"])))
-            for key in ADAM_KEYS:
-                tensors[f"{key}.{name}"] = _full(st[key]) if key in st else torch.zeros(tuple(p.shape))
-    if len(steps) > 1:
-        raise RuntimeError(f"AdamW step counts differ between parameters: {sorted(steps)}")
-    return tensors, (steps.pop() if steps else 0)
-
-
-def load_full_weights(acc: Accelerator, model, tensors: Dict[str, torch.Tensor]) -> None:
-    """Copy full fp32 weights (by name) into the model and, under DeepSpeed, into its fp32 masters."""
-    named = named_trainable(acc, model)
-    _check_names("model.safetensors", {n for n, _ in named}, set(tensors))
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        set_fp32 = _ds_utils()[2]
-        params = [p for _, p in named]
-        if zero_stage(acc) == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                if acc.process_index == 0:
-                    with torch.no_grad():
-                        for name, p in named:
-                            p.copy_(tensors[name].to(p.device, p.dtype))
-        else:
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(tensors[name].to(p.device, p.dtype))
-        for name, p in named:
-            if _ds_managed(acc, p):
-                set_fp32(p, tensors[name].to(acc.device))
-        return
-    with torch.no_grad():
-        for name, p in named:
-            _copy_into(p, tensors[name])
-
-
-def _copy_into(dst: torch.Tensor, full: torch.Tensor) -> None:
-    if _is_dtensor(dst):
-        from torch.distributed.tensor import distribute_tensor
-
-        dst.copy_(distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements))
-    else:
-        dst.copy_(full.to(dst.device, dst.dtype))
-
-
-def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    if _is_dtensor(p):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(torch.float32), p.device_mesh, p.placements)
-    return full.to(p.device, torch.float32 if p.dtype != torch.float32 else p.dtype).clone()
-
-
-def load_full_optimizer_state(acc: Accelerator, model, optimizer, tensors: Dict[str, torch.Tensor], step: int) -> None:
-    """Install AdamW moments (full, by name) and the step count into whichever optimizer the engine runs."""
-    named = named_trainable(acc, model)
-    expected = {f"{k}.{n}" for n, _ in named for k in ADAM_KEYS}
-    _check_names("optimizer.safetensors", expected, set(tensors))
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        _, _, _, set_state = _ds_utils()
-        zopt = acc.deepspeed_engine_wrapped.engine.optimizer
-        inner = _torch_optimizer(zopt)
-        # AdamW creates its state lazily at the first step; create it now over DeepSpeed's flat fp32
-        # partitions so the per-parameter fragments can be linked and filled.
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                st = inner.state[flat]
-                st["step"] = torch.tensor(float(step), dtype=torch.float32)
-                for key in ADAM_KEYS:
-                    if key not in st:
-                        st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        if hasattr(zopt, "_hp_optimizer_states_linked"):  # ZeRO-1/2: link fragments to the new state
-            zopt._hp_optimizer_states_linked = False
-            zopt._lazy_init_hp_params_optimizer_state()
-        for name, p in named:
-            if _ds_managed(acc, p):
-                for key in ADAM_KEYS:
-                    set_state(p, tensors[f"{key}.{name}"].to(acc.device), key)
-        return
-    opt = _torch_optimizer(optimizer)
-    for name, p in named:
-        opt.state[p] = {
-            "step": torch.tensor(float(step), dtype=torch.float32),
-            **{key: _like(p, tensors[f"{key}.{name}"]) for key in ADAM_KEYS},
-        }
-
-
-def _check_names(what: str, expected: set, found: set) -> None:
-    missing, extra = sorted(expected - found), sorted(found - expected)
-    if missing or extra:
-        raise ValueError(
-            f"checkpoint {what} does not match this drafter: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-
-
 def set_lr(scheduler) -> None:
     """After loading a scheduler's state, put its current lr into the optimizer's groups."""
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
@@ -369,23 +208,3 @@ def frozen_target_outside_deepspeed():
         yield
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = saved
-
-
-def final_drafter(acc: Accelerator, run, model):
-    """A plain, unsharded fp32 drafter for export and evaluation on the main process (None elsewhere).
-    Collective under DeepSpeed / FSDP."""
-    if engine_kind(acc) in ("single", "ddp"):
-        return acc.unwrap_model(model) if acc.is_main_process else None
-    weights = full_weights(acc, model)
-    if not acc.is_main_process:
-        return None
-    from deepspec.models.drafter import DSparkDrafter
-
-    drafter = DSparkDrafter(run.drafter_config)
-    drafter.load_target_head(run.target.embed_tokens.weight, run.target.lm_head.weight)
-    missing, unexpected = drafter.load_state_dict(weights, strict=False)
-    frozen = {n for n, p in drafter.named_parameters() if not p.requires_grad}
-    if unexpected or set(missing) - frozen:
-        raise RuntimeError(f"gathered weights do not fit the drafter: missing {sorted(set(missing) - frozen)}, "
-                           f"unexpected {sorted(unexpected)}")
-    return drafter.to(acc.device)

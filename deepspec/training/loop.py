@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from accelerate.utils import set_seed
 
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
 from deepspec.exporting.native import atomic_write_text, save_native
 from deepspec.losses import dspark_loss, target_logits
 from deepspec.training import distributed as dist_utils
+from deepspec.training import engine_state
 from deepspec.training.checkpoint import Checkpointer
 from deepspec.training.heldout import HeldoutScorer
 from deepspec.training.logging import RunLogger, peak_memory_gb
@@ -85,6 +87,7 @@ def train(cfg) -> Path:
     strategy = dist_utils.resolve_strategy(cfg)
     accum = plan_batches(cfg, dist_utils.launcher_world_size())  # fails before anything is loaded
     acc = dist_utils.make_accelerator(cfg, strategy, accum)
+    set_seed(cfg.train.seed, device_specific=True)  # python / numpy / torch RNGs, offset by rank
     with dist_utils.frozen_target_outside_deepspeed():
         run = build_run(cfg, acc)
     out_dir = run.out_dir
@@ -128,7 +131,7 @@ def train(cfg) -> Path:
             guard.skipped_step(step)
             grad_norm = None
         else:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip) if cfg.train.grad_clip > 0 else None
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -152,7 +155,7 @@ def train(cfg) -> Path:
     logger.close()
 
     acc.wait_for_everyone()
-    drafter = dist_utils.final_drafter(acc, run, model)  # full fp32 weights, gathered from any engine
+    drafter = engine_state.final_drafter(acc, run, model)  # full fp32 weights, gathered from any engine
     result: Dict[str, object] = {"train_steps": steps, "resumed_from_step": start, "skipped_steps": guard.skipped,
                                  "train_time_s": time.time() - t0, "final_metrics": last}
     if acc.is_main_process:
