@@ -75,16 +75,38 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
+_CHAT_SPLITS: Dict[str, dict] = {}
+
+
+def _cached_chat_splits(original):
+    """The tiny chat records depend only on the target's corpus settings; cut them once per session
+    (each cut parses the corpus again, seconds per in-process run)."""
+
+    def splits(tiny_cfg):
+        from omegaconf import OmegaConf
+
+        key = OmegaConf.to_yaml(tiny_cfg) if OmegaConf.is_config(tiny_cfg) else repr(tiny_cfg)
+        if key not in _CHAT_SPLITS:
+            _CHAT_SPLITS[key] = original(tiny_cfg)
+        return _CHAT_SPLITS[key]
+
+    return splits
+
+
 def train_here(overrides: List[str]) -> Path:
     """One training run in this process (single process, one thread)."""
+    import deepspec.data.tiny_chat as tiny_chat
     from deepspec.training.loop import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     reset_accelerate()
+    original = tiny_chat.tiny_chat_splits
+    tiny_chat.tiny_chat_splits = _cached_chat_splits(original)
     try:
         return train(compose(overrides))
     finally:
+        tiny_chat.tiny_chat_splits = original
         reset_accelerate()
         torch.set_num_threads(threads)
 

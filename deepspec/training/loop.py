@@ -27,7 +27,7 @@ from deepspec.training.heldout import HeldoutScorer
 from deepspec.training.logging import RunLogger, peak_memory_gb
 from deepspec.training.nonfinite import NonFiniteGuard
 from deepspec.training.optim import build_optimizer, build_scheduler
-from deepspec.training.plan import dry_run, plan_batches, total_steps  # noqa: F401 (plan_batches re-exported)
+from deepspec.training.plan import dry_run, plan_batches, total_steps, validate
 from deepspec.training.setup import RunSetup, build_run
 
 
@@ -84,6 +84,7 @@ def train(cfg) -> Path:
     if cfg.train.dry_run:
         dry_run(cfg)
         return Path(cfg.train.output_dir)
+    validate(cfg)
     strategy = dist_utils.resolve_strategy(cfg)
     accum = plan_batches(cfg, dist_utils.launcher_world_size())  # fails before anything is loaded
     acc = dist_utils.make_accelerator(cfg, strategy, accum)
