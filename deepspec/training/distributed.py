@@ -86,6 +86,9 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
     if ds.get("fp16", {}).get("enabled") is True:
         raise ValueError(f"{path}: fp16 is not supported; use train.mixed_precision=bf16")
     ds["zero_allow_untested_optimizer"] = True  # our AdamW is torch's own
+    if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3 and t.on_nonfinite == "skip":
+        raise ValueError("train.on_nonfinite=skip needs DeepSpeed's overflow check, which ZeRO-3 runs only in fp16; "
+                         f"use train.on_nonfinite=stop with {path}")
     return ds
 
 

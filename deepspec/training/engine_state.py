@@ -109,11 +109,30 @@ def load_full_weights(acc: Accelerator, model, tensors: Dict[str, torch.Tensor])
                     p.copy_(tensors[name].to(p.device, p.dtype))
         for name, p in named:
             if _ds_managed(acc, p):
-                set_fp32(p, tensors[name].to(acc.device))
+                _ds_set(acc, p, tensors[name], None, set_fp32)
         return
     with torch.no_grad():
         for name, p in named:
             _copy_into(p, tensors[name])
+
+
+def _ds_set(acc: Accelerator, p, full: torch.Tensor, key, public_setter) -> None:
+    """Write a full fp32 tensor (the master weight if key is None, else an AdamW moment) into DeepSpeed's
+    partitions. ZeRO-3's own setter cannot write a parameter whose size does not divide by the world
+    size (its last partition is padded), so ZeRO-3 partitions are written here, padding left alone."""
+    if not hasattr(p, "ds_id"):
+        if key is None:
+            public_setter(p, full.to(acc.device))
+        else:
+            public_setter(p, full.to(acc.device), key)
+        return
+    z3 = p._z3_optimizer
+    part, group = z3._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n, rank = part.numel(), z3._get_param_partition_rank(p)
+    chunk = full.flatten()[rank * n:(rank + 1) * n]
+    part.data[: chunk.numel()].copy_(chunk.to(part.device, part.dtype))
+    if z3._swappable_optimizer_subgroup(group):
+        z3._optimizer_states_and_gradient_swap_out(group)
 
 
 def _copy_into(dst: torch.Tensor, full: torch.Tensor) -> None:
@@ -144,20 +163,23 @@ def load_full_optimizer_state(acc: Accelerator, model, optimizer, tensors: Dict[
         inner = _torch_optimizer(zopt)
         # AdamW creates its state lazily at the first step; create it now over DeepSpeed's flat fp32
         # partitions so the per-parameter fragments can be linked and filled.
-        for group in inner.param_groups:
-            for flat in group["params"]:
-                st = inner.state[flat]
-                st["step"] = torch.tensor(float(step), dtype=torch.float32)
-                for key in ADAM_KEYS:
-                    if key not in st:
-                        st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        # ZeRO-3 swaps each sub-group's partition into the optimizer's param group only while stepping,
+        # so its partitions are listed from the ZeRO optimizer itself.
+        flats = (getattr(zopt, "fp32_partitioned_groups_flat", None) or getattr(zopt, "single_partition_of_fp32_groups", None)
+                 or [f for group in inner.param_groups for f in group["params"]])
+        for flat in flats:
+            st = inner.state[flat]
+            st["step"] = torch.tensor(float(step), dtype=torch.float32)
+            for key in ADAM_KEYS:
+                if key not in st:
+                    st[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
         if hasattr(zopt, "_hp_optimizer_states_linked"):  # ZeRO-1/2: link fragments to the new state
             zopt._hp_optimizer_states_linked = False
             zopt._lazy_init_hp_params_optimizer_state()
         for name, p in named:
             if _ds_managed(acc, p):
                 for key in ADAM_KEYS:
-                    set_state(p, tensors[f"{key}.{name}"].to(acc.device), key)
+                    _ds_set(acc, p, tensors[f"{key}.{name}"], key, set_state)
         return
     opt = _torch_optimizer(optimizer)
     for name, p in named:
