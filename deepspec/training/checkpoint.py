@@ -33,7 +33,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
@@ -126,6 +127,29 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+class LazyTensors:
+    """A safetensors file as a read-only mapping that loads one tensor at a time (every rank reads the
+    checkpoint; none of them should hold all of it at once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "LazyTensors":
+        self._ctx = safe_open(str(self.path), "pt")
+        self._f = self._ctx.__enter__()
+        self._keys = list(self._f.keys())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+
 # ----------------------------------------------------------------------------- RNG state
 def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "python": json.dumps(_jsonable(random.getstate()))}
@@ -156,8 +180,6 @@ def _rng_tensors(state: dict):
 
 
 def restore_rng(path: Path) -> None:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -316,9 +338,10 @@ class Checkpointer:
                 continue
             if not f.is_file() or f.stat().st_size != size:
                 raise ValueError(f"checkpoint {path}: {rel} is missing or truncated (expected {size} bytes)")
-        engine_state.load_full_weights(acc, model, load_file(str(path / "model.safetensors")))
-        engine_state.load_full_optimizer_state(acc, model, optimizer, load_file(str(path / "optimizer.safetensors")),
-                                             int(state["adam_step"]))
+        with LazyTensors(path / "model.safetensors") as weights:
+            engine_state.load_full_weights(acc, model, weights)
+        with LazyTensors(path / "optimizer.safetensors") as moments:
+            engine_state.load_full_optimizer_state(acc, model, optimizer, moments, int(state["adam_step"]))
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         dist_utils.set_lr(scheduler)
         same_world = state["world_size"] == acc.num_processes

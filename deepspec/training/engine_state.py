@@ -46,15 +46,22 @@ def _ds_managed(acc: Accelerator, p) -> bool:
 
 
 def full_weights(acc: Accelerator, model) -> Dict[str, torch.Tensor]:
-    """fp32 CPU copies of every trainable weight (the master copy where an engine keeps one).
-    Collective under DeepSpeed / FSDP: every rank must call it."""
+    """fp32 CPU copies of every trainable weight (the master copy where an engine keeps one), on the
+    main process ({} elsewhere). Collective under DeepSpeed / FSDP: every rank must call it. Tensors
+    are gathered one at a time, so no rank holds more than one full tensor it does not keep."""
     out = {}
+    keep = acc.is_main_process
     get_fp32 = _ds_utils()[0] if acc.distributed_type == DistributedType.DEEPSPEED else None
     for name, p in named_trainable(acc, model):
         if get_fp32 is not None and _ds_managed(acc, p):
-            out[name] = _full(get_fp32(p))
+            t = get_fp32(p)  # collective
+        elif _is_dtensor(p) or keep:
+            t = p
         else:
-            out[name] = _full(p)
+            continue
+        t = _full(t)  # collective for DTensors
+        if keep:
+            out[name] = t
     return out
 
 
@@ -63,8 +70,10 @@ def _torch_optimizer(optimizer):
 
 
 def full_optimizer_state(acc: Accelerator, model, optimizer) -> Tuple[Dict[str, torch.Tensor], int]:
-    """({"exp_avg.<name>": t, "exp_avg_sq.<name>": t}, adam step) as full fp32 CPU tensors. Collective."""
+    """({"exp_avg.<name>": t, "exp_avg_sq.<name>": t}, AdamW step) as full fp32 CPU tensors on the main
+    process ({} elsewhere). Collective like :func:`full_weights`."""
     tensors: Dict[str, torch.Tensor] = {}
+    keep = acc.is_main_process
     named = named_trainable(acc, model)
     if acc.distributed_type == DistributedType.DEEPSPEED:
         get_state = _ds_utils()[1]
@@ -72,8 +81,10 @@ def full_optimizer_state(acc: Accelerator, model, optimizer) -> Tuple[Dict[str, 
         steps = {int(float(s["step"])) for s in inner.state.values() if "step" in s}
         for name, p in named:
             for key in ADAM_KEYS:
-                v = get_state(p, key) if inner.state else None
-                tensors[f"{key}.{name}"] = _full(v) if v is not None else torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                v = get_state(p, key) if inner.state else None  # collective
+                if keep:
+                    shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+                    tensors[f"{key}.{name}"] = _full(v) if v is not None else torch.zeros(shape)
     else:
         opt = _torch_optimizer(optimizer)
         steps = set()
@@ -82,7 +93,14 @@ def full_optimizer_state(acc: Accelerator, model, optimizer) -> Tuple[Dict[str, 
             if "step" in st:
                 steps.add(int(float(st["step"])))
             for key in ADAM_KEYS:
-                tensors[f"{key}.{name}"] = _full(st[key]) if key in st else torch.zeros(tuple(p.shape))
+                if key in st and (keep or _is_dtensor(st[key])):
+                    t = _full(st[key])  # collective for DTensors
+                elif keep:
+                    t = torch.zeros(tuple(p.shape))
+                else:
+                    continue
+                if keep:
+                    tensors[f"{key}.{name}"] = t
     if len(steps) > 1:
         raise RuntimeError(f"AdamW step counts differ between parameters: {sorted(steps)}")
     return tensors, (steps.pop() if steps else 0)
