@@ -105,7 +105,7 @@ def test_resume_refuses_a_different_drafter_config(override, shown, one_step, ti
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_different_data_order_and_truncated_files(one_step, tiny_cache, tmp_path):
+def test_resume_refuses_other_data_order_truncated_files_and_mixing_runs(one_step, tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="global_batch_size=8, train.seed=0; this run has 16, 0"):
         train_here(micro_overrides(tiny_cache, tmp_path / "a") + [f"train.resume={one_step}", "train.max_steps=2",
                                                                   "train.global_batch_size=16"])
@@ -115,6 +115,8 @@ def test_resume_refuses_a_different_data_order_and_truncated_files(one_step, tin
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(ValueError, match="optimizer.safetensors is missing or truncated"):
         train_here(micro_overrides(tiny_cache, out) + ["train.max_steps=2"])
+    with pytest.raises(ValueError, match="already holds checkpoints up to step-00000001 from an earlier run"):
+        train_here(micro_overrides(tiny_cache, one_step) + ["train.resume=none", "train.max_steps=2"])
     with pytest.raises(FileNotFoundError, match="no checkpoint there"):
         train_here(micro_overrides(tiny_cache, tmp_path / "c") + [f"train.resume={tmp_path / 'nothing'}"])
 

@@ -54,6 +54,11 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def _step_of(path: Path) -> int:
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
 @dataclass
 class CheckpointInfo:
     path: Path
@@ -325,6 +330,13 @@ class Checkpointer:
         """Restore the newest (or the given) checkpoint; return the step to continue from (0 = fresh)."""
         acc, cfg = self.acc, self.cfg
         path = find_checkpoint(cfg.train.resume, self.dir)
+        existing = list_checkpoints(self.dir)
+        newer = [c for c in existing if path is None or (c.path != path and c.step >= _step_of(path))]
+        if newer and cfg.train.resume != "auto":
+            # Retention orders checkpoints by step: mixing in another run's would resume the wrong one later.
+            raise ValueError(f"train.resume={cfg.train.resume} but {self.dir} already holds checkpoints up to "
+                             f"{newer[-1].path.name} from an earlier run; use another train.output_dir / "
+                             "train.checkpoint.dir, delete them, or train.resume=auto to continue that run")
         if path is None:
             if cfg.train.resume not in ("auto", "none"):
                 raise FileNotFoundError(f"train.resume={cfg.train.resume!r}: nothing to resume from")

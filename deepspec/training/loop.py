@@ -134,6 +134,7 @@ def train(cfg) -> Path:
         else:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
             optimizer.step()
+        lr = scheduler.get_last_lr()[0]  # the lr this step used
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -143,7 +144,7 @@ def train(cfg) -> Path:
             n_tok = float(acc.reduce(torch.tensor([float(tokens)], device=acc.device), "sum").item())
             mem = float(acc.reduce(torch.tensor([peak_memory_gb(acc.device)], device=acc.device), "max").item())
             last = {} if bad else summarise(reduced, cfg)
-            last.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm) if grad_norm is not None else None,
+            last.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                         tokens_per_s=n_tok / max(time.time() - t_log, 1e-9), peak_mem_gb=mem,
                         skipped_steps=guard.skipped)
             logger.log(done, last)
