@@ -95,6 +95,18 @@ class DataConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints under ``dir`` (docs/training.md): written atomically, pruned to last-K + best."""
+
+    dir: str = "${train.output_dir}/checkpoints"
+    every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    save_final: bool = True  # also checkpoint after the last step
+    keep_last: int = 2  # newest checkpoints kept (>= 1)
+    keep_best: bool = True  # also keep the one with the best held-out τ estimate
+    heldout_sequences: int = 8  # held-out sequences scored (τ estimate from c*) at each checkpoint; 0 = off
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "outputs/${run_name}"
     lr: float = 6e-4
@@ -113,6 +125,15 @@ class TrainConfig:
     progress_bar: bool = True
     compile: bool = False  # torch.compile the drafter's forward (training step); eval stays eager
     compile_backend: str = "inductor"
+    # --- launch (docs/training.md): "auto" = whatever `accelerate launch --config_file ...` set up
+    strategy: str = "auto"  # auto | single | ddp | deepspeed | fsdp
+    deepspeed_config: Optional[str] = None  # DeepSpeed json for strategy=deepspeed (None = configs/deepspeed/zero2.json)
+    # --- checkpoints and resume
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder
+    on_nonfinite: str = "stop"  # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
+    max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
+    dry_run: bool = False  # print the resolved config and the plan (steps, accumulation, tokens); load nothing
 
 
 @dataclass
@@ -176,6 +197,21 @@ class ExportConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Metric sinks besides the console and metrics.jsonl (docs/training.md)."""
+
+    tensorboard: bool = True  # event files in tensorboard_dir
+    tensorboard_dir: str = "${train.output_dir}/tensorboard"
+    wandb: bool = False  # Weights & Biases; WANDB_MODE=offline keeps it local (files under wandb_dir)
+    wandb_project: str = "deepspec"
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None  # None = run_name
+    wandb_tags: List[str] = field(default_factory=list)
+    wandb_dir: str = "${train.output_dir}"  # wandb writes <wandb_dir>/wandb/
+    console_every: int = 0  # a plain log line every N steps besides the progress bar (0 = train.log_every)
+
+
+@dataclass
 class DeepSpecConfig:
     run_name: str = "tiny"
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -185,6 +221,7 @@ class DeepSpecConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:

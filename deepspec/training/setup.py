@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -34,6 +34,7 @@ class RunSetup:
     train_examples: List[Example]
     eval_records: List[dict]
     pad_id: int
+    heldout_records: Optional[List[dict]] = None  # held-out chat records (checkpoint-time τ estimate)
 
     @property
     def lm_head(self):
@@ -124,7 +125,7 @@ def build_run(cfg, accelerator) -> RunSetup:
         atomic_write_text(out_dir / "run_info.json", json.dumps(info, indent=2))
         log.info("target %s | drafter layers=%s ids=%s | %d train sequences", path, dc.num_hidden_layers,
                  dc.target_layer_ids, len(examples))
-    return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad)
+    return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad, splits["heldout"])
 
 
 def maybe_compile(drafter, train_cfg) -> None:
