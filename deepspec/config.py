@@ -121,7 +121,6 @@ class RegenerateConfig:
     backend: str = "local"  # local (transformers on this machine) | openai (OpenAI-compatible servers)
     resume: bool = False  # continue an interrupted run (same settings) instead of refusing to overwrite
     overwrite: bool = False  # replace an existing output
-    retry_errors: bool = False  # with resume: try again the samples that are in the errors file
     max_samples: int = 0  # 0 = all prompts
     max_turns: int = 1  # user turns answered per conversation (0 = all of them)
     max_new_tokens: int = 2048
