@@ -159,7 +159,9 @@ def write_shard(cache_dir: Path, k: int, tensors: Dict[str, torch.Tensor], info:
 
     final = cache_dir / shard_name(k)
     tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION), "shard": str(k)})
+    # One metadata key: safetensors writes a metadata map in no fixed order, and shards must be
+    # byte-identical from run to run (resume, checksums).
+    save_file(tensors, str(tmp), metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
