@@ -150,7 +150,7 @@ class CollectConfig:
 
     cache_dir: Optional[str] = None
     dtype: str = "bf16"  # bf16 | fp8 (float8 e4m3 with a per-token, per-layer float32 scale)
-    shard_sequences: int = 1024  # sequences per shard
+    shard_sequences: int = 128  # sequences per shard (a shard is built in memory: keep it a few GB)
     batch_size: int = 8  # sequences per target forward
     split: str = "train"  # which split of the data config is collected (the held-out records are copied)
     resume: bool = True  # keep finished, verified shards of an earlier run with the same settings
