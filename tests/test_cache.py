@@ -163,6 +163,20 @@ def test_collect_killed_and_resumed_is_identical(bf16_cache, micro_target, tmp_p
     assert _snapshot(out) == _snapshot(bf16_cache)
 
 
+@pytest.mark.slow
+def test_two_process_collect_matches_one(bf16_cache, micro_target, tmp_path):
+    """accelerate launch with 2 CPU processes: shards split across ranks, same bytes as one process."""
+    _, _, micro = micro_target
+    out = tmp_path / "mp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    res = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "deepspec" / "collect.py"),
+                          *micro, *COLLECT, f"collect.cache_dir={out}", "collect.dtype=bf16"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _snapshot(out) == _snapshot(bf16_cache)
+
+
 def test_bad_caches_are_refused(bf16_cache, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(bf16_cache, bad)
