@@ -87,11 +87,86 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "tiny_chat"  # tiny_chat = chat pairs cut from the tiny target's corpus
+    # tiny_chat = chat pairs cut from the tiny target's corpus; chat = conversations from `path`
+    # (local jsonl/json/parquet or a hub dataset, e.g. the output of deepspec/regenerate.py);
+    # cache = an offline target cache written by deepspec/collect.py (see docs/data.md)
+    source: str = "tiny_chat"
     max_length: int = 384  # tokens per training sequence (longer ones are truncated)
     num_anchors: int = 512  # anchors sampled per sequence (fewer if the sequence has fewer)
     max_train_samples: int = 0  # 0 = all
     num_workers: int = 0
+    # --- source=chat: where conversations come from and how they are read
+    path: Optional[str] = None  # file, folder, glob (comma-separated for several) or hub dataset name
+    hub_config: Optional[str] = None  # hub dataset configuration name
+    hub_split: str = "train"  # split read from a hub dataset or a file
+    messages_key: str = "auto"  # auto | messages | conversations | ... (the list of turns)
+    id_key: str = "id"  # record id field; missing ids become "<file stem>:<line>" / "<index>"
+    on_error: str = "stop"  # malformed record: stop (raise, naming file/line/key) | skip (count and go on)
+    heldout_fraction: float = 0.0  # share of records held out (by a stable hash of their id)
+    heldout_max: int = 256  # at most this many held-out records are kept
+    split_seed: int = 0  # salt of the held-out hash
+    # Extra keyword arguments of the chat template, the same at generation, training and eval
+    # (Qwen3: enable_thinking). None = pass nothing.
+    enable_thinking: Optional[bool] = None
+    # --- source=cache
+    cache_dir: Optional[str] = None  # folder written by deepspec/collect.py
+    verify_cache: bool = True  # check every shard's sha256 against the manifest before training
+    prefetch_steps: int = 4  # optimizer steps of cached features read ahead by a background thread
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20  # 0 = off
+    min_p: float = 0.0
+
+
+@dataclass
+class RegenerateConfig:
+    """`python deepspec/regenerate.py regen.input=... regen.output=... [--resume]` (docs/data.md)."""
+
+    input: Optional[str] = None  # prompts: like data.path (defaults to data.path)
+    output: Optional[str] = None  # jsonl of regenerated conversations (errors go to <output>.errors.jsonl)
+    errors: Optional[str] = None  # None = <output without .jsonl>.errors.jsonl
+    backend: str = "local"  # local (transformers on this machine) | openai (OpenAI-compatible servers)
+    resume: bool = False  # continue an interrupted run (same settings) instead of refusing to overwrite
+    overwrite: bool = False  # replace an existing output
+    max_samples: int = 0  # 0 = all prompts
+    max_turns: int = 1  # user turns answered per conversation (0 = all of them)
+    max_new_tokens: int = 2048
+    seed: int = 0  # per-sample seeds derive from (seed, sample id, turn)
+    # Sampling: `sampling` in non-thinking mode, `thinking_sampling` when data.enable_thinking=true
+    # (Qwen3 recommendations; recipes override them).
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    thinking_sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+    )
+    # local backend
+    batch_size: int = 16  # prompts per generate call (chunks of consecutive prompts)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    # openai backend
+    urls: List[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    model: Optional[str] = None  # served model name (None = target.name_or_path)
+    api_key: Optional[str] = None  # None = $OPENAI_API_KEY if set
+    concurrency: int = 8  # requests in flight per URL
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # first retry delay; doubles each retry (with jitter), capped at 60 s
+
+
+@dataclass
+class CollectConfig:
+    """`accelerate launch deepspec/collect.py collect.cache_dir=... collect.dtype=fp8` (docs/data.md)."""
+
+    cache_dir: Optional[str] = None
+    dtype: str = "bf16"  # bf16 | fp8 (float8 e4m3 with a per-token, per-layer float32 scale)
+    shard_sequences: int = 128  # sequences per shard (a shard is built in memory: keep it a few GB)
+    batch_size: int = 8  # sequences per target forward
+    split: str = "train"  # which split of the data config is collected (the held-out records are copied)
+    resume: bool = True  # keep finished, verified shards of an earlier run with the same settings
+    overwrite: bool = False  # delete an existing cache with different settings
+    estimate_only: bool = False  # print the size estimate and exit
 
 
 @dataclass
@@ -222,6 +297,8 @@ class DeepSpecConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    regen: RegenerateConfig = field(default_factory=RegenerateConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
 
 
 def register_configs() -> None:

@@ -55,7 +55,7 @@ def local_weight_sum(batches: List[Batch], block_size: int, decay_gamma: float) 
 
 def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor):
     dc = run.drafter_config
-    feats = run.target(batch.input_ids, attention_mask=batch.attention_mask)
+    feats = run.features(batch)  # online: target forward; data.source=cache: read from disk
     targets = block_targets(batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size)
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
     tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)
