@@ -99,16 +99,18 @@ def test_template_that_rewrites_earlier_turns(tok):
     ]
 
 
-def test_not_prefix_stable_raises(tok):
+def test_mask_located_in_rendering_even_when_generation_prompt_differs(tok):
     t = copy.deepcopy(tok)
-    # The generation prompt says "assistant" but the rendered turn says "bot".
+    # The generation prompt says "assistant" but the rendered turn says "bot": the mask is found from
+    # the rendered text's offsets, so it still covers exactly the answers.
     t.chat_template = (
         "{%- for m in messages %}{{- '<|im_start|>' + ('bot' if m['role'] == 'assistant' else m['role'])"
         " + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
         "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
-    with pytest.raises(ChatTemplateError, match="prefix-stable"):
-        tokenize_conversation(t, TWO_TURNS, max_length=4096)
+    ids, mask = tokenize_conversation(t, TWO_TURNS, max_length=4096)
+    spans = masked_spans(t, ids, mask)
+    assert len(spans) == 2 and spans[0] == "return a + b<|im_end|>"
 
 
 def test_no_template_raises(tok):
