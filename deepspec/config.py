@@ -30,11 +30,11 @@ class TinyTargetConfig:
     num_kv_heads: int = 2
     head_dim: int = 32
     intermediate_size: int = 384
-    seq_len: int = 256
-    batch_size: int = 16
-    train_steps: int = 600
+    seq_len: int = 512  # >= data.max_length (384): positions never trained on extrapolate badly
+    batch_size: int = 8
+    train_steps: int = 800
     lr: float = 3e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     eval_batches: int = 20
     seed: int = 0
     cache_dir: str = ".cache/deepspec"  # built targets are kept here, keyed by config hash
