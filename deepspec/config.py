@@ -202,7 +202,7 @@ class TrainConfig:
     compile_backend: str = "inductor"
     # --- launch (docs/training.md): "auto" = whatever `accelerate launch --config_file ...` set up
     strategy: str = "auto"  # auto | single | ddp | deepspeed | fsdp
-    deepspeed_config: Optional[str] = None  # DeepSpeed json for strategy=deepspeed (None = configs/deepspeed/zero2.json)
+    deepspeed_config: Optional[str] = None  # DeepSpeed json (None = the launcher's, else configs/deepspeed/zero<stage>.json)
     # --- checkpoints and resume
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: str = "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import time
@@ -39,6 +38,7 @@ from safetensors.torch import save_file
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.faults import maybe_kill
+from deepspec.training.rng import capture_rng, restore_rng, rng_tensors
 
 log = logging.getLogger("deepspec")
 
@@ -155,55 +155,6 @@ class LazyTensors:
         return self._f.get_tensor(key)
 
 
-# ----------------------------------------------------------------------------- RNG state
-def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": json.dumps(_jsonable(random.getstate()))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (torch.from_numpy(keys.astype("int64")), json.dumps([name, int(pos), int(has_gauss), float(cached)]))
-    except ImportError:
-        pass
-    return state
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _rng_tensors(state: dict):
-    tensors = {"torch": state["torch"]}
-    meta = {"python": state["python"]}
-    for i, s in enumerate(state.get("cuda", [])):
-        tensors[f"cuda.{i}"] = s
-    if "numpy" in state:
-        tensors["numpy.keys"], meta["numpy"] = state["numpy"]
-    return tensors, meta
-
-
-def restore_rng(path: Path) -> None:
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    torch.set_rng_state(tensors["torch"])
-    random.setstate(_tuplify(json.loads(meta["python"])))
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    if "numpy.keys" in tensors and "numpy" in meta:
-        import numpy as np
-
-        name, pos, has_gauss, cached = json.loads(meta["numpy"])
-        np.random.set_state((name, tensors["numpy.keys"].numpy().astype("uint32"), pos, has_gauss, cached))
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
-
-
 def drafter_fingerprint(drafter_config) -> dict:
     return {k: v for k, v in drafter_config.to_dict().items() if k not in _DRAFTER_FREE}
 
@@ -283,7 +234,7 @@ class Checkpointer:
             _save_tensors(tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)})
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             for rank, state in enumerate(rng):
-                tensors, meta = _rng_tensors(state)
+                tensors, meta = rng_tensors(state)
                 _save_tensors(tmp / "rng" / f"rank-{rank:05d}.safetensors", tensors, meta)
             _write_json(tmp / "drafter_config.json", self.run.drafter_config.to_dict() | {"target_config": "<omitted>"})
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -23,7 +23,6 @@ log = logging.getLogger("deepspec")
 
 STRATEGIES = ("auto", "single", "ddp", "deepspeed", "fsdp")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DEEPSPEED_CONFIG = REPO_ROOT / "configs" / "deepspeed" / "zero2.json"
 
 
 def _env_flag(name: str) -> bool:
@@ -57,8 +56,17 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
 
     "auto" entries are filled; an entry the json sets explicitly must agree with the training config.
     """
-    path = cfg.train.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or str(DEFAULT_DEEPSPEED_CONFIG)
+    path = cfg.train.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
+        # An accelerate yaml with inline DeepSpeed settings instead of a json: take its ZeRO stage.
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        path = str(REPO_ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
+        if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("none", ""):
+            log.warning("inline accelerate DeepSpeed options other than zero_stage are ignored; put offloading "
+                        "into a DeepSpeed json (train.deepspeed_config or deepspeed_config_file)")
     p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
+        p = REPO_ROOT / p  # the shipped configs, launched from another working directory
     if not p.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path!r} (train.deepspeed_config) does not exist")
     ds = json.loads(p.read_text())

@@ -163,11 +163,12 @@ def _copy_into(dst: torch.Tensor, full: torch.Tensor) -> None:
 
 
 def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """An AdamW state tensor for parameter ``p`` (same dtype, device and sharding as ``p``)."""
     if _is_dtensor(p):
         from torch.distributed.tensor import distribute_tensor
 
-        return distribute_tensor(full.to(torch.float32), p.device_mesh, p.placements)
-    return full.to(p.device, torch.float32 if p.dtype != torch.float32 else p.dtype).clone()
+        return distribute_tensor(full.to(p.dtype), p.device_mesh, p.placements)
+    return full.to(p.device, p.dtype).clone()
 
 
 def load_full_optimizer_state(acc: Accelerator, model, optimizer, tensors: Dict[str, torch.Tensor], step: int) -> None:
