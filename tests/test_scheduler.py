@@ -187,3 +187,11 @@ def test_profile_sps_on_a_tiny_target():
     assert curve.tokens == [1, 8, 21]  # 20 tokens = 3 rows of 7
     assert all(s > 0 for s in curve.steps_per_s)
     assert all(b <= a for a, b in zip(curve.steps_per_s, curve.steps_per_s[1:]))
+
+
+def test_monotone_times():
+    from deepspec.eval.profile import monotone_times
+
+    assert monotone_times([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    # one slow reading at B=2 is pooled with its neighbour instead of raising every later size
+    assert monotone_times([1.0, 5.0, 3.0, 6.0]) == [1.0, 4.0, 4.0, 6.0]
