@@ -22,19 +22,19 @@ class TinyTargetConfig:
     corpus_dir: Optional[str] = None  # None = this Python's standard library sources
     corpus_glob: str = "**/*.py"
     heldout_fraction: float = 0.05  # share of files (by stable path hash) kept out of training
-    max_files: int = 0  # 0 = every matching file
+    max_files: int = 3000  # 0 = every matching file; a deterministic sample keeps the build short
     vocab_size: int = 4096
-    hidden_size: int = 256
+    hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 2
-    head_dim: int = 64
-    intermediate_size: int = 768
-    seq_len: int = 256
-    batch_size: int = 16
+    head_dim: int = 32
+    intermediate_size: int = 384
+    seq_len: int = 512  # >= data.max_length (384): positions never trained on extrapolate badly
+    batch_size: int = 8
     train_steps: int = 800
     lr: float = 3e-3
-    warmup_steps: int = 50
+    warmup_steps: int = 40
     eval_batches: int = 20
     seed: int = 0
     cache_dir: str = ".cache/deepspec"  # built targets are kept here, keyed by config hash
@@ -53,7 +53,9 @@ class TargetConfig:
 
 @dataclass
 class DrafterConfig:
-    kind: str = "dspark"  # dspark | dflash (select with model=dflash: markov off, CE only, no confidence head)
+    # dspark | dflash (model=dflash: markov off, CE only, no confidence head) | eagle3 (model=eagle3:
+    # one autoregressive layer, training-time test, soft CE; see docs/benchmarks.md)
+    kind: str = "dspark"
     num_layers: int = 2
     block_size: int = 7
     target_layer_ids: Any = "auto"  # "auto" or a list of strictly increasing ids (-1 = embeddings)
@@ -64,6 +66,7 @@ class DrafterConfig:
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     init_std: float = 0.02
+    attn_impl: str = "auto"  # auto (flex attention on CUDA when available, else SDPA) | sdpa | flex
 
 
 @dataclass
@@ -72,15 +75,110 @@ class LossConfig:
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
     decay_gamma: float = 4.0  # slot weight w_k = exp(-(k-1)/decay_gamma); <= 0 disables decay
+    soft_ce_weight: float = 0.0  # -Σ_v p_k(v) log q_k(v), CE to the target's distribution (EAGLE-3)
+    # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/lean_loss.py);
+    # reference: the literal version that holds fp32 softmaxes of draft and target at once.
+    impl: str = "lean"
+    chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)
+    # Hand the loss the target's final hiddens + lm_head instead of its [B, A, γ, V] logits; the lean
+    # loss computes them per chunk (one fewer batch x vocab tensor, two extra lm_head matmuls).
+    lazy_target_logits: bool = False
 
 
 @dataclass
 class DataConfig:
-    source: str = "tiny_chat"  # tiny_chat = chat pairs cut from the tiny target's corpus
+    # tiny_chat = chat pairs cut from the tiny target's corpus; chat = conversations from `path`
+    # (local jsonl/json/parquet or a hub dataset, e.g. the output of deepspec/regenerate.py);
+    # cache = an offline target cache written by deepspec/collect.py (see docs/data.md)
+    source: str = "tiny_chat"
     max_length: int = 384  # tokens per training sequence (longer ones are truncated)
     num_anchors: int = 512  # anchors sampled per sequence (fewer if the sequence has fewer)
     max_train_samples: int = 0  # 0 = all
     num_workers: int = 0
+    # --- source=chat: where conversations come from and how they are read
+    path: Optional[str] = None  # file, folder, glob (comma-separated for several) or hub dataset name
+    hub_config: Optional[str] = None  # hub dataset configuration name
+    hub_split: str = "train"  # split read from a hub dataset or a file
+    messages_key: str = "auto"  # auto | messages | conversations | ... (the list of turns)
+    id_key: str = "id"  # record id field; missing ids become "<file stem>:<line>" / "<index>"
+    on_error: str = "stop"  # malformed record: stop (raise, naming file/line/key) | skip (count and go on)
+    heldout_fraction: float = 0.0  # share of records held out (by a stable hash of their id)
+    heldout_max: int = 256  # at most this many held-out records are kept
+    split_seed: int = 0  # salt of the held-out hash
+    # Extra keyword arguments of the chat template, the same at generation, training and eval
+    # (Qwen3: enable_thinking). None = pass nothing.
+    enable_thinking: Optional[bool] = None
+    # --- source=cache
+    cache_dir: Optional[str] = None  # folder written by deepspec/collect.py
+    verify_cache: bool = True  # check every shard's sha256 against the manifest before training
+    prefetch_steps: int = 4  # optimizer steps of cached features read ahead by a background thread
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20  # 0 = off
+    min_p: float = 0.0
+
+
+@dataclass
+class RegenerateConfig:
+    """`python deepspec/regenerate.py regen.input=... regen.output=... [--resume]` (docs/data.md)."""
+
+    input: Optional[str] = None  # prompts: like data.path (defaults to data.path)
+    output: Optional[str] = None  # jsonl of regenerated conversations (errors go to <output>.errors.jsonl)
+    errors: Optional[str] = None  # None = <output without .jsonl>.errors.jsonl
+    backend: str = "local"  # local (transformers on this machine) | openai (OpenAI-compatible servers)
+    resume: bool = False  # continue an interrupted run (same settings) instead of refusing to overwrite
+    overwrite: bool = False  # replace an existing output
+    max_samples: int = 0  # 0 = all prompts
+    max_turns: int = 1  # user turns answered per conversation (0 = all of them)
+    max_new_tokens: int = 2048
+    seed: int = 0  # per-sample seeds derive from (seed, sample id, turn)
+    # Sampling: `sampling` in non-thinking mode, `thinking_sampling` when data.enable_thinking=true
+    # (Qwen3 recommendations; recipes override them).
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    thinking_sampling: SamplingConfig = field(
+        default_factory=lambda: SamplingConfig(temperature=0.6, top_p=0.95, top_k=20, min_p=0.0)
+    )
+    # local backend
+    batch_size: int = 16  # prompts per generate call (chunks of consecutive prompts)
+    device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
+    # openai backend
+    urls: List[str] = field(default_factory=lambda: ["http://127.0.0.1:8000/v1"])
+    model: Optional[str] = None  # served model name (None = target.name_or_path)
+    api_key: Optional[str] = None  # None = $OPENAI_API_KEY if set
+    concurrency: int = 8  # requests in flight per URL
+    timeout_s: float = 600.0
+    max_retries: int = 5
+    backoff_s: float = 1.0  # first retry delay; doubles each retry (with jitter), capped at 60 s
+
+
+@dataclass
+class CollectConfig:
+    """`accelerate launch deepspec/collect.py collect.cache_dir=... collect.dtype=fp8` (docs/data.md)."""
+
+    cache_dir: Optional[str] = None
+    dtype: str = "bf16"  # bf16 | fp8 (float8 e4m3 with a per-token, per-layer float32 scale)
+    shard_sequences: int = 128  # sequences per shard (a shard is built in memory: keep it a few GB)
+    batch_size: int = 8  # sequences per target forward
+    split: str = "train"  # which split of the data config is collected (the held-out records are copied)
+    resume: bool = True  # keep finished, verified shards of an earlier run with the same settings
+    overwrite: bool = False  # delete an existing cache with different settings
+    estimate_only: bool = False  # print the size estimate and exit
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``dir`` (docs/training.md): written atomically, pruned to last-K + best."""
+
+    dir: str = "${train.output_dir}/checkpoints"
+    every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
+    save_final: bool = True  # also checkpoint after the last step
+    keep_last: int = 2  # newest checkpoints kept (>= 1)
+    keep_best: bool = True  # also keep the one with the best held-out τ estimate
+    heldout_sequences: int = 8  # held-out sequences scored (τ estimate from c*) at each checkpoint; 0 = off
 
 
 @dataclass
@@ -100,6 +198,17 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 (fp32 master weights, bf16 autocast)
     log_every: int = 10
     progress_bar: bool = True
+    compile: bool = False  # torch.compile the drafter's forward (training step); eval stays eager
+    compile_backend: str = "inductor"
+    # --- launch (docs/training.md): "auto" = whatever `accelerate launch --config_file ...` set up
+    strategy: str = "auto"  # auto | single | ddp | deepspeed | fsdp
+    deepspeed_config: Optional[str] = None  # DeepSpeed json for strategy=deepspeed (None = configs/deepspeed/zero2.json)
+    # --- checkpoints and resume
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder
+    on_nonfinite: str = "stop"  # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
+    max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
+    dry_run: bool = False  # print the resolved config and the plan (steps, accumulation, tokens); load nothing
 
 
 @dataclass
@@ -163,6 +272,21 @@ class ExportConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Metric sinks besides the console and metrics.jsonl (docs/training.md)."""
+
+    tensorboard: bool = True  # event files in tensorboard_dir
+    tensorboard_dir: str = "${train.output_dir}/tensorboard"
+    wandb: bool = False  # Weights & Biases; WANDB_MODE=offline keeps it local (files under wandb_dir)
+    wandb_project: str = "deepspec"
+    wandb_entity: Optional[str] = None
+    wandb_name: Optional[str] = None  # None = run_name
+    wandb_tags: List[str] = field(default_factory=list)
+    wandb_dir: str = "${train.output_dir}"  # wandb writes <wandb_dir>/wandb/
+    console_every: int = 0  # a plain log line every N steps besides the progress bar (0 = train.log_every)
+
+
+@dataclass
 class DeepSpecConfig:
     run_name: str = "tiny"
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -172,6 +296,9 @@ class DeepSpecConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    regen: RegenerateConfig = field(default_factory=RegenerateConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
 
 
 def register_configs() -> None:

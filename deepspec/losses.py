@@ -1,5 +1,9 @@
 """DSpark loss (SPEC §3): 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised.
 
+The same function trains every drafter: DFlash sets only the CE weight, EAGLE-3 only the soft-CE
+weight (configs/model/*.yaml). The per-slot full-vocabulary terms are computed by
+:mod:`deepspec.lean_loss` (chunked, never holding fp32 probabilities of the whole batch).
+
 Every term is a *sum* over valid slots of w_k·term, divided by ``denominator``: the sum of w_k·valid
 over the whole global batch (all ranks, all micro-batches of the step). The caller computes that
 sum before the first backward so the update does not depend on how the batch was split.
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from deepspec.data.anchors import BlockTargets, slot_weights
+from deepspec.lean_loss import HeadLogits, block_row_stats, reference_row_stats
 
 
 @dataclass
@@ -22,11 +27,22 @@ class LossOutput:
     sums: Dict[str, torch.Tensor]  # detached weighted sums for logging: ce, l1, bce, weight
 
 
-def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module) -> torch.Tensor:
-    """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V]."""
+def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module,
+                  lazy: bool = False):
+    """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V].
+
+    ``lazy=True`` returns a :class:`~deepspec.lean_loss.HeadLogits` instead: the gathered hiddens and
+    the lm_head weight, from which the lean loss computes the logits a chunk at a time (the literal
+    loss materialises them). Either way the values are those of ``lm_head`` (bias-free).
+    """
     b, a, g = target_pos.shape
     idx = target_pos.reshape(b, a * g, 1).expand(-1, -1, target_final.shape[-1])
     h = torch.gather(target_final, 1, idx).reshape(b, a, g, -1)
+    if lazy and getattr(lm_head, "bias", None) is None:
+        # The dtype lm_head would compute in here (bf16 under autocast), so the values are the same.
+        dev = h.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head.weight.dtype
+        return HeadLogits(h.detach().to(cd), lm_head.weight.detach().to(cd))
     with torch.no_grad():
         return lm_head(h.to(lm_head.weight.dtype))
 
@@ -43,26 +59,40 @@ def dspark_loss(
     loss_cfg,
     denominator: float,
 ) -> LossOutput:
-    """draft_logits/tgt_logits [B, A, γ, V]; confidence_logits [B, A, γ] or None."""
+    """draft_logits/tgt_logits [B, A, γ, V] (tgt_logits may be lazy: ``target_logits(..., lazy=True)``);
+    confidence_logits [B, A, γ] or None.
+
+    ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/lean_loss.py)
+    or "reference" (the literal full-vocabulary version); both give the same values and gradients.
+    ``loss_cfg.soft_ce_weight`` adds the soft CE to the target's distribution (the EAGLE-3 loss).
+    """
     w = weighted_valid(targets.valid, loss_cfg.decay_gamma)
-    logq = F.log_softmax(draft_logits.float(), dim=-1)
-    ce = -torch.gather(logq, -1, targets.labels.unsqueeze(-1)).squeeze(-1)
-    p = F.softmax(tgt_logits.float(), dim=-1)
-    l1 = (logq.exp() - p).abs().sum(-1)
+    soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
+    impl = getattr(loss_cfg, "impl", "lean")
+    if impl == "lean":
+        ce, sce, l1 = block_row_stats(draft_logits, tgt_logits, targets.labels, targets.valid,
+                                      int(getattr(loss_cfg, "chunk_size", 0)), with_soft_ce=soft_w != 0)
+    elif impl == "reference":
+        ce, sce, l1 = reference_row_stats(draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0)
+    else:
+        raise ValueError(f"loss.impl={impl!r} is unknown; expected 'lean' or 'reference'")
     accept = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # c*_k, analytic acceptance at T=1
     zero = draft_logits.new_zeros((), dtype=torch.float32)
     bce = zero
     if confidence_logits is not None:
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
-    ce_s, l1_s = (w * ce).sum(), (w * l1).sum()
+    ce_s, l1_s, sce_s = (w * ce).sum(), (w * l1).sum(), (w * sce).sum()
     bce_s = (w * bce).sum() if confidence_logits is not None else zero
     total = loss_cfg.ce_weight * ce_s + loss_cfg.l1_weight * l1_s
+    if soft_w:
+        total = total + soft_w * sce_s
     if confidence_logits is not None and loss_cfg.confidence_weight:
         total = total + loss_cfg.confidence_weight * bce_s
     sums = {
         "ce": ce_s.detach(),
         "l1": l1_s.detach(),
         "bce": bce_s.detach(),
+        "soft_ce": sce_s.detach(),
         "weight": w.sum().detach(),
     }
     sums.update(acceptance_sums(accept, targets.valid, confidence_logits))

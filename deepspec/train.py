@@ -28,7 +28,8 @@ def main(cfg) -> None:
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
     out = train(cfg)
-    print(f"run finished: {out}")
+    if not cfg.train.dry_run:
+        print(f"run finished: {out}")
 
 
 if __name__ == "__main__":

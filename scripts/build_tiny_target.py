@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from omegaconf import OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from deepspec.config import TinyTargetConfig  # noqa: E402
 from deepspec.target.tiny import build_tiny_target, load_report  # noqa: E402
@@ -35,7 +36,12 @@ def main(argv=None) -> int:
         print("\nfields (defaults):")
         print(OmegaConf.to_yaml(OmegaConf.structured(TinyTargetConfig)))
         return 0
-    folder = build_tiny_target(parse_overrides(argv))
+    try:
+        cfg = parse_overrides(argv)
+    except (OmegaConfBaseException, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    folder = build_tiny_target(cfg)
     report = load_report(folder)
     report.pop("config", None)
     print(folder)

@@ -128,8 +128,8 @@ def test_mask_auto_without_tokenizer_mask():
 
 
 def test_unknown_drafter_kind():
-    with pytest.raises(ValueError, match=r"model.kind='eagle3' is unknown; expected 'dspark' or 'dflash'"):
-        resolve(6, kind="eagle3")
+    with pytest.raises(ValueError, match=r"model.kind='medusa' is unknown; expected 'dspark', 'dflash' or 'eagle3'"):
+        resolve(6, kind="medusa")
 
 
 def test_direct_config_validation():

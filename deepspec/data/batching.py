@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -30,9 +30,11 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L]
     anchors: torch.Tensor  # [B, A] padded with 0
     anchor_valid: torch.Tensor  # [B, A]
+    keys: Optional[List[Tuple[int, int]]] = None  # (epoch, sample index) per row: finds cached features
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.loss_mask, self.attention_mask, self.anchors, self.anchor_valid)))
+        return Batch(*(t.to(device) for t in (self.input_ids, self.loss_mask, self.attention_mask, self.anchors, self.anchor_valid)),
+                     keys=self.keys)
 
 
 @functools.lru_cache(maxsize=4)
@@ -70,4 +72,4 @@ def collate(examples: Sequence[Example], keys: Sequence[Tuple[int, int]], num_an
     for r, x in enumerate(anchor_lists):
         anchors[r, : len(x)] = x
         valid[r, : len(x)] = 1
-    return Batch(ids, mask, attn, anchors, valid)
+    return Batch(ids, mask, attn, anchors, valid, keys=[(int(e), int(i)) for e, i in keys])

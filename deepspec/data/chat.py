@@ -1,28 +1,49 @@
-"""Chat-template tokenisation for any HF tokenizer, with a loss mask on the assistant's tokens.
+"""Chat-template tokenisation for any HF fast tokenizer, with a loss mask on the assistant's tokens.
 
-The mask is found from the template itself: the assistant turn starts where the rendering of the
-conversation so far plus the generation prompt ends, and ends at the first end-of-turn token after
-that. This only holds if rendering is prefix-stable, which is checked rather than assumed.
+The conversation is rendered once with the tokenizer's own template; the mask is located in the
+*text* and mapped to tokens through the tokenizer's offset mapping, so nothing relies on the
+template being prefix-stable token by token (a BPE merge of "\\n" and leading spaces across the
+prompt/answer boundary used to make ~0.4% of records unusable), and templates that rewrite earlier
+turns (Qwen3 drops think blocks of all but the last turn) work too.
+
+For assistant message i:
+  * its content is found by rendering the same conversation with that content replaced by a
+    sentinel: the text before the sentinel is the exact rendered prefix, the text after it the
+    exact rendered suffix, so ``[len(prefix), len(full) - len(suffix))`` is the content's span in
+    the full rendering, whatever the template does to whitespace;
+  * the span starts earlier when the generation prompt of the conversation so far (rendered with
+    the same template arguments) is a text prefix of the full rendering and ends before the
+    content: whatever the model itself writes after that prompt (a thinking block in thinking
+    mode) is part of the answer; what the prompt writes (Qwen3's empty ``<think>\\n\\n</think>\\n\\n``
+    in non-thinking mode) is not;
+  * the span ends with the first end-of-turn token after the content.
+A token is masked when it overlaps the span (a token straddling the boundary holds answer text).
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 Messages = Sequence[Dict[str, str]]
+SENTINEL = "DEEPSPEC7SENTINEL3f9a"
 
 
 class ChatTemplateError(ValueError):
     """The tokenizer's chat template cannot give a sound assistant mask for this conversation."""
 
 
-def _render(tokenizer, messages: Messages, add_generation_prompt: bool) -> str:
+def render(tokenizer, messages: Messages, add_generation_prompt: bool,
+           template_kwargs: Optional[Mapping] = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(f"{type(tokenizer).__name__} has no chat template")
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt,
+        **dict(template_kwargs or {}),
     )
+
+
+_render = render  # older name
 
 
 def _encode(tokenizer, text: str) -> List[int]:
@@ -30,25 +51,37 @@ def _encode(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _encode_offsets(tokenizer, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ChatTemplateError(f"{type(tokenizer).__name__} is not a fast tokenizer: loss masks need its offset mapping")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def special_ids(tokenizer) -> set:
+    return set(tokenizer.all_special_ids) | {
+        i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special
+    }
+
+
 _EOT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def end_of_turn_ids(tokenizer) -> List[int]:
-    """EOS plus the token the template closes a turn with (``<|im_end|>``, ``<|eot_id|>``, ...)."""
+    """EOS plus the token the template closes a turn with (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``)."""
     try:
         return list(_EOT_CACHE[tokenizer])
     except (KeyError, TypeError):
         pass
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
-    prompt = _encode(tokenizer, _render(tokenizer, probe[:1], True))
-    full = _encode(tokenizer, _render(tokenizer, probe, False))
-    special = set(tokenizer.all_special_ids) | {
-        i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special
-    }
+    probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": SENTINEL}]
+    text = render(tokenizer, probe, False)
+    after = text.find(SENTINEL) + len(SENTINEL)
+    toks, offsets = _encode_offsets(tokenizer, text)
+    special = special_ids(tokenizer)
     # The first special token after the assistant's text is the one that closes its turn.
-    for tid in full[len(prompt) :]:
-        if tid in special:
+    for tid, (a, _b) in zip(toks, offsets):
+        if a >= after and tid in special:
             if tid not in ids:
                 ids.append(int(tid))
             break
@@ -61,17 +94,55 @@ def end_of_turn_ids(tokenizer) -> List[int]:
     return ids
 
 
-def _check_prefix(prefix: List[int], full: List[int], what: str, messages: Messages) -> None:
-    if full[: len(prefix)] != prefix:
-        at = next(i for i, (a, b) in enumerate(zip(prefix + [None], full + [None])) if a != b)
-        raise ChatTemplateError(
-            f"chat template tokenisation is not prefix-stable: {what} diverges from the full "
-            f"conversation at token {at} (roles {[m['role'] for m in messages]}); "
-            "the assistant loss mask cannot be located"
-        )
+def _keep_inline_reasoning(content: str) -> str:
+    """The part of ``content`` through an inline ``</think>`` (and the whitespace after it), else ''.
+
+    Templates that split inline reasoning out of the content (Qwen3) must see the same reasoning in
+    the sentinel rendering, or the text around the answer would differ."""
+    k = content.rfind("</think>") if isinstance(content, str) else -1
+    if k < 0:
+        return ""
+    k += len("</think>")
+    while k < len(content) and content[k].isspace():
+        k += 1
+    return content[:k]
 
 
-def tokenize_conversation(tokenizer, messages: Messages, max_length: int) -> Tuple[List[int], List[int]]:
+def assistant_spans(tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None
+                    ) -> Tuple[str, List[Tuple[int, int, int]]]:
+    """The full rendering and, per assistant message, (message index, span start, content end) in characters."""
+    full = render(tokenizer, messages, False, template_kwargs)
+    spans = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        probe = [dict(m) for m in messages]
+        probe[i]["content"] = _keep_inline_reasoning(message["content"]) + SENTINEL
+        marked = render(tokenizer, probe, False, template_kwargs)
+        k = marked.find(SENTINEL)
+        if k < 0:
+            raise ChatTemplateError(f"the chat template does not render assistant message {i}'s content")
+        before, after = marked[:k], marked[k + len(SENTINEL):]
+        if not (full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full)):
+            raise ChatTemplateError(
+                f"the chat template renders the text around assistant message {i} differently depending on "
+                "its content; the assistant loss mask cannot be located"
+            )
+        start, content_end = len(before), len(full) - len(after)
+        if i > 0:
+            prompt = render(tokenizer, messages[:i], True, template_kwargs)
+            if full.startswith(prompt) and cursor <= len(prompt) <= start:
+                start = len(prompt)
+        if start < cursor:
+            raise ChatTemplateError(f"assistant message {i} overlaps the previous assistant turn in the rendering")
+        spans.append((i, start, content_end))
+        cursor = content_end
+    return full, spans
+
+
+def tokenize_conversation(tokenizer, messages: Messages, max_length: int,
+                          template_kwargs: Optional[Mapping] = None) -> Tuple[List[int], List[int]]:
     """(input_ids, loss_mask) of a whole conversation, truncated to ``max_length``.
 
     ``loss_mask`` is 1 on each assistant turn's tokens through its end-of-turn token and 0 on
@@ -80,29 +151,37 @@ def tokenize_conversation(tokenizer, messages: Messages, max_length: int) -> Tup
     if not messages:
         raise ValueError("empty conversation")
     eot = set(end_of_turn_ids(tokenizer))
-    full = _encode(tokenizer, _render(tokenizer, messages, False))
-    mask = [0] * len(full)
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        head = _encode(tokenizer, _render(tokenizer, messages[:i], True)) if i else []
-        _check_prefix(head, full, f"the prompt before message {i}", messages)
-        upto = _encode(tokenizer, _render(tokenizer, messages[: i + 1], False))
-        start = len(head)
-        end = next((j + 1 for j in range(start, len(full)) if full[j] in eot), None)
-        if full[: len(upto)] == upto and (end is None or end > len(upto)):
-            end = len(upto)  # a template that closes turns without a special token
-        # Otherwise the template rewrites this turn once later ones follow (Qwen3 drops the
-        # empty <think> block of earlier turns), and the end-of-turn token alone marks the end.
-        if end is None:
+    full, spans = assistant_spans(tokenizer, messages, template_kwargs)
+    ids, offsets = _encode_offsets(tokenizer, full)
+    mask = [0] * len(ids)
+    j = 0
+    for i, start, content_end in spans:
+        while j < len(ids) and offsets[j][1] <= start:
+            j += 1
+        first = j
+        while j < len(ids) and not (ids[j] in eot and offsets[j][0] >= content_end):
+            j += 1
+        if j == len(ids):
             raise ChatTemplateError(f"assistant message {i} has no end-of-turn token after it")
-        mask[start:end] = [1] * (end - start)
-    return full[:max_length], mask[:max_length]
+        mask[first : j + 1] = [1] * (j + 1 - first)
+        j += 1
+    return ids[:max_length], mask[:max_length]
 
 
-def prompt_ids(tokenizer, messages: Messages) -> List[int]:
+def prompt_ids(tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None) -> List[int]:
     """The conversation through its first user turn plus the generation prompt: what the target is fed."""
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     if first_user is None:
         raise ValueError("conversation has no user message")
-    return _encode(tokenizer, _render(tokenizer, messages[: first_user + 1], True))
+    return _encode(tokenizer, render(tokenizer, messages[: first_user + 1], True, template_kwargs))
+
+
+def generation_prompt_ids(tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None) -> List[int]:
+    """Token ids of ``messages`` (ending with a user turn) plus the generation prompt."""
+    return _encode(tokenizer, render(tokenizer, messages, True, template_kwargs))
+
+
+def template_kwargs_of(data_cfg) -> Dict[str, object]:
+    """The chat-template arguments of a DataConfig (the same at generation, training and eval)."""
+    enable_thinking = getattr(data_cfg, "enable_thinking", None)
+    return {} if enable_thinking is None else {"enable_thinking": bool(enable_thinking)}

@@ -48,7 +48,9 @@ def _split_function(lines: List[str], node) -> Optional[Tuple[str, str]]:
         header_end -= 1
     header = textwrap.dedent("".join(lines[node.lineno - 1 : header_end])).rstrip()
     answer = textwrap.dedent("".join(lines[header_end : node.end_lineno])).strip("\n").rstrip()
-    if not header or not answer:
+    # Leading whitespace survives dedent when a string literal reaches column 0; such a turn would
+    # also merge with the template's "\n" into one token across the prompt/answer boundary.
+    if not header or not answer or header[0].isspace() or answer[0].isspace():
         return None
     return header, answer
 

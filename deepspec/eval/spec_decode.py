@@ -201,10 +201,14 @@ def speculative_generate(
     stopped = anchor in stops
     t_prefill = _now(dev)
 
+    # Committed ids before the anchor (positions 0..n-1, what feats covers), for drafters that embed
+    # the context tokens and say so (EAGLE-3: uses_context_ids); DSpark reads only the features.
+    wants_ids = bool(getattr(drafter, "uses_context_ids", False))
+    context = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
     rounds: List[RoundRecord] = []
     while not stopped and len(tokens) < max_new_tokens:
         t_a = _now(dev)
-        d = drafter.draft(feats, anchor, temperature, generator)
+        d = drafter.draft(feats, anchor, temperature, generator, **({"context_ids": context} if wants_ids else {}))
         t_b = _now(dev)
         ell = gamma if verify_len is None else int(verify_len(len(rounds), d))
         if not 0 <= ell <= gamma:
@@ -218,6 +222,7 @@ def speculative_generate(
         if ell > accepted:
             cache.crop(-(ell - accepted))
         feats = torch.cat([feats, out.aux[:, : accepted + 1].to(feats.dtype)], dim=1)
+        context = torch.cat([context, block[:, : accepted + 1]], dim=1)
         t_c = _now(dev)
 
         committed, stopped = _finish(tokens, drafts[:accepted].tolist() + [nxt], max_new_tokens, stops)

@@ -222,6 +222,9 @@ FROM_CONFIG: Dict[str, Callable[..., DSparkConfig]] = {
 def format_config(c: DSparkConfig, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
     if fmt not in TO_CONFIG:
         raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
+    if getattr(c, "architecture", "dspark") != "dspark":
+        raise FormatError(f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "
+                          f"{c.architecture} (a benchmark baseline, kept only in the run's native drafter/ folder)")
     if not include_sts:
         c = dataclasses.replace(c, sts_temperatures=None)
     return TO_CONFIG[fmt](c, dtype)

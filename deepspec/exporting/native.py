@@ -15,6 +15,7 @@ from typing import Any, Dict
 import torch
 from safetensors.torch import load_file, save_file
 
+from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig
 from deepspec.models.drafter import DSparkDrafter
 
@@ -47,6 +48,8 @@ def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
         dtype=dtype,  # transformers 5 reads `dtype`; the target's own value would be stale here
         rope_theta=c.rope_theta,
     )
+    if c.architecture != "dspark":  # the EAGLE-3 baseline: same folder layout, its own architecture tag
+        cfg.update(architectures=["DeepSpecEagle3Model"], drafter_architecture=c.architecture)
     cfg.pop("layer_types", None)  # the target's per-layer list has the target's length, not the drafter's
     for k in _ARCH_KEYS:
         cfg[k] = getattr(c, k)
@@ -62,7 +65,7 @@ def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
     target = dict(cfg)
     for k in ("architectures", "num_target_layers", "block_size", "mask_token_id", "target_layer_ids", "num_anchors",
               "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
-              "sts_temperatures"):
+              "sts_temperatures", "drafter_architecture"):
         target.pop(k, None)
     target["num_hidden_layers"] = cfg["num_target_layers"]
     return DSparkConfig(
@@ -82,6 +85,7 @@ def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
         sts_temperatures=cfg.get("sts_temperatures"),
+        architecture=cfg.get("drafter_architecture", "dspark"),
         target_config=target,
     )
 
@@ -115,7 +119,7 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu", dty
         if not (p / name).is_file():
             raise FileNotFoundError(f"{p / name} not found: not a native DSpark drafter folder")
     cfg = config_from_native(json.loads((p / "config.json").read_text()))
-    drafter = DSparkDrafter(cfg)
+    drafter = build_drafter(cfg)
     state = load_file(str(p / "model.safetensors"))
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -139,5 +139,9 @@ def export_after_training(cfg, drafter: DSparkDrafter, out_dir, eval_result: Any
     e = getattr(cfg, "export", None) or ExportConfig()
     if not e.after_training:
         return None
+    if getattr(drafter.config, "architecture", "dspark") != "dspark":
+        echo(f"export: skipped, the export formats carry DSpark/DFlash drafters, not "
+             f"{drafter.config.architecture} (its native folder is in {Path(out_dir) / 'drafter'})")
+        return None
     return run_export(e, drafter=drafter, run_dir=Path(out_dir), eval_result=eval_result, echo=echo,
                       default_overwrite=True)

@@ -13,6 +13,10 @@ from typing import Any, Dict, List, Optional
 
 SUPPORTED_FAMILIES = ("qwen3", "llama", "qwen2", "mistral")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+# "dspark": the parallel block drafter (DFlash when the Markov and confidence heads are off);
+# "eagle3": the EAGLE-3 baseline, one autoregressive layer (deepspec/models/eagle3.py).
+ARCHITECTURES = ("dspark", "eagle3")
+ATTN_IMPLS = ("auto", "sdpa", "flex")
 
 
 @dataclass
@@ -41,6 +45,10 @@ class DSparkConfig:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    architecture: str = "dspark"  # dspark (DFlash with both heads off) | eagle3
+    # Attention kernel: sdpa (explicit boolean mask), flex (CUDA flex attention), auto = flex on CUDA
+    # when importable, else sdpa. A runtime choice: it never changes the numbers beyond rounding.
+    attn_impl: str = "auto"
     # Per-slot temperatures from sequential temperature scaling (None until calibrated).
     sts_temperatures: Optional[List[float]] = None
     # The target's own HF config, kept so exports can start from it.
@@ -102,6 +110,16 @@ def check_layer_ids(ids: List[int], num_layers: int) -> None:
 
 
 def validate(c: DSparkConfig) -> None:
+    if c.architecture not in ARCHITECTURES:
+        raise ValueError(f"drafter architecture {c.architecture!r} is unknown; expected one of {ARCHITECTURES}")
+    if c.attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"model.attn_impl={c.attn_impl!r} is unknown; expected one of {ATTN_IMPLS}")
+    if c.architecture == "eagle3":
+        if c.num_hidden_layers != 1:
+            raise ValueError(f"model.num_layers={c.num_hidden_layers}: the EAGLE-3 drafter has exactly one layer")
+        if c.markov_rank or c.enable_confidence_head:
+            raise ValueError("the EAGLE-3 drafter has no Markov or confidence head (markov_rank=0, "
+                             "enable_confidence_head=false)")
     if c.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
@@ -165,9 +183,9 @@ def resolve_drafter_config(
         mask = mask_token_id
 
     kind = drafter_cfg.kind
-    if kind not in ("dspark", "dflash"):
-        raise ValueError(f"model.kind={kind!r} is unknown; expected 'dspark' or 'dflash'")
-    dflash = kind == "dflash"
+    if kind not in ("dspark", "dflash", "eagle3"):
+        raise ValueError(f"model.kind={kind!r} is unknown; expected 'dspark', 'dflash' or 'eagle3'")
+    dflash = kind in ("dflash", "eagle3")  # neither has the Markov or the confidence head
     hidden = int(t["hidden_size"])
     heads = int(t["num_attention_heads"])
     model_type = t.get("model_type", "qwen3")
@@ -193,6 +211,8 @@ def resolve_drafter_config(
         markov_head_type=str(drafter_cfg.markov_head_type),
         enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
         confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
+        architecture="eagle3" if kind == "eagle3" else "dspark",
+        attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),
         target_config=dict(target_config),
     )
 

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from deepspec.models.attention import AttnMask
 from deepspec.models.config import DSparkConfig
 from deepspec.models.heads import ConfidenceHead, MarkovHead
 from deepspec.models.layers import DrafterLayer, RMSNorm, rope_cos_sin
@@ -47,6 +48,20 @@ def visibility_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> tor
     block_id = torch.arange(a, device=dev).repeat_interleave(block_size)
     own = (block_id[:, None] == block_id[None, :]).expand(b, -1, -1)
     return torch.cat([ctx, own], dim=-1).unsqueeze(1)
+
+
+def block_attn_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> AttnMask:
+    """:func:`visibility_mask` as an :class:`AttnMask` (dense for SDPA, mask_mod for flex attention)."""
+    b, a = anchors.shape
+    q_anchor = anchors.repeat_interleave(block_size, dim=1)  # [B, A·γ]
+
+    def mask_mod(bi, _h, q, kv):
+        ctx = (kv < ctx_len) & (kv < q_anchor[bi, q])
+        own = (kv >= ctx_len) & (torch.div(kv - ctx_len, block_size, rounding_mode="floor") == q // block_size)
+        return ctx | own
+
+    return AttnMask(b, a * block_size, ctx_len + a * block_size,
+                    lambda: visibility_mask(anchors, ctx_len, block_size), mask_mod, anchors.device)
 
 
 class DSparkDrafter(nn.Module):
@@ -104,7 +119,7 @@ class DSparkDrafter(nn.Module):
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         ctx_pos = torch.arange(ctx.shape[1], device=ctx.device).expand(b, -1)
         ccos, csin = rope_cos_sin(ctx_pos, c.head_dim, c.rope_theta, x.dtype)
-        mask = visibility_mask(anchors, ctx.shape[1], g)
+        mask = block_attn_mask(anchors, ctx.shape[1], g)
         for layer in self.layers:
             ctx_k, ctx_v = layer.self_attn.project_kv(ctx, ccos, csin)
             x = layer(x, cos, sin, ctx_k, ctx_v, mask)
@@ -136,7 +151,9 @@ class DSparkDrafter(nn.Module):
         if self.markov_head is not None:
             b, a, g, _ = h.shape
             bias, feat = self.markov_head(prev_tokens.reshape(b * a, g), h.reshape(b * a, g, -1))
-            logits = logits + bias.reshape(b, a, g, -1)
+            # In place: the lm_head output is not saved for backward, and this avoids a third
+            # [B, A, γ, V] tensor at the peak of the forward.
+            logits = logits.add_(bias.reshape(b, a, g, -1))
             feat = feat.reshape(b, a, g, -1)
         conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
         return BlockOutput(logits=logits, confidence_logits=conf, hidden=h)
@@ -150,12 +167,15 @@ class DSparkDrafter(nn.Module):
         temperature: float,
         generator: Optional[torch.Generator] = None,
         forced_tokens: Optional[torch.Tensor] = None,
+        context_ids: Optional[torch.Tensor] = None,
     ) -> Draft:
         """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1].
 
         target_feats [1, n, n_feat·H_t] are the target's features for positions 0..n-1 (all
         strictly before the anchor). The Markov head samples left to right, feeding back each token.
         ``forced_tokens`` [γ] replaces sampling (used to check against teacher forcing).
+        ``context_ids`` (the committed tokens at 0..n-1) is accepted for interface parity with drafters
+        that embed the context tokens (EAGLE-3, ``uses_context_ids``); this one reads only the features.
         """
         c = self.config
         dev = target_feats.device

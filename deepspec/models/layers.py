@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepspec.models.attention import attend
 from deepspec.models.config import DSparkConfig
 
 
@@ -43,12 +44,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DSparkConfig, in_features: int | None = None) -> None:
         super().__init__()
+        d_in = in_features or c.hidden_size  # EAGLE-3 projects [embedding ; hidden] (2H) to q/k/v
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.attn_impl = c.attn_impl
+        self.q_proj = nn.Linear(d_in, self.n_heads * self.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(d_in, self.n_kv * self.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(d_in, self.n_kv * self.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         self.use_qk_norm = c.use_qk_norm
         if c.use_qk_norm:
@@ -70,7 +73,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, ctx_k, ctx_v, mask):
         """Block queries ``x`` attend to [context keys ; block keys] under boolean ``mask``.
 
-        x: [B, T, H]; ctx_k/ctx_v: [B, kv, Lc, D] (already rotated); mask: [B, 1, T, Lc+T] (True = see).
+        x: [B, T, H]; ctx_k/ctx_v: [B, kv, Lc, D] (already rotated); mask: an
+        :class:`~deepspec.models.attention.AttnMask` or a bool tensor [B, 1, T, Lc+T] (True = see).
         """
         q = self._heads(self.q_proj(x), self.n_heads)
         if self.use_qk_norm:
@@ -79,11 +83,7 @@ class Attention(nn.Module):
         k_blk, v_blk = self.project_kv(x, cos, sin)
         k = torch.cat([ctx_k, k_blk], dim=2)
         v = torch.cat([ctx_v, v_blk], dim=2)
-        if self.n_kv != self.n_heads:
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k, v, mask, self.attn_impl)
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -44,6 +45,20 @@ MAX_POSITIONS = 2048
 _NOT_IN_KEY = {"cache_dir", "num_threads", "corpus_dir"}
 
 
+def use_bf16_autocast() -> bool:
+    """True where the CPU has native bf16 (AVX512-BF16 / AMX): there bf16 autocast halves a step.
+
+    Elsewhere bf16 is emulated and slower than fp32, so training stays fp32. The choice changes
+    the weights, so it is part of the cache key.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    native = re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+    return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _as_config(cfg) -> TinyTargetConfig:
     if isinstance(cfg, TinyTargetConfig):
         return cfg
@@ -52,9 +67,11 @@ def _as_config(cfg) -> TinyTargetConfig:
     return TinyTargetConfig(**OmegaConf.to_container(cfg, resolve=True))
 
 
-def cache_key(cfg: TinyTargetConfig, files: Sequence[CorpusFile]) -> str:
+def cache_key(cfg: TinyTargetConfig, files: Sequence[CorpusFile], bf16: bool) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_KEY}
-    blob = json.dumps({"v": BUILD_VERSION, "cfg": fields, "corpus": corpus_digest(files)}, sort_keys=True)
+    blob = json.dumps(
+        {"v": BUILD_VERSION, "cfg": fields, "corpus": corpus_digest(files), "bf16": bf16}, sort_keys=True
+    )
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -102,14 +119,11 @@ def _render_chat(messages: List[Dict]) -> str:
 
 def _stream(tokenizer, texts: Sequence[str]):
     """Token stream of the texts, each followed by <|endoftext|>, and the offset each starts at."""
-    eot = tokenizer.pad_token_id
-    ids: List[int] = []
-    starts: List[int] = []
-    for enc in tokenizer.backend_tokenizer.encode_batch(list(texts)):
-        starts.append(len(ids))
-        ids.extend(enc.ids)
-        ids.append(eot)
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(starts, dtype=torch.long)
+    eot = [tokenizer.pad_token_id]
+    encoded = tokenizer.backend_tokenizer.encode_batch(list(texts))
+    docs = [torch.tensor(enc.ids + eot, dtype=torch.long) for enc in encoded]
+    lengths = torch.tensor([0] + [len(d) for d in docs[:-1]], dtype=torch.long)
+    return torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long), lengths.cumsum(0)[: len(docs)]
 
 
 def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
@@ -153,7 +167,7 @@ def _build_model(cfg: TinyTargetConfig, tokenizer):
     return model
 
 
-def _train(model, cfg: TinyTargetConfig, raw, chat) -> Dict:
+def _train(model, cfg: TinyTargetConfig, raw, chat, bf16: bool) -> Dict:
     raw_ids, _ = raw
     chat_ids, chat_starts = chat
     length = cfg.seq_len + 1
@@ -182,7 +196,9 @@ def _train(model, cfg: TinyTargetConfig, raw, chat) -> Dict:
             pick = torch.randint(0, chat_starts.numel(), (n_chat,), generator=gen)
             rows.append(_windows(chat_ids, chat_starts[pick], length))
         batch = torch.cat(rows)
-        logits = model(input_ids=batch[:, :-1]).logits
+        # Autocast is entered per step: it caches bf16 copies of the weights until it exits.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -242,13 +258,12 @@ def _sample(model, tokenizer, pair: Dict, max_new_tokens: int = 48) -> Dict:
     from deepspec.data.chat import prompt_ids
 
     prompt = prompt_ids(tokenizer, _scrub_pair(pair))
-    out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
-    )
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return {"prompt": tokenizer.decode(prompt), "greedy": tokenizer.decode(out[0, len(prompt) :])}
 
 
-def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, log) -> Dict:
+def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, bf16: bool, log) -> Dict:
     t0 = time.time()
     train_files = [f for f in files if f.split == TRAIN]
     heldout_files = [f for f in files if f.split == HELDOUT]
@@ -275,9 +290,10 @@ def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, lo
 
     model = _build_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tiny target: Qwen3 with {n_params / 1e6:.2f}M parameters, {cfg.train_steps} steps")
+    precision = "bf16 autocast" if bf16 else "fp32"
+    log(f"tiny target: Qwen3 with {n_params / 1e6:.2f}M parameters, {cfg.train_steps} steps ({precision})")
     t1 = time.time()
-    train_stats = _train(model, cfg, raw, chat)
+    train_stats = _train(model, cfg, raw, chat, bf16)
     t_train = time.time() - t1
     model.eval()
     text_loss = _heldout_text_loss(model, cfg, heldout_raw)
@@ -289,6 +305,7 @@ def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, lo
         "heldout_chat_ppl": math.exp(chat_loss),
         **train_stats,
         "uniform_loss": math.log(len(tokenizer)),
+        "train_precision": precision,
         "train_time_s": t_train,
         "prep_time_s": t_prep,
         "num_parameters": n_params,
@@ -318,10 +335,18 @@ def build_tiny_target(cfg: TinyTargetConfig, log: Callable[[str], None] = print)
         torch.set_num_threads(threads)  # the thread count is process-wide: leave it as found
 
 
+def _check(cfg: TinyTargetConfig) -> None:
+    for name in ("train_steps", "seq_len", "batch_size", "eval_batches", "num_layers", "hidden_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TinyTargetConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+
+
 def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
+    _check(cfg)
     files = load_corpus(cfg.corpus_dir, cfg.corpus_glob, cfg.heldout_fraction, cfg.max_files)
     cache = Path(cfg.cache_dir).expanduser().resolve()
-    final = cache / f"tiny-target-{cache_key(cfg, files)}"
+    bf16 = use_bf16_autocast()
+    final = cache / f"tiny-target-{cache_key(cfg, files, bf16)}"
     if (final / COMPLETE_MARKER).is_file():
         log(f"tiny target: reusing {final}")
         return final
@@ -330,8 +355,9 @@ def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
-        report = _run_build(cfg, files, tmp, log)
-        payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION, **report}
+        report = _run_build(cfg, files, tmp, bf16, log)
+        payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION}
+        payload.update(report)
         (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         (tmp / COMPLETE_MARKER).write_text("ok\n")
         if final.exists() and not (final / COMPLETE_MARKER).is_file():

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -14,9 +14,10 @@ from omegaconf import OmegaConf
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
 from deepspec.exporting.native import atomic_write_text
+from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig, resolve_drafter_config
 from deepspec.models.drafter import DSparkDrafter
-from deepspec.target.adapter import TargetModel
+from deepspec.target.adapter import TargetModel, TargetOutput
 
 log = logging.getLogger("deepspec")
 
@@ -33,10 +34,18 @@ class RunSetup:
     train_examples: List[Example]
     eval_records: List[dict]
     pad_id: int
+    heldout_records: Optional[List[dict]] = None  # held-out chat records (checkpoint-time τ estimate)
+    feature_source: Optional[Callable] = None  # data.source=cache: batch -> TargetOutput from the cache
 
     @property
     def lm_head(self):
         return self.target.lm_head
+
+    def features(self, batch) -> TargetOutput:
+        """Target features of a batch: a target forward (online), or read from the offline cache."""
+        if self.feature_source is not None:
+            return self.feature_source(batch)
+        return self.target(batch.input_ids, attention_mask=batch.attention_mask)
 
 
 def resolve_target_path(cfg, accelerator=None) -> str:
@@ -52,36 +61,62 @@ def resolve_target_path(cfg, accelerator=None) -> str:
 
 
 def load_records(cfg) -> dict:
-    """{"train": [...], "heldout": [...]} chat records ({"id", "messages"})."""
+    """{"train": [...], "heldout": [...]} chat records ({"id", "messages"}).
+
+    data.source: tiny_chat (pairs cut from the tiny target's corpus), chat (data.path: local files
+    or a hub dataset, e.g. regenerated answers), cache (held-out records stored with an offline
+    cache; its training sequences are read by deepspec.data.cache_loader)."""
     if cfg.data.source == "tiny_chat":
         from deepspec.data.tiny_chat import tiny_chat_splits
 
         return tiny_chat_splits(cfg.target.tiny)
-    raise ValueError(f"data.source={cfg.data.source!r} is unknown; expected 'tiny_chat'")
+    if cfg.data.source == "chat":
+        from deepspec.data.prompts import load_chat_splits
+
+        return load_chat_splits(cfg.data)
+    if cfg.data.source == "cache":
+        from deepspec.data.cache import CacheReader
+
+        if not cfg.data.cache_dir:
+            raise ValueError("data.source=cache needs data.cache_dir (a folder written by deepspec/collect.py)")
+        return {"train": [], "heldout": CacheReader(cfg.data.cache_dir, verify=False).heldout_records()}
+    raise ValueError(f"data.source={cfg.data.source!r} is unknown; expected 'tiny_chat', 'chat' or 'cache'")
 
 
-def tokenize_records(records: List[dict], tokenizer, max_length: int) -> List[Example]:
-    """Token ids + assistant loss masks. A record whose turns do not tokenise prefix-stably (a
-    BPE merge across the prompt/answer boundary) has no well-defined mask: it is skipped and
-    counted, and more than 5% of them is an error (the template or tokenizer is the problem)."""
+def tokenize_records(records: List[dict], tokenizer, max_length: int, template_kwargs=None) -> List[Example]:
+    """Token ids + assistant loss masks (records without an anchor position are dropped). A record
+    the chat template cannot mask soundly is skipped and counted; more than 5% of them is an error
+    (the template or tokenizer is the problem)."""
     from deepspec.data.chat import ChatTemplateError, tokenize_conversation
 
     out, unstable = [], []
     for r in records:
         try:
-            ids, mask = tokenize_conversation(tokenizer, r["messages"], max_length)
+            ids, mask = tokenize_conversation(tokenizer, r["messages"], max_length, template_kwargs)
         except ChatTemplateError:
             unstable.append(r.get("id", "?"))
             continue
         if anchor_candidates(torch.tensor(mask)).numel() > 0:
             out.append(Example(ids, mask))
     if unstable:
-        log.warning("skipped %d of %d records whose chat turns do not tokenise prefix-stably (e.g. %s)",
+        log.warning("skipped %d of %d records the chat template cannot mask (e.g. %s)",
                     len(unstable), len(records), unstable[0])
         if len(unstable) > 0.05 * len(records):
-            raise ValueError(f"{len(unstable)} of {len(records)} records are not prefix-stable under the chat "
+            raise ValueError(f"{len(unstable)} of {len(records)} records cannot be masked under the chat "
                              f"template (first: {unstable[0]}); fix the template or the data")
     return out
+
+
+def train_examples(cfg, tokenizer, records: List[dict]) -> List[Example]:
+    """The training sequences of a run, in data order (online training and collect use this one function)."""
+    from deepspec.data.chat import template_kwargs_of
+
+    if cfg.data.max_train_samples > 0:
+        records = records[: cfg.data.max_train_samples]
+    examples = tokenize_records(records, tokenizer, cfg.data.max_length, template_kwargs_of(cfg.data))
+    if not examples:
+        raise ValueError("no training sequence has an answer token to anchor on (check the data and loss masks)")
+    return examples
 
 
 def build_run(cfg, accelerator) -> RunSetup:
@@ -101,19 +136,23 @@ def build_run(cfg, accelerator) -> RunSetup:
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
 
     torch.manual_seed(cfg.train.seed)
-    drafter = DSparkDrafter(dc)
+    drafter = build_drafter(dc)
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
+    maybe_compile(drafter, cfg.train)
 
-    splits = load_records(cfg)
-    records = splits["train"]
-    if cfg.data.max_train_samples > 0:
-        records = records[: cfg.data.max_train_samples]
-    examples = tokenize_records(records, tokenizer, cfg.data.max_length)
-    if not examples:
-        raise ValueError("no training sequence has an answer token to anchor on (check the data and loss masks)")
-    eval_records = splits["heldout"][: cfg.eval.num_prompts]
+    feature_source, heldout_records = None, None
+    if cfg.data.source == "cache":  # features come from the offline cache, not from target forwards
+        from deepspec.data.cache_loader import open_run_cache
+
+        examples, eval_records, feature_source = open_run_cache(cfg, path, target, dc, accelerator)
+        heldout_records = eval_records
+    else:
+        splits = load_records(cfg)
+        examples = train_examples(cfg, tokenizer, splits["train"])
+        heldout_records = splits["heldout"]
+        eval_records = heldout_records[: cfg.eval.num_prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if accelerator.is_main_process:
         info = {"target": path, "drafter": dc.to_dict() | {"target_config": "<omitted>"},
@@ -122,12 +161,23 @@ def build_run(cfg, accelerator) -> RunSetup:
         atomic_write_text(out_dir / "run_info.json", json.dumps(info, indent=2))
         log.info("target %s | drafter layers=%s ids=%s | %d train sequences", path, dc.num_hidden_layers,
                  dc.target_layer_ids, len(examples))
-    return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad)
+    return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad,
+                    heldout_records, feature_source)
+
+
+def maybe_compile(drafter, train_cfg) -> None:
+    """``train.compile=true``: torch.compile the drafter's __call__ (the training forward) in place, so
+    parameter names, ``draft()`` (evaluation stays eager) and exports are unchanged."""
+    if getattr(train_cfg, "compile", False):
+        drafter.compile(backend=train_cfg.compile_backend)
 
 
 def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
     from deepspec.data.chat import end_of_turn_ids, prompt_ids
     from deepspec.eval.runner import evaluate
 
-    prompts = [prompt_ids(run.tokenizer, r["messages"]) for r in run.eval_records]
+    from deepspec.data.chat import template_kwargs_of
+
+    tkw = template_kwargs_of(run.cfg.data)
+    prompts = [prompt_ids(run.tokenizer, r["messages"], tkw) for r in run.eval_records]
     return evaluate(run.target, drafter, prompts, run.cfg.eval, end_of_turn_ids(run.tokenizer), out_dir=out_dir)

@@ -1,0 +1,402 @@
+"""Checkpoints: atomic, engine-independent, pruned to the last K plus the best held-out τ.
+
+Layout of ``train.checkpoint.dir`` (default ``<output_dir>/checkpoints``)::
+
+    step-00000200/
+      model.safetensors      trainable drafter weights, full fp32 (the master copy), by parameter name
+      optimizer.safetensors  AdamW moments exp_avg.<name> / exp_avg_sq.<name>, full fp32
+      scheduler.json         LR scheduler state
+      rng/rank-00000.safetensors   torch / CUDA / python / numpy RNG state of each rank
+      drafter_config.json    the resolved drafter config (resume refuses a different one)
+      config.yaml            the resolved run config
+      trainer_state.json     step, data position, AdamW step, world size, engine, held-out τ, metrics
+    index.json               latest / best / kept checkpoints (informational)
+
+A checkpoint is written into ``.tmp-step-XXXXXXXX`` and renamed into place only when complete, so a
+directory named ``step-*`` is always whole; pruning renames to ``.trash-*`` before deleting. The frozen
+embedding and lm_head are not stored: they are copies of the target's and are restored from it.
+Everything is read back with safetensors or json; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from deepspec.training import distributed as dist_utils
+from deepspec.training import engine_state
+from deepspec.training.faults import maybe_kill
+
+log = logging.getLogger("deepspec")
+
+FORMAT = "deepspec-train-checkpoint"
+VERSION = 1
+STEP_RE = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+# Drafter config fields that may differ between a checkpoint and the run resuming it.
+_DRAFTER_FREE = {"num_anchors", "sts_temperatures", "target_config"}
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _step_of(path: Path) -> int:
+    m = STEP_RE.match(path.name)
+    return int(m.group(1)) if m else int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
+@dataclass
+class CheckpointInfo:
+    path: Path
+    step: int
+    state: dict
+
+    @property
+    def heldout_tau(self) -> Optional[float]:
+        return (self.state.get("heldout") or {}).get("tau_est")
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[CheckpointInfo]:
+    """Complete checkpoints in ``ckpt_dir``, oldest first."""
+    out = []
+    if not ckpt_dir.is_dir():
+        return out
+    for d in ckpt_dir.iterdir():
+        m = STEP_RE.match(d.name)
+        if not (m and d.is_dir() and (d / STATE_FILE).is_file()):
+            continue
+        try:
+            state = json.loads((d / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        out.append(CheckpointInfo(d, int(m.group(1)), state))
+    return sorted(out, key=lambda c: c.step)
+
+
+def find_checkpoint(resume: str, ckpt_dir: Path) -> Optional[Path]:
+    """``train.resume``: none -> None; auto -> newest in ckpt_dir (or None); else a checkpoint folder,
+    a checkpoints folder, or a run folder holding ``checkpoints/``."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_dir)
+        return found[-1].path if found else None
+    p = Path(resume)
+    if (p / STATE_FILE).is_file():
+        return p
+    for candidate in (p, p / "checkpoints"):
+        found = list_checkpoints(candidate)
+        if found:
+            return found[-1].path
+    raise FileNotFoundError(f"train.resume={resume!r}: no checkpoint there (expected a folder with {STATE_FILE}, "
+                            "a checkpoints folder, or a run folder with checkpoints/)")
+
+
+# ----------------------------------------------------------------------------- small file helpers
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    _fsync(path)
+
+
+def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    _fsync(path)
+
+
+def _remove(path: Path) -> None:
+    """Rename out of the way first, so a half-deleted checkpoint never looks complete."""
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class LazyTensors:
+    """A safetensors file as a read-only mapping that loads one tensor at a time (every rank reads the
+    checkpoint; none of them should hold all of it at once)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> "LazyTensors":
+        self._ctx = safe_open(str(self.path), "pt")
+        self._f = self._ctx.__enter__()
+        self._keys = list(self._f.keys())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+
+# ----------------------------------------------------------------------------- RNG state
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": json.dumps(_jsonable(random.getstate()))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (torch.from_numpy(keys.astype("int64")), json.dumps([name, int(pos), int(has_gauss), float(cached)]))
+    except ImportError:
+        pass
+    return state
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _rng_tensors(state: dict):
+    tensors = {"torch": state["torch"]}
+    meta = {"python": state["python"]}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s
+    if "numpy" in state:
+        tensors["numpy.keys"], meta["numpy"] = state["numpy"]
+    return tensors, meta
+
+
+def restore_rng(path: Path) -> None:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    torch.set_rng_state(tensors["torch"])
+    random.setstate(_tuplify(json.loads(meta["python"])))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "numpy.keys" in tensors and "numpy" in meta:
+        import numpy as np
+
+        name, pos, has_gauss, cached = json.loads(meta["numpy"])
+        np.random.set_state((name, tensors["numpy.keys"].numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
+
+
+def drafter_fingerprint(drafter_config) -> dict:
+    return {k: v for k, v in drafter_config.to_dict().items() if k not in _DRAFTER_FREE}
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_best: bool) -> dict:
+    """Delete all but the newest ``keep_last`` checkpoints and (if ``keep_best``) the one with the best
+    held-out τ estimate (ties: the newer). Writes and returns the index."""
+    found = list_checkpoints(ckpt_dir)
+    keep = {c.path for c in found[-keep_last:]} if keep_last > 0 else set()
+    scored = [c for c in found if c.heldout_tau is not None]
+    best = max(scored, key=lambda c: (c.heldout_tau, c.step)) if scored else None
+    if keep_best and best is not None:
+        keep.add(best.path)
+    for c in found:
+        if c.path not in keep:
+            _remove(c.path)
+    kept = [c for c in found if c.path in keep]
+    index = {
+        "latest": kept[-1].path.name if kept else None,
+        "best": best.path.name if best is not None and best.path in keep else None,
+        "best_metric": "heldout tau_est (from c*, higher is better)",
+        "checkpoints": [{"name": c.path.name, "step": c.step, "heldout_tau": c.heldout_tau} for c in kept],
+    }
+    tmp = ckpt_dir / ".index.json.tmp"
+    _write_json(tmp, index)
+    os.replace(tmp, ckpt_dir / "index.json")
+    return index
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+class Checkpointer:
+    """Saves and restores the whole training state. Every rank calls ``save`` and ``resume``."""
+
+    def __init__(self, cfg, acc, run, total_steps: int, scorer: Optional[Callable] = None) -> None:
+        self.cfg, self.acc, self.run, self.total_steps = cfg, acc, run, total_steps
+        self.c = cfg.train.checkpoint
+        if self.c.keep_last < 1:
+            raise ValueError(f"train.checkpoint.keep_last={self.c.keep_last}: keep at least 1")
+        if self.c.every < 0:
+            raise ValueError(f"train.checkpoint.every={self.c.every}: expected >= 0 (0 = only at the end)")
+        self.dir = Path(self.c.dir)
+        self.scorer = scorer
+        self.last_good: Optional[Path] = None
+        self.last_heldout: Optional[dict] = None
+        if acc.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.dir.glob(".tmp-*"):
+                log.warning("removing an incomplete checkpoint left by an interrupted write: %s", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in self.dir.glob(".trash-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        acc.wait_for_everyone()
+        found = list_checkpoints(self.dir)
+        self.last_good = found[-1].path if found else None
+
+    def due(self, step: int) -> bool:
+        """Checkpoint after ``step`` optimizer steps?"""
+        if step == self.total_steps and self.c.save_final:
+            return True
+        return self.c.every > 0 and step % self.c.every == 0
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, model, optimizer, scheduler, metrics: Optional[dict] = None, skipped_steps: int = 0) -> Path:
+        acc, cfg = self.acc, self.cfg
+        t0 = time.time()
+        heldout = self.last_heldout = self.scorer(model) if self.scorer is not None else None  # collective
+        weights = engine_state.full_weights(acc, model)  # collective
+        moments, adam_step = engine_state.full_optimizer_state(acc, model, optimizer)  # collective
+        rng = dist_utils.gather_objects(acc, capture_rng())
+        final = self.dir / step_dir_name(step)
+        if acc.is_main_process:
+            tmp = self.dir / f".tmp-{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+            _save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT})
+            maybe_kill("kill_in_checkpoint", step)
+            _save_tensors(tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)})
+            _write_json(tmp / "scheduler.json", scheduler.state_dict())
+            for rank, state in enumerate(rng):
+                tensors, meta = _rng_tensors(state)
+                _save_tensors(tmp / "rng" / f"rank-{rank:05d}.safetensors", tensors, meta)
+            _write_json(tmp / "drafter_config.json", self.run.drafter_config.to_dict() | {"target_config": "<omitted>"})
+            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            g = cfg.train.global_batch_size
+            n = len(self.run.train_examples)
+            state = {
+                "format": FORMAT,
+                "version": VERSION,
+                "step": step,
+                "total_steps": self.total_steps,
+                "adam_step": adam_step,
+                "skipped_steps": skipped_steps,
+                "data": {"global_step": step, "samples_consumed": step * g, "epoch": (step * g) // max(n, 1),
+                         "global_batch_size": g, "num_train_sequences": n, "seed": cfg.train.seed},
+                "world_size": acc.num_processes,
+                "engine": dist_utils.engine_kind(acc),
+                "zero_stage": dist_utils.zero_stage(acc),
+                "mixed_precision": cfg.train.mixed_precision,
+                "drafter": drafter_fingerprint(self.run.drafter_config),
+                "target": self.run.target_path,
+                "heldout": heldout,
+                "metrics": metrics or {},
+                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            _write_json(tmp / STATE_FILE, state)  # written last
+            _fsync(tmp / "rng")
+            _fsync(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                _remove(final)
+            os.replace(tmp, final)
+            _fsync(self.dir)
+            prune_checkpoints(self.dir, self.c.keep_last, self.c.keep_best)
+            log.info("checkpoint %s written in %.1fs%s", final, time.time() - t0,
+                     f" (held-out τ estimate {heldout['tau_est']:.3f})" if heldout else "")
+        acc.wait_for_everyone()
+        self.last_good = final
+        if acc.is_main_process:
+            maybe_kill("kill_after_checkpoint", step)
+        return final
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, model, optimizer, scheduler) -> int:
+        """Restore the newest (or the given) checkpoint; return the step to continue from (0 = fresh)."""
+        acc, cfg = self.acc, self.cfg
+        path = find_checkpoint(cfg.train.resume, self.dir)
+        existing = list_checkpoints(self.dir)
+        newer = [c for c in existing if path is None or (c.path != path and c.step >= _step_of(path))]
+        if newer and cfg.train.resume != "auto":
+            # Retention orders checkpoints by step: mixing in another run's would resume the wrong one later.
+            raise ValueError(f"train.resume={cfg.train.resume} but {self.dir} already holds checkpoints up to "
+                             f"{newer[-1].path.name} from an earlier run; use another train.output_dir / "
+                             "train.checkpoint.dir, delete them, or train.resume=auto to continue that run")
+        if path is None:
+            if cfg.train.resume not in ("auto", "none"):
+                raise FileNotFoundError(f"train.resume={cfg.train.resume!r}: nothing to resume from")
+            return 0
+        state = json.loads((path / STATE_FILE).read_text())
+        self._check_compatible(path, state)
+        files = state.get("files", {})
+        for rel, size in files.items():
+            f = path / rel
+            if rel.startswith("rng/"):
+                continue
+            if not f.is_file() or f.stat().st_size != size:
+                raise ValueError(f"checkpoint {path}: {rel} is missing or truncated (expected {size} bytes)")
+        with LazyTensors(path / "model.safetensors") as weights:
+            engine_state.load_full_weights(acc, model, weights)
+        with LazyTensors(path / "optimizer.safetensors") as moments:
+            engine_state.load_full_optimizer_state(acc, model, optimizer, moments, int(state["adam_step"]))
+        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        dist_utils.set_lr(scheduler)
+        same_world = state["world_size"] == acc.num_processes
+        rng_file = path / "rng" / f"rank-{acc.process_index:05d}.safetensors"
+        if same_world and rng_file.is_file():
+            restore_rng(rng_file)
+        else:
+            torch.manual_seed(cfg.train.seed * 1_000_003 + state["step"] * 101 + acc.process_index)
+        step = int(state["step"])
+        if acc.is_main_process:
+            log.info(
+                "resuming from %s: step %d/%d, %d samples consumed (epoch %d); written by %d process(es) with %s%s",
+                path, step, self.total_steps, state["data"]["samples_consumed"], state["data"]["epoch"],
+                state["world_size"], state["engine"],
+                "" if same_world else f"; now {acc.num_processes} process(es): data order, weights, AdamW state and "
+                "lr are restored exactly, gradient sums are reduced in a different order (float rounding differs) "
+                "and per-rank RNG streams are re-seeded",
+            )
+        self.last_good = path
+        return step
+
+    def _check_compatible(self, path: Path, state: dict) -> None:
+        cfg = self.cfg
+        if state.get("format") != FORMAT or int(state.get("version", 0)) > VERSION:
+            raise ValueError(f"{path}: not a deepspec training checkpoint of version <= {VERSION}")
+        saved = json.loads((path / "drafter_config.json").read_text())
+        now = drafter_fingerprint(self.run.drafter_config)
+        diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+                if k not in _DRAFTER_FREE and saved.get(k) != now.get(k)}
+        if diff:
+            shown = "; ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+            raise ValueError(f"cannot resume from {path}: it was trained with a different drafter config ({shown}). "
+                             "Use the same model.* settings and target, or train.resume=none to start over")
+        data = state["data"]
+        if data["global_batch_size"] != cfg.train.global_batch_size or data["seed"] != cfg.train.seed:
+            raise ValueError(
+                f"cannot resume from {path}: its data order was made with train.global_batch_size="
+                f"{data['global_batch_size']}, train.seed={data['seed']}; this run has {cfg.train.global_batch_size}, "
+                f"{cfg.train.seed}. Keep them (the micro batch and the world size may change)")
+        n = len(self.run.train_examples)
+        if data["num_train_sequences"] != n:
+            log.warning("checkpoint %s was trained on %d sequences, this run has %d: the data order after resuming "
+                        "is not the one the interrupted run would have seen", path, data["num_train_sequences"], n)
+        if state["total_steps"] != self.total_steps:
+            log.warning("checkpoint %s planned %d steps, this run plans %d: the lr schedule is recomputed for the new "
+                        "length from step %d on", path, state["total_steps"], self.total_steps, state["step"])

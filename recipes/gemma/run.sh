@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Gemma DSpark drafter end to end: see recipes/gemma/README.md (the Gemma drafter family is not
+# implemented yet; the run stops at drafter resolution with a clear error until it is).
+#   PROMPTS=<prompt dataset> EXTRA="target.name_or_path=<your gemma>" recipes/gemma/run.sh
+export RECIPE=gemma
+# Gemma's recommended sampling.
+export REGEN_ARGS=${REGEN_ARGS:-"regen.sampling.temperature=1.0 regen.sampling.top_p=0.95 regen.sampling.top_k=64"}
+exec "$(dirname "$0")/../common.sh"

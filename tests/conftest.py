@@ -1,0 +1,34 @@
+"""Shared fixtures: the micro tiny target (built once per session into a temporary cache)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
+
+MICRO_TARGET = {
+    "max_files": 150, "train_steps": 40, "hidden_size": 64, "head_dim": 16, "intermediate_size": 128,
+    "num_layers": 4, "vocab_size": 1024, "batch_size": 8, "seq_len": 128,
+}
+
+
+@pytest.fixture(scope="session")
+def micro_target(tmp_path_factory):
+    """(folder, TinyTargetConfig, Hydra overrides) of a tiny target small enough to build in ~20 s."""
+    import torch
+
+    from deepspec.config import TinyTargetConfig
+    from deepspec.target.tiny import build_tiny_target
+
+    cache = tmp_path_factory.mktemp("tiny-cache")
+    cfg = TinyTargetConfig(**MICRO_TARGET, cache_dir=str(cache), num_threads=1)
+    n = torch.get_num_threads()
+    try:
+        path = build_tiny_target(cfg, log=lambda s: None)
+    finally:
+        torch.set_num_threads(n)
+    overrides = [f"target.tiny.{k}={v}" for k, v in MICRO_TARGET.items()] + [f"target.tiny.cache_dir={cache}"]
+    return path, cfg, overrides

@@ -1,0 +1,174 @@
+"""Shared pieces of the training tests: a micro tiny target built once per session, Hydra composition,
+in-process and launched (torchrun / accelerate launch) runs, checkpoint comparison."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = str(REPO / "deepspec" / "train.py")
+
+# A target small enough to build in ~20 s on one CPU thread (the default tiny target takes minutes).
+MICRO_TARGET = dict(max_files=60, train_steps=40, hidden_size=64, head_dim=16, intermediate_size=128, num_layers=4,
+                    vocab_size=1024, batch_size=8, seq_len=128)
+
+
+def micro_overrides(cache_dir: Path, out_dir: Path) -> List[str]:
+    return [f"target.tiny.{k}={v}" for k, v in MICRO_TARGET.items()] + [
+        f"target.tiny.cache_dir={cache_dir}",
+        f"train.output_dir={out_dir}",
+        "data.max_length=128",
+        "data.num_anchors=16",
+        "data.max_train_samples=64",
+        "model.markov_rank=16",
+        "eval.enabled=false",
+        "train.progress_bar=false",
+        "train.log_every=1",
+        "train.checkpoint.heldout_sequences=2",
+        "logging.tensorboard=false",
+    ]
+
+
+_BUILT: Dict[str, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """Folder holding the built micro target (DEEPSPEC_TEST_TINY_CACHE reuses one across sessions).
+    Each test module imports this fixture, which pytest treats as one fixture per module: the module
+    global makes sure the target is still built once per session."""
+    from deepspec.config import TinyTargetConfig
+    from deepspec.target.tiny import build_tiny_target
+
+    if "dir" in _BUILT:
+        return _BUILT["dir"]
+    d = Path(os.environ.get("DEEPSPEC_TEST_TINY_CACHE") or tmp_path_factory.getbasetemp() / "tiny-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_tiny_target(TinyTargetConfig(**MICRO_TARGET, cache_dir=str(d)))
+    finally:
+        torch.set_num_threads(threads)
+    _BUILT["dir"] = d
+    return d
+
+
+def compose(overrides: List[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from deepspec.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+_CHAT_SPLITS: Dict[str, dict] = {}
+
+
+def _cached_chat_splits(original):
+    """The tiny chat records depend only on the target's corpus settings; cut them once per session
+    (each cut parses the corpus again, seconds per in-process run)."""
+
+    def splits(tiny_cfg):
+        from omegaconf import OmegaConf
+
+        key = OmegaConf.to_yaml(tiny_cfg) if OmegaConf.is_config(tiny_cfg) else repr(tiny_cfg)
+        if key not in _CHAT_SPLITS:
+            _CHAT_SPLITS[key] = original(tiny_cfg)
+        return _CHAT_SPLITS[key]
+
+    return splits
+
+
+def train_here(overrides: List[str]) -> Path:
+    """One training run in this process (single process, one thread)."""
+    import deepspec.data.tiny_chat as tiny_chat
+    from deepspec.training.loop import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    reset_accelerate()
+    original = tiny_chat.tiny_chat_splits
+    tiny_chat.tiny_chat_splits = _cached_chat_splits(original)
+    try:
+        return train(compose(overrides))
+    finally:
+        tiny_chat.tiny_chat_splits = original
+        reset_accelerate()
+        torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: List[str], launcher: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+           cwd: Optional[Path] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``deepspec/train.py <args>`` in a fresh process: plain python, ``torchrun`` (2 processes) or
+    ``accelerate launch --config_file configs/accelerate/<launcher>.yaml`` (2 processes)."""
+    port = str(free_port())
+    if launcher is None:
+        cmd = [sys.executable, TRAIN_PY]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, TRAIN_PY]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2",
+               "--main_process_port", port, TRAIN_PY]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                **(env or {})}
+    if "DEEPSPEC_FAULTS" not in (env or {}):
+        full_env.pop("DEEPSPEC_FAULTS", None)
+    return subprocess.run(cmd + args, cwd=str(cwd or REPO), env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def tail(r: subprocess.CompletedProcess, n: int = 4000) -> str:
+    return (r.stdout + r.stderr)[-n:]
+
+
+def ckpt(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:08d}"
+
+
+def tensors(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def state(out: Path, step: int) -> dict:
+    return json.loads((ckpt(out, step) / "trainer_state.json").read_text())
+
+
+def assert_same_tensors(a: Path, b: Path, exact: bool = True, rel: float = 1e-5, atol: float = 0.0) -> None:
+    """Equal tensors (bit for bit), or within ``atol`` + ``rel`` x each tensor's largest magnitude."""
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys(), f"{a} and {b} hold different tensors"
+    for k in ta:
+        if exact:
+            assert torch.equal(ta[k], tb[k]), f"{k} differs between {a} and {b}"
+        else:
+            scale = float(tb[k].abs().max()) + 1e-12
+            diff = float((ta[k] - tb[k]).abs().max())
+            assert diff <= atol + rel * scale, f"{k}: max |diff| {diff:.3g} > {atol} + {rel} x {scale:.3g} ({a} vs {b})"
