@@ -240,7 +240,7 @@ class EvalConfig:
     scheduler: bool = True  # profile SPS(B) and replay rounds for R concurrent requests
     concurrency: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     sps_profile: str = ""  # a saved sps.json to reuse instead of profiling
-    profile_repeats: int = 3  # timed forwards per batch size (median kept)
+    profile_repeats: int = 10  # timed passes over all batch sizes (fastest kept per size)
     profile_context: int = 64  # tokens of KV cache each profiled request attends to
     plots: bool = True
 

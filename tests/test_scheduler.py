@@ -187,3 +187,27 @@ def test_profile_sps_on_a_tiny_target():
     assert curve.tokens == [1, 8, 21]  # 20 tokens = 3 rows of 7
     assert all(s > 0 for s in curve.steps_per_s)
     assert all(b <= a for a, b in zip(curve.steps_per_s, curve.steps_per_s[1:]))
+
+
+def test_monotone_times():
+    from deepspec.eval.profile import monotone_times
+
+    assert monotone_times([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+    # one slow reading at B=2 is pooled with its neighbour instead of raising every later size
+    assert monotone_times([1.0, 5.0, 3.0, 6.0]) == [1.0, 4.0, 4.0, 6.0]
+
+
+def test_vectorised_schedule_matches_the_loop():
+    from deepspec.eval.scheduler import schedule_array
+
+    rng = np.random.default_rng(3)
+    curves_sps = [SPSCurve([1, 8, 64, 512], [100.0, 90.0, 40.0, 6.0]), affine_sps(10, 1),
+                  {b: s for b, s in zip(range(1, 200), np.repeat([100, 60, 55, 20], 50))}.__getitem__]
+    for _ in range(300):
+        r_n, gamma = int(rng.integers(1, 6)), int(rng.integers(1, 8))
+        c = np.cumprod(rng.uniform(0.2, 1.0, (r_n, gamma)), axis=1)
+        c[rng.random(c.shape) < 0.1] = 0.0  # zero estimates are never visited
+        c = np.round(c, 1)  # ties between requests and slots
+        for sps in curves_sps:
+            assert schedule_array(c, sps).tolist() == schedule(c.tolist(), sps)[0]
+            assert schedule_array(c, sps, global_search=True).tolist() == schedule_global(c.tolist(), sps)[0]

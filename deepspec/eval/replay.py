@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from deepspec.eval.scheduler import SPS, schedule, schedule_global, threshold_lengths
+from deepspec.eval.scheduler import SPS, schedule_many, threshold_lengths_array
 
 POLICIES = ("fixed", "fixed_best", "threshold", "scheduled", "scheduled_lagged_global")
 
@@ -26,11 +26,11 @@ def threshold_sweep(curves: np.ndarray, accepted: np.ndarray, thresholds: Sequen
     committed (rejected, or after a rejection); expected_tokens_per_step: what the curves predicted.
     """
     curves, accepted = np.asarray(curves, dtype=np.float64), np.asarray(accepted)
+    cum = np.concatenate([np.zeros((len(curves), 1)), np.cumsum(np.minimum.accumulate(curves, axis=1), axis=1)], axis=1)
     out = []
     for t in thresholds:
-        ell = np.asarray(threshold_lengths(curves, float(t)))
+        ell = threshold_lengths_array(curves, float(t))
         got = np.minimum(ell, accepted)
-        cum = np.concatenate([np.zeros((len(curves), 1)), np.cumsum(np.minimum.accumulate(curves, axis=1), axis=1)], axis=1)
         verified = int(ell.sum())
         out.append({
             "threshold": float(t),
@@ -41,21 +41,6 @@ def threshold_sweep(curves: np.ndarray, accepted: np.ndarray, thresholds: Sequen
             "wasted_per_step": float((ell - got).mean()),
         })
     return out
-
-
-def _lengths(policy: str, curves: List[List[float]], lagged: List[List[float]], gamma: int, sps: SPS,
-             threshold: Optional[float], fixed_len: int) -> List[int]:
-    if policy == "fixed":
-        return [gamma] * len(curves)
-    if policy == "fixed_best":
-        return [fixed_len] * len(curves)
-    if policy == "threshold":
-        return threshold_lengths(curves, threshold)
-    if policy == "scheduled":
-        return schedule(curves, sps)[0]
-    if policy == "scheduled_lagged_global":
-        return schedule_global(lagged, sps)[0]
-    raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
 
 
 def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: int, policy: str,
@@ -73,24 +58,29 @@ def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: in
     r_n = int(concurrency)
     if n == 0 or r_n < 1:
         raise ValueError("simulate needs recorded rounds and concurrency >= 1")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     if policy == "threshold" and threshold is None:
         raise ValueError("policy 'threshold' needs a threshold")
     steps = math.ceil(n / r_n)
     mono = np.minimum.accumulate(np.clip(curves, 0, 1), axis=1)
     cum = np.concatenate([np.zeros((n, 1)), np.cumsum(mono, axis=1)], axis=1)
-    exp_tok = real_tok = time_s = b_sum = ell_sum = 0.0
-    for s in range(steps):
-        idx = [(r * steps + s) % n for r in range(r_n)]
-        lag_idx = [(r * steps + s - lag) % n for r in range(r_n)]
-        cur = [mono[i].tolist() for i in idx]
-        lagged = [mono[i].tolist() for i in lag_idx] if policy == "scheduled_lagged_global" else cur
-        ell = _lengths(policy, cur, lagged, gamma, sps, threshold, gamma if fixed_len is None else fixed_len)
-        b = sum(ell) + r_n
-        time_s += 1.0 / sps(b)
-        b_sum += b
-        ell_sum += sum(ell)
-        exp_tok += sum(1 + cum[i, l] for i, l in zip(idx, ell))
-        real_tok += sum(min(l, int(accepted[i])) + 1 for i, l in zip(idx, ell))
+    s_idx, r_idx = np.meshgrid(np.arange(steps), np.arange(r_n), indexing="ij")
+    idx = (r_idx * steps + s_idx) % n  # [S, R] round replayed by request r at step s
+    if policy == "fixed":
+        ell = np.full(idx.shape, gamma)
+    elif policy == "fixed_best":
+        ell = np.full(idx.shape, gamma if fixed_len is None else int(fixed_len))
+    elif policy == "threshold":
+        ell = threshold_lengths_array(mono, float(threshold))[idx]
+    else:
+        src = idx if policy == "scheduled" else (r_idx * steps + s_idx - lag) % n
+        glob = policy == "scheduled_lagged_global"
+        ell = schedule_many(mono[src], sps, glob)
+    b = (ell + 1).sum(axis=1)
+    time_s = float((1.0 / (sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b]))).sum())
+    exp_tok = float((1 + cum[idx, ell]).sum())
+    real_tok = float((np.minimum(ell, accepted[idx]) + 1).sum())
     return {
         "policy": policy,
         "concurrency": r_n,
@@ -99,8 +89,8 @@ def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: in
         "realised_tokens_per_s": real_tok / time_s,
         "per_request_tokens_per_s": real_tok / time_s / r_n,
         "tokens_per_request_step": real_tok / (steps * r_n),
-        "mean_batch_tokens": b_sum / steps,
-        "mean_verify_len": ell_sum / (steps * r_n),
+        "mean_batch_tokens": float(b.mean()),
+        "mean_verify_len": float(ell.mean()),
     }
 
 

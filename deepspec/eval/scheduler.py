@@ -64,6 +64,16 @@ class SPSCurve:
     def __call__(self, b: float) -> float:
         return 1.0 / self.step_time(b)
 
+    def many(self, b: np.ndarray) -> np.ndarray:
+        """SPS at each entry of ``b`` (same rule as :meth:`step_time`, vectorised)."""
+        b = np.asarray(b, dtype=np.float64)
+        xs, ts = np.asarray(self.tokens, dtype=np.float64), np.asarray(self._time)
+        t = np.interp(b, xs, ts)
+        if len(xs) > 1:
+            slope = max(0.0, (ts[-1] - ts[-2]) / (xs[-1] - xs[-2]))
+            t = np.where(b > xs[-1], ts[-1] + slope * (b - xs[-1]), t)
+        return 1.0 / t
+
     def to_dict(self) -> dict:
         return {"tokens": list(self.tokens), "steps_per_s": list(self.steps_per_s)}
 
@@ -131,15 +141,49 @@ def schedule_global(curves: Sequence[Sequence[float]], sps: SPS) -> Tuple[List[i
 
 def threshold_lengths(curves: Sequence[Sequence[float]], threshold: float) -> List[int]:
     """Static rule: verify the leading drafts whose survival estimate is at least ``threshold``."""
-    out = []
-    for c in curves:
-        n = 0
-        for a in _monotone(c):
-            if a < threshold or a <= 0:
-                break
-            n += 1
-        out.append(n)
-    return out
+    return threshold_lengths_array(np.asarray(curves, dtype=np.float64), threshold).tolist()
+
+
+def threshold_lengths_array(curves: np.ndarray, threshold: float) -> np.ndarray:
+    if curves.size == 0:
+        return np.zeros(len(curves), dtype=np.int64)
+    mono = np.minimum.accumulate(np.clip(curves, 0.0, 1.0), axis=-1)
+    return ((mono >= threshold) & (mono > 0)).sum(axis=-1)
+
+
+def schedule_array(curves: np.ndarray, sps: SPS, global_search: bool = False) -> np.ndarray:
+    """:func:`schedule` (or :func:`schedule_global`) for curves [R, γ], vectorised; same result."""
+    return schedule_many(np.asarray(curves, dtype=np.float64)[None], sps, global_search)[0]
+
+
+def schedule_many(curves: np.ndarray, sps: SPS, global_search: bool = False) -> np.ndarray:
+    """Independent schedules for S steps at once: curves [S, R, γ] -> ℓ [S, R].
+
+    Θ_n after the first n visits is (R + a_(1) + ... + a_(n))·SPS(R + n); the early stop keeps the
+    leading run of strict improvements, the global search the first maximum.
+    """
+    s_n, r_n, gamma = curves.shape
+    mono = np.minimum.accumulate(np.clip(curves, 0.0, 1.0), axis=2).reshape(s_n, r_n * gamma)
+    r = np.broadcast_to(np.repeat(np.arange(r_n), gamma), mono.shape)
+    j = np.broadcast_to(np.tile(np.arange(1, gamma + 1), r_n), mono.shape)
+    order = np.lexsort((r, j, -mono), axis=1)  # descending a; ties: earlier slot, then lower request
+    a, r, j = (np.take_along_axis(x, order, axis=1) for x in (mono, r, j))
+    valid = a > 0  # zeros sort last and are never visited
+    tau = np.cumsum(np.concatenate([np.full((s_n, 1), float(r_n)), a], axis=1), axis=1)  # the loop's additions
+    b = r_n + np.arange(tau.shape[1])
+    sps_b = sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b])
+    theta = tau * sps_b[None, :]
+    ok = np.concatenate([np.ones((s_n, 1), dtype=bool), valid], axis=1)
+    if global_search:
+        n = np.where(ok, theta, -np.inf).argmax(axis=1)
+    else:
+        up = (theta[:, 1:] > theta[:, :-1]) & valid
+        n = np.where(up.all(axis=1), up.shape[1], up.argmin(axis=1))
+    taken = np.arange(a.shape[1])[None, :] < n[:, None]
+    ell = np.zeros((s_n, r_n), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(s_n)[:, None], a.shape)
+    np.maximum.at(ell, (rows[taken], r[taken]), j[taken])
+    return ell
 
 
 def expected_tokens(curve: Sequence[float], ell: int) -> float:
