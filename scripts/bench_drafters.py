@@ -116,8 +116,9 @@ def _fmt(x, digits=3):
 
 
 def main_table(results: Dict[str, Dict]) -> List[str]:
-    rows = ["| drafter | trainable params | train s | T | τ | accept rate | τ vs DFlash-2L | conditional acceptance, slot 1..γ |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| drafter | trainable params | train s | T | τ | accept rate | τ vs DFlash-2L | draft ms/round | "
+            "conditional acceptance, slot 1..γ |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     base = results.get("DFlash-2L")
     for name, r in results.items():
         for temp, m in r["eval"]["temperatures"].items():
@@ -125,8 +126,9 @@ def main_table(results: Dict[str, Dict]) -> List[str]:
             rel = "-"
             if base is not None and m["tau"] is not None and base["eval"]["temperatures"][temp]["tau"]:
                 rel = f"{(m['tau'] / base['eval']['temperatures'][temp]['tau'] - 1) * 100:+.1f}%"
+            draft_ms = 1000 * m["draft_time_s"] / m["rounds"] if m.get("rounds") else None
             rows.append(f"| {name} | {r['trainable_params']:,} | {r['train_time_s']:.0f} | {float(temp):g} | "
-                        f"{_fmt(m['tau'])} | {_fmt(m['acceptance_rate'])} | {rel} | {cond} |")
+                        f"{_fmt(m['tau'])} | {_fmt(m['acceptance_rate'])} | {rel} | {_fmt(draft_ms, 1)} | {cond} |")
     return rows
 
 

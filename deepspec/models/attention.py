@@ -71,7 +71,9 @@ def _flex_fn(device: torch.device):
     if device.type != "cuda":
         return flex_attention  # eager reference implementation (tests, debugging)
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # Default dynamism: after the first new sequence length the lengths become symbolic, so
+        # varying context lengths (every batch, every decoding round) do not recompile each time.
+        _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
 
