@@ -22,8 +22,6 @@ def run(args, cwd):
     return res.stdout + res.stderr
 
 
-@pytest.mark.xfail(reason="after merging issue 4's loop, train.py from a fresh fp8 cache refuses it: the "
-                   "target embedding/lm_head fingerprint differs from the one collect.py recorded; open bug", strict=False)
 @pytest.mark.slow
 def test_regenerate_collect_train(micro_target, tmp_path):
     from deepspec.data.tiny_chat import tiny_chat_splits
@@ -52,7 +50,8 @@ def test_regenerate_collect_train(micro_target, tmp_path):
     run([str(ROOT / "deepspec" / "train.py"), *micro, "data.source=cache", "data.cache_dir=cache", "data.max_length=128",
          "train.max_steps=8", "train.log_every=1", "eval.enabled=false", "train.output_dir=run",
          "train.progress_bar=false"], tmp_path)
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in rows if "loss" in m]  # training rows; held-out rows carry heldout/* keys
     assert len(metrics) == 8 and all(math.isfinite(m["loss"]) for m in metrics)
     assert metrics[-1]["loss"] < metrics[0]["loss"]  # it learns from the cached features
     assert (tmp_path / "run" / "drafter" / "model.safetensors").is_file()
