@@ -173,11 +173,12 @@ def maybe_compile(drafter, train_cfg) -> None:
 
 
 def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
-    from deepspec.data.chat import end_of_turn_ids, prompt_ids
+    from deepspec.data.chat import end_of_turn_ids, prompt_ids, template_kwargs_of
     from deepspec.eval.runner import evaluate
-
-    from deepspec.data.chat import template_kwargs_of
 
     tkw = template_kwargs_of(run.cfg.data)
     prompts = [prompt_ids(run.tokenizer, r["messages"], tkw) for r in run.eval_records]
-    return evaluate(run.target, drafter, prompts, run.cfg.eval, end_of_turn_ids(run.tokenizer), out_dir=out_dir)
+    # the same name evaluate.py gives this split, so plots and tables of both line up
+    name = "tiny" if run.cfg.data.source == "tiny_chat" else "heldout"
+    return evaluate(run.target, drafter, prompts, run.cfg.eval, end_of_turn_ids(run.tokenizer), out_dir=out_dir,
+                    dataset_name=name)
