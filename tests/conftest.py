@@ -15,6 +15,28 @@ MICRO_TARGET = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests run tiny tensors, which gain nothing from threads; on a busy 2-core machine OpenMP
+    spin-waits make them crawl. Session scope, so module fixtures that build models get it too;
+    subprocess tests set OMP_NUM_THREADS themselves."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def reset_torch_threads():
+    """A test that changes the thread count does not leak it into the next one."""
+    yield
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def micro_target(tmp_path_factory):
     """(folder, TinyTargetConfig, Hydra overrides) of a tiny target small enough to build in ~20 s."""

@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COLLECT = ["data.max_train_samples=48", "data.max_length=128", "collect.shard_sequences=2", "collect.batch_size=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def compose(name: str, overrides):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from chat_fixtures import gemma_tokenizer, llama3_tokenizer, qwen3_tokenizer
 from deepspec.data.chat import (
@@ -19,14 +18,6 @@ NO_THINK = {"enable_thinking": False}
 ONE = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
 TWO = ONE + [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Waves fold into foam"}]
 SYS = [{"role": "system", "content": "Be brief."}] + ONE
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

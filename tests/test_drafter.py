@@ -27,16 +27,6 @@ H = 32
 MARKOV_KINDS = ["vanilla", "gated", "rnn", "off"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spin-waits
-    make them hundreds of times slower; run these tests single-threaded and restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_target(family: str = "qwen3", layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     kw = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=layers,

@@ -29,14 +29,6 @@ H = 32
 LAYER_IDS = [0, 1, 2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def hf_target(seed: int = 0, init_range: float = 0.3):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=4,

@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["native", "speculators", "dflash"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from threads; on a busy 2-core box OpenMP spin-waits make them crawl.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
     """family -> (model, saved folder)."""

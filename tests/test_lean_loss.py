@@ -17,14 +17,6 @@ from deepspec.losses import dspark_loss, target_logits, weighted_valid
 B, A, G, V = 2, 3, 5, 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 MIXES = {
     "dspark": dict(),
     "dflash": dict(ce_weight=1.0, l1_weight=0.0, confidence_weight=0.0),

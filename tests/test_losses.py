@@ -22,16 +22,6 @@ PAD = 0
 G = 4  # block size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core box OpenMP's spin-waits
-    make them hundreds of times slower; run these tests single-threaded and restore afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_target(seed: int = 0):
     torch.manual_seed(seed)
     cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=5,

@@ -32,14 +32,6 @@ from openai_standin import StandIn
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def write_prompts(path: Path, n: int, bad=(), schema="sharegpt") -> Path:
     with open(path, "w") as f:
         for i in range(n):

@@ -28,16 +28,6 @@ ALPHA = 1e-3  # false-alarm rate of each statistical test (seeds are fixed, so r
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core box spinning OpenMP
-    # workers make them 10-100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4) -> TargetModel:
     torch.manual_seed(seed)
     cfg = Qwen3Config(

@@ -18,14 +18,6 @@ from deepspec.training.setup import maybe_compile
 V = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_compiled_drafter_same_grads_and_names():
     torch.manual_seed(0)
     t = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
