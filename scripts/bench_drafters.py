@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -176,14 +175,9 @@ def verdicts(results: Dict[str, Dict], sweep: Dict[int, Dict[str, Dict]]) -> Dic
 def machine() -> str:
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from deepspec.machine import cpu_name
+
+    cpu = cpu_name()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({cpu}, {os.cpu_count()} cores)"
     return f"{dev}, torch {torch.__version__}"
 

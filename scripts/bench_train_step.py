@@ -300,18 +300,11 @@ def main(argv=None) -> dict:
 
 
 def machine(args) -> str:
-    import platform
+    from deepspec.machine import cpu_name
 
     if args.device.startswith("cuda"):
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}, {os.cpu_count()} cores visible, {args.threads} torch threads (torch {torch.__version__})"
 
 
