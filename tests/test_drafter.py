@@ -315,6 +315,24 @@ def test_shapes_and_training_step(family, markov):
     assert torch.equal(d.embed_tokens.weight, frozen[0]) and torch.equal(d.lm_head.weight, frozen[1])
 
 
+def test_bf16_target_feeds_fp32_drafter_without_autocast():
+    """recipe=qwen3 loads the target in bf16; with train.mixed_precision=no the drafter stays fp32 and
+    must take the bf16 features as they are (this used to fail with a dtype mismatch in fc)."""
+    target = tiny_target("qwen3")
+    d = tiny_drafter(target, block_size=4)
+    ids, mask, anchors, av = _fixed_batch()
+    tm = TargetModel(target, d.config.target_layer_ids)
+    feats = tm(ids)
+    tg = block_targets(ids, mask, anchors, av, 4)
+    bf16 = feats.aux.to(torch.bfloat16)
+    out = d(bf16, ids, anchors, tg.prev_tokens)
+    ref = d(bf16.float(), ids, anchors, tg.prev_tokens)  # the same values, upcast by hand
+    assert out.logits.dtype == torch.float32
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.confidence_logits, ref.confidence_logits)
+    draft = d.draft(bf16[:1, :8], int(ids[0, 8]), temperature=0.0)
+    assert draft.tokens.shape[-1] == 4
+
+
 # ----------------------------------------------------------------------------- 11. native export
 
 SPEC7_KEYS = (

@@ -108,7 +108,9 @@ class DSparkDrafter(nn.Module):
     # ------------------------------------------------------------------ backbone
     def context(self, target_feats: torch.Tensor) -> torch.Tensor:
         """[B, L, n·H_t] concatenated target layer outputs -> [B, L, H] injected context."""
-        return self.hidden_norm(self.fc(target_feats))
+        # A bf16 target feeding an fp32 drafter outside autocast (train.mixed_precision=no) must work;
+        # under autocast the round trip bf16 -> fp32 -> bf16 is exact.
+        return self.hidden_norm(self.fc(target_feats.to(self.fc.weight.dtype)))
 
     def backbone(self, ctx: torch.Tensor, block_tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """ctx: [B, L, H]; block_tokens: [B, A, γ]; anchors: [B, A] -> final-norm hiddens [B, A, γ, H]."""

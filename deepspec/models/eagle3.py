@@ -119,7 +119,7 @@ class Eagle3Drafter(nn.Module):
         b, length, _ = target_feats.shape
         a = anchors.shape[1]
         dev = target_feats.device
-        f = self.fc(target_feats)
+        f = self.fc(target_feats.to(self.fc.weight.dtype))  # a bf16 target may feed an fp32 drafter
         f = torch.cat([f.new_zeros(b, 1, f.shape[-1]), f], dim=1)  # f[:, i] = fc(feature at i-1), f[:, 0] = 0
         x_ctx = layer.inputs(self.embed_tokens(ctx_ids).to(f.dtype), f[:, :length])
         pos = torch.arange(length, device=dev).expand(b, -1)
