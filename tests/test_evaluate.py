@@ -101,7 +101,7 @@ def test_evaluate_job_end_to_end(setup_dirs):
     for key in ("block_size", "target_layer_ids", "markov_rank", "markov_head_type", "max_new_tokens", "seed",
                 "num_prompts", "temperatures", "datasets", "sps_profile", "sts_saved"):
         assert key in on_disk
-    name = str(root / "prompts.jsonl")
+    name = "prompts.jsonl"  # a local file is labelled by its base name
     assert list(on_disk["datasets"]) == [name] and on_disk["num_prompts"] == 10
     t0, t1 = on_disk["temperatures"]["0.0"], on_disk["temperatures"]["1.0"]
     assert t0["identical_outputs"] == 10  # T=0 output = the target's greedy output, every prompt
@@ -209,6 +209,18 @@ def test_bad_dataset_and_temperature(setup_dirs, tmp_path, no_work):
         run_evaluation(job_config(root, temperatures=[1.0, -0.5]))
     with pytest.raises(FileNotFoundError, match="drafter"):
         run_evaluation(job_config(root, drafter=str(tmp_path)))
+
+
+def test_dataset_labels(tmp_path):
+    from deepspec.eval.datasets import dataset_labels
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "p.jsonl").write_text("")
+    (tmp_path / "q.jsonl").write_text("")
+    names = ["gsm8k", str(tmp_path / "q.jsonl"), str(tmp_path / "a" / "p.jsonl"), str(tmp_path / "b" / "p.jsonl")]
+    assert dataset_labels(names) == {names[0]: "gsm8k", names[1]: "q.jsonl", names[2]: names[2], names[3]: names[3]}
 
 
 def test_hub_dataset_mapping(monkeypatch):

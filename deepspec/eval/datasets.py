@@ -91,6 +91,17 @@ def _tiny(tiny_cfg) -> List[str]:
     return [_first_turn(r["messages"], f"tiny held-out record {r.get('id', i)}") for i, r in enumerate(records)]
 
 
+def dataset_labels(names: Sequence[str]) -> Dict[str, str]:
+    """Name -> the label used in eval.json, the console table and plot file names: a local file's
+    base name (``/data/my_prompts.jsonl`` -> ``my_prompts.jsonl``), the name itself otherwise or
+    where two files share a base name."""
+    base = {n: os.path.basename(n) if os.path.isfile(n) else n for n in names}
+    counts: Dict[str, int] = {}
+    for b in base.values():
+        counts[b] = counts.get(b, 0) + 1
+    return {n: b if counts[b] == 1 else n for n, b in base.items()}
+
+
 def load_prompt_texts(name: str, cfg) -> List[str]:
     """First user turns of dataset ``name`` (see module docstring); ``cfg`` is the whole config tree."""
     e = cfg.eval

@@ -64,7 +64,7 @@ def save_sts(drafter, drafter_dir: Path, temps: list) -> None:
 def run_evaluation(cfg) -> Dict:
     """Everything `python deepspec/evaluate.py` does; returns the report (also in eval.json)."""
     from deepspec.data.chat import end_of_turn_ids
-    from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
+    from deepspec.eval.datasets import dataset_labels, load_prompt_texts, select, tokenize_prompts
     from deepspec.eval.loading import check_inputs, load_models
     from deepspec.eval.report import atomic_write_json
     from deepspec.eval.runner import evaluate_datasets
@@ -77,9 +77,10 @@ def run_evaluation(cfg) -> Dict:
     inputs = check_inputs(cfg)  # drafter vs target, from config files: before any weights load
     tokenizer = inputs["tokenizer"]
     prompts = {}
+    labels = dataset_labels([str(n) for n in e.datasets])
     for name in e.datasets:
         texts = select(load_prompt_texts(str(name), cfg), e.num_prompts, e.seed)
-        prompts[str(name)] = tokenize_prompts(tokenizer, texts)
+        prompts[labels[str(name)]] = tokenize_prompts(tokenizer, texts)
         log.info("dataset %s: %d prompts", name, len(texts))
     sps = SPSCurve.load(e.sps_profile) if e.sps_profile else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,7 +45,7 @@ def write_rounds(path: str, runs) -> None:
 
 def format_table(report: Dict) -> str:
     """Console summary: one row per dataset and temperature."""
-    rows = [f"{'dataset':<12} {'T':>4} {'tau':>6} {'accept':>7} {'spec tok/s':>11} {'target tok/s':>13} "
+    rows = [f"{'dataset':<16} {'T':>4} {'tau':>6} {'accept':>7} {'spec tok/s':>11} {'target tok/s':>13} "
             f"{'speedup':>8} {'ECE raw':>8} {'ECE STS':>8} {'AUC':>6} {'sched/fixed (R lo, hi)':>23}"]
     datasets = report.get("datasets") or {"prompts": {"temperatures": report["temperatures"]}}
     for name, d in datasets.items():
@@ -54,7 +54,7 @@ def format_table(report: Dict) -> str:
             sched = (s.get("scheduler") or {}).get("levels") or []
             ratio = f"{sched[0]['scheduled_over_fixed']:.2f}x, {sched[-1]['scheduled_over_fixed']:.2f}x" if sched else "-"
             rows.append(
-                f"{name[:12]:<12} {s['temperature']:>4g} {_num(s['tau'], 6, 3)} {_num(s['acceptance_rate'], 7, 3)} "
+                f"{name[:16]:<16} {s['temperature']:>4g} {_num(s['tau'], 6, 3)} {_num(s['acceptance_rate'], 7, 3)} "
                 f"{_num(s['spec_tokens_per_s'], 11, 1)} {_num(s['target_tokens_per_s'], 13, 1)} "
                 f"{_num(s['speedup'], 7, 2)}x {_pct(conf.get('mean_ece_before'))} {_pct(conf.get('mean_ece_after'))} "
                 f"{_num(conf.get('mean_auc_after'), 6, 3)} {ratio:>23}"
