@@ -251,6 +251,25 @@ def test_online_and_offline_bf16_give_the_same_loss(bf16_cache, micro_target, tm
     off.feature_source.close()
 
 
+def test_heldout_score_of_a_cache_run_uses_the_heldout_features(bf16_cache, micro_target, tmp_path):
+    """The checkpoint-time τ estimate scores held-out sequences, which are not in the cache: a cache run
+    must compute their features with the target (it used to look up training sequences by index)."""
+    from deepspec.training.heldout import HeldoutScorer
+
+    _, _, micro = micro_target
+    on, off = _runs(micro, tmp_path, bf16_cache)
+    on_records = [r["messages"] for r in on.heldout_records[:6]]
+    assert on_records and on_records == [r["messages"] for r in off.heldout_records[:6]]
+    with torch.no_grad():
+        for p_on, p_off in zip(on.drafter.parameters(), off.drafter.parameters()):
+            assert torch.equal(p_on, p_off)  # same seed, same initial drafter
+    s_on = HeldoutScorer(on, accelerator(), 6)(on.drafter)
+    s_off = HeldoutScorer(off, accelerator(), 6)(off.drafter)
+    assert s_on["sequences"] == s_off["sequences"] == 6
+    assert s_off["loss"] == s_on["loss"] and s_off["tau_est"] == s_on["tau_est"]
+    off.feature_source.close()
+
+
 def test_prefetcher_follows_jumps(bf16_cache):
     from deepspec.data.batching import Example, collate, global_indices
     from deepspec.data.cache_loader import PrefetchingFeatures

@@ -50,7 +50,8 @@ class HeldoutScorer:
             batch = collate(chunk, keys, cfg.data.num_anchors, cfg.train.seed + HELDOUT_ANCHOR_SEED_OFFSET,
                             self.run.pad_id).to(self.acc.device)
             with bf16_autocast(self.acc, cfg.train.mixed_precision):
-                out = micro_step(self.run, model, batch, torch.ones((), device=self.acc.device))
+                feats = self.run.online_features(batch)  # never the cache: it holds training sequences
+                out = micro_step(self.run, model, batch, torch.ones((), device=self.acc.device), feats)
             for k, v in out.sums.items():
                 sums[k] = sums.get(k, 0) + v.float()
         model.train(was_training)

@@ -53,9 +53,10 @@ def local_weight_sum(batches: List[Batch], block_size: int, decay_gamma: float) 
     return total
 
 
-def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor):
+def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, features=None):
     dc = run.drafter_config
-    feats = run.features(batch)  # online: target forward; data.source=cache: read from disk
+    # online: target forward; data.source=cache: read from disk; or given (held-out scoring)
+    feats = features if features is not None else run.features(batch)
     targets = block_targets(batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size)
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
     tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)

@@ -42,9 +42,14 @@ class RunSetup:
         return self.target.lm_head
 
     def features(self, batch) -> TargetOutput:
-        """Target features of a batch: a target forward (online), or read from the offline cache."""
+        """Target features of a training batch: a target forward (online), or read from the offline cache."""
         if self.feature_source is not None:
             return self.feature_source(batch)
+        return self.online_features(batch)
+
+    def online_features(self, batch) -> TargetOutput:
+        """A target forward. Held-out sequences always take this path: the cache holds only the
+        training split, and its keys would name training sequences."""
         return self.target(batch.input_ids, attention_mask=batch.attention_mask)
 
 
