@@ -28,7 +28,7 @@ def main(cfg) -> None:
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
     out = train(cfg)
-    if not cfg.train.dry_run:
+    if not cfg.train.dry_run and int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
         print(f"run finished: {out}")
 
 

@@ -75,7 +75,7 @@ def eval_section(ev: Any, dataset: str, plots: List[str]) -> str:
     if not rows:
         return "## Evaluation\n\nNo evaluation results were found for this drafter (no eval.json).\n"
     out = ["## Evaluation", "",
-           "Offline protocol (SPEC §6): chain drafting, batch 1, full block; τ = accepted drafts + 1 per round.", "",
+           "Offline protocol of the DSpark paper: chain drafting, batch 1, full block; τ = accepted drafts + 1 per round.", "",
            "| Dataset | T | τ (accepted length) | Acceptance rate | Speedup | Rounds |",
            "|---|---|---|---|---|---|"]
     for r in rows:

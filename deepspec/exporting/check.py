@@ -163,7 +163,7 @@ def _check_layer_ids(rep, raw, sidecar, reference, tgt: Optional[TargetInfo]) ->
         rep.errors.append(
             f"{where}: {key}={ids} but the drafter was trained on native target_layer_ids {truth} (from {source}); "
             f"this format expects {rule} = {want}"
-            + (": the layer ids are shifted by one (the SPEC §7 layer-id trap)" if shifted else ""))
+            + (": the layer ids are shifted by one (native ids vs HF hidden_states indices)" if shifted else ""))
     n = raw.get("num_target_layers") or (sidecar or {}).get("num_target_layers")
     if n is None and tgt is not None:
         n = tgt.num_layers
