@@ -27,8 +27,10 @@ def main(cfg) -> None:
     from deepspec.training.loop import train
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
+    from accelerate import PartialState
+
     out = train(cfg)
-    if not cfg.train.dry_run and int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+    if not cfg.train.dry_run and PartialState().is_main_process:  # once, not once per process
         print(f"run finished: {out}")
 
 

@@ -14,6 +14,16 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def send_json(h: BaseHTTPRequestHandler, code: int, obj: dict) -> None:
+    """Reply to the request ``h`` is handling with ``obj`` as JSON (shared by the test HTTP stand-ins)."""
+    data = json.dumps(obj).encode()
+    h.send_response(code)
+    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Length", str(len(data)))
+    h.end_headers()
+    h.wfile.write(data)
+
+
 class StandIn:
     def __init__(self, delay: float = 0.0, reject_if: str = "BAD", transient: dict | None = None,
                  down_after: int | None = None):
@@ -70,27 +80,19 @@ class StandIn:
             if self.delay:
                 time.sleep(self.delay)
             if h.path != "/v1/chat/completions":
-                return self._send(h, 404, {"error": "not found"})
+                return send_json(h, 404, {"error": "not found"})
             if fail is not None:
-                return self._send(h, 503, {"error": "busy"})
+                return send_json(h, 503, {"error": "busy"})
             if self.reject_if and self.reject_if in prompt:
-                return self._send(h, 400, {"error": "prompt rejected"})
+                return send_json(h, 400, {"error": "prompt rejected"})
             with self._lock:
                 self.answered += 1
-            self._send(h, 200, {"choices": [{"index": 0, "finish_reason": "stop",
+            send_json(h, 200, {"choices": [{"index": 0, "finish_reason": "stop",
                                              "message": {"role": "assistant", "content": self.answer(body)}}]})
         finally:
             with self._lock:
                 self._in_flight -= 1
 
-    @staticmethod
-    def _send(h, code: int, obj: dict) -> None:
-        data = json.dumps(obj).encode()
-        h.send_response(code)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
 
     def close(self) -> None:
         self.server.shutdown()

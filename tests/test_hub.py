@@ -25,6 +25,7 @@ from deepspec.exporting.hub import HubError, push_folder, validate_repo_id
 from deepspec.exporting.native import save_native
 from deepspec.exporting.pipeline import run_export
 from export_fixtures import tiny_drafter, tiny_target
+from openai_standin import send_json
 
 TOKEN = "hf_standinSECRETtoken_0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,23 +45,15 @@ class StandInHub:
             def log_message(self, *args):
                 pass
 
-            def _reply(self, code, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
             def do_GET(self):
                 if self.path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: none here
-                    return self._reply(200, {"standardEnvVars": [], "harnesses": {}})
+                    return send_json(self, 200, {"standardEnvVars": [], "harnesses": {}})
                 hub.requests.append(("GET", urlsplit(self.path).path, None, self.headers.get("Authorization")))
                 m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$", urlsplit(self.path).path)
                 if m and m.group(1) in hub.repos:
-                    return self._reply(200, {"id": m.group(1), "sha": "b" * 40, "siblings": []})
+                    return send_json(self, 200, {"id": m.group(1), "sha": "b" * 40, "siblings": []})
                 hub.unknown.append(("GET", self.path))
-                self._reply(404, {"error": "not found"})
+                send_json(self, 404, {"error": "not found"})
 
             def do_POST(self):
                 path = urlsplit(self.path).path
@@ -71,24 +64,24 @@ class StandInHub:
                     p = json.loads(body)
                     repo = f"{p['organization']}/{p['name']}"
                     if p["name"] == "forbidden":  # echo the auth header: the client must not leak it onwards
-                        return self._reply(403, {"error": f"no write access for {auth}"})
+                        return send_json(self, 403, {"error": f"no write access for {auth}"})
                     hub.repos[repo] = {"payload": p, "branches": ["main"]}
-                    return self._reply(200, {"url": f"{hub.url}/{repo}", "name": repo})
+                    return send_json(self, 200, {"url": f"{hub.url}/{repo}", "name": repo})
                 if path == "/api/validate-yaml":
-                    return self._reply(200, {"errors": [], "warnings": []})
+                    return send_json(self, 200, {"errors": [], "warnings": []})
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)$", path)
                 if not m or m.group(1) not in hub.repos:
                     hub.unknown.append(("POST", self.path))
-                    return self._reply(404, {"error": "Repository not found"})
+                    return send_json(self, 404, {"error": "Repository not found"})
                 repo, op, rev = m.group(1), m.group(2), unquote(m.group(3))
                 if op == "branch":
                     hub.repos[repo]["branches"].append(rev)
-                    return self._reply(200, {})
+                    return send_json(self, 200, {})
                 if rev not in hub.repos[repo]["branches"]:
-                    return self._reply(404, {"error": f"Revision {rev} not found"})
+                    return send_json(self, 404, {"error": f"Revision {rev} not found"})
                 if op == "preupload":
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular",
+                    return send_json(self, 200, {"files": [{"path": f["path"], "uploadMode": "regular",
                                                         "shouldIgnore": False, "oid": None} for f in files]})
                 lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
                 commit = {"revision": rev, "header": lines[0]["value"], "files": {}}
@@ -96,7 +89,7 @@ class StandInHub:
                     assert item["key"] == "file", item  # regular uploads only
                     commit["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 hub.files.setdefault(repo, []).append(commit)
-                return self._reply(200, {"commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}",
+                return send_json(self, 200, {"commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}",
                                          "commitOid": "c" * 40, "pullRequestUrl": None})
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
