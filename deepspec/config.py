@@ -202,13 +202,21 @@ class TrainConfig:
     compile_backend: str = "inductor"
     # --- launch (docs/training.md): "auto" = whatever `accelerate launch --config_file ...` set up
     strategy: str = "auto"  # auto | single | ddp | deepspeed | fsdp
-    deepspeed_config: Optional[str] = None  # DeepSpeed json (None = the launcher's, else configs/deepspeed/zero<stage>.json)
+    deepspeed_config: Optional[str] = (
+        None  # DeepSpeed json (None = the launcher's, else configs/deepspeed/zero<stage>.json)
+    )
     # --- checkpoints and resume
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    resume: str = "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder
-    on_nonfinite: str = "stop"  # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
+    resume: str = (
+        "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder
+    )
+    on_nonfinite: str = (
+        "stop"  # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
+    )
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
-    dry_run: bool = False  # print the resolved config and the plan (steps, accumulation, tokens); load nothing
+    dry_run: bool = (
+        False  # print the resolved config and the plan (steps, accumulation, tokens); load nothing
+    )
 
 
 @dataclass

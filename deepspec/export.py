@@ -25,7 +25,6 @@ CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
 register_configs()
 
 
-
 def _user_errors():
     """Errors a user can act on (bad input, failed check, refused push): one message, no traceback."""
     from deepspec.exporting.hub import HubError
@@ -38,11 +37,15 @@ def check_main(argv) -> int:
 
     from deepspec.exporting.check import check_export
 
-    ap = argparse.ArgumentParser(prog="deepspec/export.py check", description="Check an exported drafter folder.")
+    ap = argparse.ArgumentParser(
+        prog="deepspec/export.py check", description="Check an exported drafter folder."
+    )
     ap.add_argument("dir", help="export folder (native, speculators or dflash)")
     ap.add_argument("--target", help="local target model folder (config.json, optional safetensors weights)")
-    ap.add_argument("--reference", help="drafter folder to compare logits against (default: the probe "
-                                        "stored in deepspec_export.json)")
+    ap.add_argument(
+        "--reference",
+        help="drafter folder to compare logits against (default: the probe stored in deepspec_export.json)",
+    )
     args = ap.parse_args(argv)
     try:
         report = check_export(args.dir, target=args.target, reference=args.reference)

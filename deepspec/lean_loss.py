@@ -44,7 +44,7 @@ class HeadLogits:
     def shape(self) -> torch.Size:
         return torch.Size((*self.hidden.shape[:-1], self.weight.shape[0]))
 
-    def reshape_rows(self) -> "HeadLogits":
+    def reshape_rows(self) -> HeadLogits:
         return HeadLogits(self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight)
 
     def rows(self, sel) -> torch.Tensor:

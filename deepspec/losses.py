@@ -27,8 +27,9 @@ class LossOutput:
     sums: Dict[str, torch.Tensor]  # detached weighted sums for logging: ce, l1, bce, weight
 
 
-def target_logits(target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module,
-                  lazy: bool = False):
+def target_logits(
+    target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module, lazy: bool = False
+):
     """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V].
 
     ``lazy=True`` returns a :class:`~deepspec.lean_loss.HeadLogits` instead: the gathered hiddens and
@@ -70,8 +71,14 @@ def dspark_loss(
     soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
     impl = getattr(loss_cfg, "impl", "lean")
     if impl == "lean":
-        ce, sce, l1 = block_row_stats(draft_logits, tgt_logits, targets.labels, targets.valid,
-                                      int(getattr(loss_cfg, "chunk_size", 0)), with_soft_ce=soft_w != 0)
+        ce, sce, l1 = block_row_stats(
+            draft_logits,
+            tgt_logits,
+            targets.labels,
+            targets.valid,
+            int(getattr(loss_cfg, "chunk_size", 0)),
+            with_soft_ce=soft_w != 0,
+        )
     elif impl == "reference":
         ce, sce, l1 = reference_row_stats(draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0)
     else:

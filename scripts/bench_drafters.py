@@ -48,10 +48,16 @@ def parse(argv: Optional[List[str]] = None):
     if "--" in argv:
         i = argv.index("--")
         argv, overrides = argv[:i], argv[i + 1 :]
-    ap = argparse.ArgumentParser(description="Train and evaluate DSpark / DFlash / EAGLE-3 drafters side by side.")
+    ap = argparse.ArgumentParser(
+        description="Train and evaluate DSpark / DFlash / EAGLE-3 drafters side by side."
+    )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
-    ap.add_argument("--sweep-steps", type=int, default=None, help="steps for the γ sweep runs (default: --steps)")
-    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts per evaluation (default: recipe's)")
+    ap.add_argument(
+        "--sweep-steps", type=int, default=None, help="steps for the γ sweep runs (default: --steps)"
+    )
+    ap.add_argument(
+        "--prompts", type=int, default=None, help="held-out prompts per evaluation (default: recipe's)"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--gammas", default="4,8,12,16", help="block sizes of the sweep")
     ap.add_argument("--only", choices=["all", "main", "sweep"], default="all")
@@ -67,8 +73,13 @@ def parse(argv: Optional[List[str]] = None):
 
 
 def run_overrides(args, kind: str, layers: int, gamma: Optional[int], steps: Optional[int]) -> List[str]:
-    o = [f"recipe={args.recipe}", f"model={kind}", f"model.num_layers={layers}", "train.progress_bar=false",
-         "export.after_training=false"]
+    o = [
+        f"recipe={args.recipe}",
+        f"model={kind}",
+        f"model.num_layers={layers}",
+        "train.progress_bar=false",
+        "export.after_training=false",
+    ]
     if gamma is not None:
         o.append(f"model.block_size={gamma}")
     if steps is not None:
@@ -84,8 +95,11 @@ def train_and_eval(name: str, out: Path, overrides: List[str], threads: int, reu
     done = (out / "eval.json").is_file() and (out / "train_summary.json").is_file()
     if not (reuse and done):
         cmd = [sys.executable, str(ROOT / "deepspec" / "train.py"), f"train.output_dir={out}", *overrides]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(threads),
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         out.mkdir(parents=True, exist_ok=True)
         print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
         t0 = time.time()
@@ -93,7 +107,9 @@ def train_and_eval(name: str, out: Path, overrides: List[str], threads: int, reu
             proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
         if proc.returncode != 0:
             tail = (out / "bench.log").read_text()[-3000:]
-            raise RuntimeError(f"run {name} failed (exit {proc.returncode}); log {out / 'bench.log'}:\n{tail}")
+            raise RuntimeError(
+                f"run {name} failed (exit {proc.returncode}); log {out / 'bench.log'}:\n{tail}"
+            )
         print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
     summary = json.loads((out / "train_summary.json").read_text())
     info = json.loads((out / "run_info.json").read_text())
@@ -115,9 +131,11 @@ def _fmt(x, digits=3):
 
 
 def main_table(results: Dict[str, Dict]) -> List[str]:
-    rows = ["| drafter | trainable params | train s | T | τ | accept rate | τ vs DFlash-2L | draft ms/round | "
-            "conditional acceptance, slot 1..γ |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| drafter | trainable params | train s | T | τ | accept rate | τ vs DFlash-2L | draft ms/round | "
+        "conditional acceptance, slot 1..γ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     base = results.get("DFlash-2L")
     for name, r in results.items():
         for temp, m in r["eval"]["temperatures"].items():
@@ -126,8 +144,10 @@ def main_table(results: Dict[str, Dict]) -> List[str]:
             if base is not None and m["tau"] is not None and base["eval"]["temperatures"][temp]["tau"]:
                 rel = f"{(m['tau'] / base['eval']['temperatures'][temp]['tau'] - 1) * 100:+.1f}%"
             draft_ms = 1000 * m["draft_time_s"] / m["rounds"] if m.get("rounds") else None
-            rows.append(f"| {name} | {r['trainable_params']:,} | {r['train_time_s']:.0f} | {float(temp):g} | "
-                        f"{_fmt(m['tau'])} | {_fmt(m['acceptance_rate'])} | {rel} | {_fmt(draft_ms, 1)} | {cond} |")
+            rows.append(
+                f"| {name} | {r['trainable_params']:,} | {r['train_time_s']:.0f} | {float(temp):g} | "
+                f"{_fmt(m['tau'])} | {_fmt(m['acceptance_rate'])} | {rel} | {_fmt(draft_ms, 1)} | {cond} |"
+            )
     return rows
 
 
@@ -163,7 +183,9 @@ def verdicts(results: Dict[str, Dict], sweep: Dict[int, Dict[str, Dict]]) -> Dic
             for temp in pair["DSpark-2L"]["eval"]["temperatures"]:
                 a = pair["DSpark-2L"]["eval"]["temperatures"][temp]["tau"]
                 b = pair["DFlash-2L"]["eval"]["temperatures"][temp]["tau"]
-                gains.setdefault(f"T{float(temp):g}", []).append((gamma, (a / b - 1) * 100 if a and b else None))
+                gains.setdefault(f"T{float(temp):g}", []).append(
+                    (gamma, (a / b - 1) * 100 if a and b else None)
+                )
     for t, g in gains.items():
         vals = [x for _, x in g if x is not None]
         v[f"gain_by_gamma_{t}"] = g
@@ -178,7 +200,11 @@ def machine() -> str:
     from deepspec.machine import cpu_name
 
     cpu = cpu_name()
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only ({cpu}, {os.cpu_count()} cores)"
+    dev = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU only ({cpu}, {os.cpu_count()} cores)"
+    )
     return f"{dev}, torch {torch.__version__}"
 
 
@@ -191,18 +217,32 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         wanted = set(args.runs.split(",")) if args.runs else None
         for name, kind, layers in MAIN_RUNS:
             if wanted is None or name in wanted:
-                jobs.append(("main", name, out / "main" / name, run_overrides(args, kind, layers, None, args.steps)))
+                jobs.append(
+                    ("main", name, out / "main" / name, run_overrides(args, kind, layers, None, args.steps))
+                )
     if args.only in ("all", "sweep"):
         steps = args.sweep_steps if args.sweep_steps is not None else args.steps
         for gamma in [int(g) for g in args.gammas.split(",") if g]:
             for name, kind, layers in SWEEP_KINDS:
-                jobs.append((gamma, name, out / "sweep" / f"gamma{gamma}" / name,
-                             run_overrides(args, kind, layers, gamma, steps)))
+                jobs.append(
+                    (
+                        gamma,
+                        name,
+                        out / "sweep" / f"gamma{gamma}" / name,
+                        run_overrides(args, kind, layers, gamma, steps),
+                    )
+                )
     t0 = time.time()
 
     def work(job):
         key, name, d, o = job
-        return key, name, train_and_eval(f"{name}" + (f" γ={key}" if key != "main" else ""), d, o, args.threads, args.reuse)
+        return (
+            key,
+            name,
+            train_and_eval(
+                f"{name}" + (f" γ={key}" if key != "main" else ""), d, o, args.threads, args.reuse
+            ),
+        )
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         done = list(pool.map(work, jobs))
@@ -213,17 +253,30 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             results[name] = r
         else:
             sweep.setdefault(key, {})[name] = r
-    report = {"machine": machine(), "threads_per_run": args.threads, "wall_s": time.time() - t0,
-              "args": {k: v for k, v in vars(args).items()}, "main": results,
-              "sweep": {str(k): v for k, v in sweep.items()}, "verdicts": verdicts(results, sweep)}
-    lines = [f"# Drafter benchmark (recipe={args.recipe})", "",
-             f"Machine: {report['machine']}; {args.threads} torch thread(s) per run. Train seconds are wall "
-             "clock of the training loop on that machine.", ""]
+    report = {
+        "machine": machine(),
+        "threads_per_run": args.threads,
+        "wall_s": time.time() - t0,
+        "args": {k: v for k, v in vars(args).items()},
+        "main": results,
+        "sweep": {str(k): v for k, v in sweep.items()},
+        "verdicts": verdicts(results, sweep),
+    }
+    lines = [
+        f"# Drafter benchmark (recipe={args.recipe})",
+        "",
+        f"Machine: {report['machine']}; {args.threads} torch thread(s) per run. Train seconds are wall "
+        "clock of the training loop on that machine.",
+        "",
+    ]
     if results:
         any_run = next(iter(results.values()))
         ev = any_run["eval"]
-        lines += [f"Main table: γ = {ev['block_size']}, {any_run['train_steps']} optimizer steps each, "
-                  f"{ev['num_prompts']} held-out prompts, ≤ {ev['max_new_tokens']} new tokens, T = 0 and 1.", ""]
+        lines += [
+            f"Main table: γ = {ev['block_size']}, {any_run['train_steps']} optimizer steps each, "
+            f"{ev['num_prompts']} held-out prompts, ≤ {ev['max_new_tokens']} new tokens, T = 0 and 1.",
+            "",
+        ]
         lines += main_table(results) + [""]
     if sweep:
         st = next(iter(next(iter(sweep.values())).values()))["train_steps"]

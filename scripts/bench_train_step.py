@@ -104,10 +104,24 @@ class Workload:
         a = self.args
         h = a.hidden
         c = DSparkConfig(
-            model_type="qwen3", vocab_size=a.vocab, hidden_size=h, intermediate_size=2 * h, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=h // 4, rms_norm_eps=1e-6, rope_theta=1e6, attention_bias=False,
-            use_qk_norm=True, num_hidden_layers=2, num_target_layers=6, target_hidden_size=h,
-            target_layer_ids=[1, 2, 3], block_size=a.block, mask_token_id=a.vocab - 1, markov_rank=a.markov_rank,
+            model_type="qwen3",
+            vocab_size=a.vocab,
+            hidden_size=h,
+            intermediate_size=2 * h,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=h // 4,
+            rms_norm_eps=1e-6,
+            rope_theta=1e6,
+            attention_bias=False,
+            use_qk_norm=True,
+            num_hidden_layers=2,
+            num_target_layers=6,
+            target_hidden_size=h,
+            target_layer_ids=[1, 2, 3],
+            block_size=a.block,
+            mask_token_id=a.vocab - 1,
+            markov_rank=a.markov_rank,
         )
         torch.manual_seed(a.seed)
         self.model = build_drafter(c)
@@ -116,7 +130,9 @@ class Workload:
         head = torch.randn(a.vocab, h, generator=g) * 0.5
         self.model.load_target_head(emb, head)
         with torch.no_grad():  # a non-trivial Markov head (it starts at zero)
-            self.model.markov_head.markov_w2.weight.copy_(torch.randn(a.vocab, a.markov_rank, generator=g) * 0.05)
+            self.model.markov_head.markov_w2.weight.copy_(
+                torch.randn(a.vocab, a.markov_rank, generator=g) * 0.05
+            )
         self.model.to(dev).train()
         self.t_head = torch.nn.Linear(h, a.vocab, bias=False).to(dev)
         with torch.no_grad():
@@ -128,10 +144,13 @@ class Workload:
         self.final = torch.randn(a.batch, L, h, generator=g).to(dev)
         if L < a.anchors + a.block + 1:
             raise SystemExit(f"--ctx {L} is too short for {a.anchors} anchors and block {a.block}")
-        anchors = torch.stack([torch.randperm(L - a.block - 1, generator=g)[: a.anchors].sort().values
-                               for _ in range(a.batch)]).to(dev)
+        anchors = torch.stack(
+            [torch.randperm(L - a.block - 1, generator=g)[: a.anchors].sort().values for _ in range(a.batch)]
+        ).to(dev)
         self.anchors = anchors
-        self.targets = block_targets(self.ids, torch.ones_like(self.ids), anchors, torch.ones_like(anchors), a.block)
+        self.targets = block_targets(
+            self.ids, torch.ones_like(self.ids), anchors, torch.ones_like(anchors), a.block
+        )
 
     def run(self, variant: str, want_grads: bool = False):
         impl = "lean" if variant.startswith("lean") else "reference"
@@ -155,7 +174,11 @@ class Workload:
         lo.loss.backward()
         loss = float(lo.loss.detach())
         del out, tgt, lo
-        grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None} if want_grads else None
+        grads = (
+            {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+            if want_grads
+            else None
+        )
         if not want_grads:
             for p in m.parameters():
                 p.grad = None
@@ -188,7 +211,10 @@ def measure_peak(args, scope: str, impl: str) -> dict:
         before = torch.cuda.memory_allocated()
         w.run(impl)
         torch.cuda.synchronize()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "method": "torch.cuda.max_memory_allocated"}
+        return {
+            "peak_bytes": torch.cuda.max_memory_allocated() - before,
+            "method": "torch.cuda.max_memory_allocated",
+        }
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
@@ -209,8 +235,12 @@ def measure_peak(args, scope: str, impl: str) -> dict:
 def peak_in_subprocess(args, scope: str, impl: str) -> dict:
     if args.device.startswith("cuda"):
         return measure_peak(args, scope, impl)  # the CUDA allocator counts exactly, in-process is fine
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        MALLOC_TRIM_THRESHOLD_="65536",
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     argv = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_measure", scope, impl]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -222,7 +252,10 @@ def max_abs(a: dict, b: dict) -> float:
 
 
 def max_rel(a: dict, b: dict) -> float:
-    return max(float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp(min=1e-30)) for k in a)
+    return max(
+        float((a[k].float() - b[k].float()).abs().max() / b[k].float().abs().max().clamp(min=1e-30))
+        for k in a
+    )
 
 
 def main(argv=None) -> dict:
@@ -233,13 +266,21 @@ def main(argv=None) -> dict:
         return {}
     n_rows = args.batch * args.anchors * args.block
     unit = n_rows * args.vocab * 4
-    results = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-               "rows": n_rows, "fp32_row_tensor_bytes": unit, "machine": machine(args), "scopes": {}}
-    lines = [f"# train-step bench: V={args.vocab:,}, hidden {args.hidden}, B·A·γ = {args.batch}·{args.anchors}·"
-             f"{args.block} = {n_rows} rows; one fp32 [rows, V] tensor = {unit / 2**20:.0f} MiB",
-             f"machine: {results['machine']}", "",
-             "| scope | impl | wall median s | wall min s | CPU median s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    results = {
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "rows": n_rows,
+        "fp32_row_tensor_bytes": unit,
+        "machine": machine(args),
+        "scopes": {},
+    }
+    lines = [
+        f"# train-step bench: V={args.vocab:,}, hidden {args.hidden}, B·A·γ = {args.batch}·{args.anchors}·"
+        f"{args.block} = {n_rows} rows; one fp32 [rows, V] tensor = {unit / 2**20:.0f} MiB",
+        f"machine: {results['machine']}",
+        "",
+        "| scope | impl | wall median s | wall min s | CPU median s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for scope in args.scopes.split(","):
         variants = VARIANTS if scope == "step" else VARIANTS[:2]
         w = Workload(args, scope)
@@ -247,8 +288,13 @@ def main(argv=None) -> dict:
         eq = {}
         for v in variants[1:]:
             loss, grads = w.run(v, want_grads=True)
-            eq[v] = {"loss_reference": ref_loss, "loss": loss, "abs_loss_diff": abs(ref_loss - loss),
-                     "max_abs_grad_diff": max_abs(grads, ref_grads), "max_rel_grad_diff": max_rel(grads, ref_grads)}
+            eq[v] = {
+                "loss_reference": ref_loss,
+                "loss": loss,
+                "abs_loss_diff": abs(ref_loss - loss),
+                "max_abs_grad_diff": max_abs(grads, ref_grads),
+                "max_rel_grad_diff": max_rel(grads, ref_grads),
+            }
             del grads
         del ref_grads
         times = {v: [] for v in variants}
@@ -264,11 +310,16 @@ def main(argv=None) -> dict:
                 cpu[v].append(time.process_time() - c0)
         del w
         mem = {v: peak_in_subprocess(args, scope, v) for v in variants}
-        s = {"equality": eq, "time_s": times, "cpu_time_s": cpu,
-             "median_s": {k: statistics.median(v) for k, v in times.items()},
-             "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
-             "peak_bytes": {k: m["peak_bytes"] for k, m in mem.items()}, "memory_method": mem["lean"]["method"],
-             "ratios_vs_reference": {}}
+        s = {
+            "equality": eq,
+            "time_s": times,
+            "cpu_time_s": cpu,
+            "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
+            "peak_bytes": {k: m["peak_bytes"] for k, m in mem.items()},
+            "memory_method": mem["lean"]["method"],
+            "ratios_vs_reference": {},
+        }
         for v in variants[1:]:
             s["ratios_vs_reference"][v] = {
                 "wall_time": s["median_s"][v] / s["median_s"]["reference"],
@@ -279,16 +330,23 @@ def main(argv=None) -> dict:
         for v in variants:
             pb = s["peak_bytes"][v]
             e = eq.get(v)
-            diff = (f"{e['abs_loss_diff']:.1e} | {e['max_abs_grad_diff']:.1e} ({e['max_rel_grad_diff']:.1e})"
-                    if e else "- | -")
-            lines.append(f"| {scope} | {v} | {s['median_s'][v]:.3f} | {min(times[v]):.3f} | "
-                         f"{s['median_cpu_s'][v]:.3f} | {pb / 2**20:.0f} | {pb / unit:.2f} | {diff} |")
+            diff = (
+                f"{e['abs_loss_diff']:.1e} | {e['max_abs_grad_diff']:.1e} ({e['max_rel_grad_diff']:.1e})"
+                if e
+                else "- | -"
+            )
+            lines.append(
+                f"| {scope} | {v} | {s['median_s'][v]:.3f} | {min(times[v]):.3f} | "
+                f"{s['median_cpu_s'][v]:.3f} | {pb / 2**20:.0f} | {pb / unit:.2f} | {diff} |"
+            )
             print(lines[-1], flush=True)
     lines.append("")
     for scope, s in results["scopes"].items():
         for v, r in s["ratios_vs_reference"].items():
-            lines.append(f"- {scope}, {v} / reference: wall time ×{r['wall_time']:.2f} (CPU time ×{r['cpu_time']:.2f}), "
-                         f"peak memory ×{r['peak_memory']:.2f}")
+            lines.append(
+                f"- {scope}, {v} / reference: wall time ×{r['wall_time']:.2f} (CPU time ×{r['cpu_time']:.2f}), "
+                f"peak memory ×{r['peak_memory']:.2f}"
+            )
     lines.append(f"- memory: {mem['lean']['method']}")
     table = "\n".join(lines)
     print(table)

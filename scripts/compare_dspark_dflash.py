@@ -16,5 +16,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_drafters import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["--only", "main", "--runs", "DSpark-2L,DFlash-2L", "--out", "outputs/compare_dspark_dflash", "--",
-          *sys.argv[1:]])
+    main(
+        [
+            "--only",
+            "main",
+            "--runs",
+            "DSpark-2L,DFlash-2L",
+            "--out",
+            "outputs/compare_dspark_dflash",
+            "--",
+            *sys.argv[1:],
+        ]
+    )

@@ -21,7 +21,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folder", help="export folder to upload")
     ap.add_argument("--repo-id", required=True, help="'user/name' on the Hub")
-    ap.add_argument("--private", action="store_true", help="create the repo as private (if it does not exist)")
+    ap.add_argument(
+        "--private", action="store_true", help="create the repo as private (if it does not exist)"
+    )
     ap.add_argument("--revision", default=None, help="branch to push to (created if missing); default main")
     ap.add_argument("--commit-message", default="Upload DSpark drafter")
     ap.add_argument("--dry-run", action="store_true", help="print what would be uploaded; upload nothing")

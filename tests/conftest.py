@@ -10,8 +10,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules
 
 MICRO_TARGET = {
-    "max_files": 150, "train_steps": 40, "hidden_size": 64, "head_dim": 16, "intermediate_size": 128,
-    "num_layers": 4, "vocab_size": 1024, "batch_size": 8, "seq_len": 128,
+    "max_files": 150,
+    "train_steps": 40,
+    "hidden_size": 64,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "num_layers": 4,
+    "vocab_size": 1024,
+    "batch_size": 8,
+    "seq_len": 128,
 }
 
 

@@ -17,16 +17,25 @@ MASK = V - 1
 
 def tiny_target(family: str = "qwen3", layers: int = 6, vocab: int = V, seed: int = 0):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    kw = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     model = Qwen3ForCausalLM(Qwen3Config(**kw)) if family == "qwen3" else LlamaForCausalLM(LlamaConfig(**kw))
     return model.eval()
 
 
-def tiny_drafter(target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0,
-                 sts=None) -> DSparkDrafter:
-    dc = DrafterConfig(kind=kind, num_layers=2, block_size=4, markov_rank=16, markov_head_type=markov,
-                       num_target_features=3)
+def tiny_drafter(
+    target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0, sts=None
+) -> DSparkDrafter:
+    dc = DrafterConfig(
+        kind=kind, num_layers=2, block_size=4, markov_rank=16, markov_head_type=markov, num_target_features=3
+    )
     cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
     cfg.sts_temperatures = sts
     d = DSparkDrafter(cfg)

@@ -75,12 +75,16 @@ def main(out: Path) -> None:
     step(m, opt)
     redone = engine_state.full_weights(acc, m)
     if acc.is_main_process:
-        out.write_text(json.dumps({
-            "shapes": {k: list(v.shape) for k, v in w.items()},
-            "adam_step": adam_step,
-            "restored": all(torch.equal(w[k], again[k]) for k in w),
-            "redone_equal": all(torch.equal(after_two[k], redone[k]) for k in after_two),
-        }))
+        out.write_text(
+            json.dumps(
+                {
+                    "shapes": {k: list(v.shape) for k, v in w.items()},
+                    "adam_step": adam_step,
+                    "restored": all(torch.equal(w[k], again[k]) for k in w),
+                    "redone_equal": all(torch.equal(after_two[k], redone[k]) for k in after_two),
+                }
+            )
+        )
     # Leave together: a rank tearing gloo down while its peer is still writing can abort the peer
     # ("terminate called without an active exception", seen once in a full-suite run).
     dist.barrier()

@@ -25,8 +25,13 @@ def send_json(h: BaseHTTPRequestHandler, code: int, obj: dict) -> None:
 
 
 class StandIn:
-    def __init__(self, delay: float = 0.0, reject_if: str = "BAD", transient: dict | None = None,
-                 down_after: int | None = None):
+    def __init__(
+        self,
+        delay: float = 0.0,
+        reject_if: str = "BAD",
+        transient: dict | None = None,
+        down_after: int | None = None,
+    ):
         self.delay = delay
         self.reject_if = reject_if
         self.transient = dict(transient or {})  # prompt substring -> number of 503s before success
@@ -57,8 +62,16 @@ class StandIn:
 
     @staticmethod
     def answer(body: dict) -> str:
-        key = json.dumps([body.get("seed"), body["messages"], body.get("temperature"), body.get("top_p"),
-                          body.get("top_k")], sort_keys=True)
+        key = json.dumps(
+            [
+                body.get("seed"),
+                body["messages"],
+                body.get("temperature"),
+                body.get("top_p"),
+                body.get("top_k"),
+            ],
+            sort_keys=True,
+        )
         h = hashlib.sha256(key.encode()).hexdigest()[:12]
         return f"answer {h} to: {body['messages'][-1]['content'][:24]}"
 
@@ -87,12 +100,22 @@ class StandIn:
                 return send_json(h, 400, {"error": "prompt rejected"})
             with self._lock:
                 self.answered += 1
-            send_json(h, 200, {"choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": self.answer(body)}}]})
+            send_json(
+                h,
+                200,
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": self.answer(body)},
+                        }
+                    ]
+                },
+            )
         finally:
             with self._lock:
                 self._in_flight -= 1
-
 
     def close(self) -> None:
         self.server.shutdown()

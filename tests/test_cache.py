@@ -3,7 +3,6 @@ collect kill/resume identity, prefetching reader, and online vs offline training
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -27,7 +26,12 @@ from deepspec.data.cache import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-COLLECT = ["data.max_train_samples=48", "data.max_length=128", "collect.shard_sequences=2", "collect.batch_size=1"]
+COLLECT = [
+    "data.max_train_samples=48",
+    "data.max_length=128",
+    "collect.shard_sequences=2",
+    "collect.batch_size=1",
+]
 
 
 def compose(name: str, overrides):
@@ -57,7 +61,7 @@ def test_fp8_per_token_scale_round_trip():
     enc = encode_features(x, 3, "fp8")
     assert enc["data"].dtype == torch.float8_e4m3fn and enc["scale"].shape == (50, 3)
     y = decode_features(enc["data"], enc["scale"])
-    rel = ((y - x).reshape(50, 3, 32).norm(dim=-1) / x.reshape(50, 3, 32).norm(dim=-1))
+    rel = (y - x).reshape(50, 3, 32).norm(dim=-1) / x.reshape(50, 3, 32).norm(dim=-1)
     assert rel.max() < 0.05  # e4m3 has a 3-bit mantissa: ~2-4% relative error per vector
     enc = encode_features(x, 3, "bf16")
     assert enc["data"].dtype == torch.bfloat16 and "scale" not in enc
@@ -118,11 +122,17 @@ def test_manifest_contents(bf16_cache, micro_target):
     assert m["num_sequences"] == len(r.token_data()) == len(m["shards"]) * 2 - (m["num_sequences"] % 2)
     assert m["layer_ids"] == [1] and m["hidden_size"] == 64 and m["storage_dtype"] == "bf16"
     assert m["target"]["config_hash"] and m["target"]["fingerprint"] and "<|im_start|>" in m["chat_template"]
-    assert m["num_tokens"] == sum(s["tokens"] for s in m["shards"]) and all(len(s["sha256"]) == 64 for s in m["shards"])
+    assert m["num_tokens"] == sum(s["tokens"] for s in m["shards"]) and all(
+        len(s["sha256"]) == 64 for s in m["shards"]
+    )
     assert m["bytes_per_token"] == 5 + 2 * 64 * 2 and m["reference_bytes_per_token"] == 6 + 2 * 64 * 2
     seq = r.load(3)
     ids, mask = r.token_data()[3]
-    assert seq.aux.shape == (len(ids), 64) and seq.final.shape == (len(ids), 64) and seq.aux.dtype == torch.bfloat16
+    assert (
+        seq.aux.shape == (len(ids), 64)
+        and seq.final.shape == (len(ids), 64)
+        and seq.aux.dtype == torch.bfloat16
+    )
     assert len(r.heldout_records()) > 0
 
 
@@ -133,8 +143,14 @@ def _snapshot(d: Path):
 def test_collect_killed_and_resumed_is_identical(bf16_cache, micro_target, tmp_path):
     _, _, micro = micro_target
     out = tmp_path / "killed"
-    args = [sys.executable, str(ROOT / "deepspec" / "collect.py"), *micro, *COLLECT, f"collect.cache_dir={out}",
-            "collect.dtype=bf16"]
+    args = [
+        sys.executable,
+        str(ROOT / "deepspec" / "collect.py"),
+        *micro,
+        *COLLECT,
+        f"collect.cache_dir={out}",
+        "collect.dtype=bf16",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for _attempt in range(3):  # a busy machine may deschedule this poller until the run is over: retry
         shutil.rmtree(out, ignore_errors=True)
@@ -165,10 +181,30 @@ def test_two_process_collect_matches_one(bf16_cache, micro_target, tmp_path):
     _, _, micro = micro_target
     out = tmp_path / "mp"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run(["accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "deepspec" / "collect.py"),
-                          *micro, *COLLECT, f"collect.cache_dir={out}", "collect.dtype=bf16"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            "accelerate",
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(ROOT / "deepspec" / "collect.py"),
+            *micro,
+            *COLLECT,
+            f"collect.cache_dir={out}",
+            "collect.dtype=bf16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert _snapshot(out) == _snapshot(bf16_cache)
 
@@ -216,11 +252,22 @@ def test_collect_refuses_other_collection_in_dir(bf16_cache, micro_target, tmp_p
 def _runs(micro, tmp_path, cache_dir, extra=()):
     from deepspec.training.setup import build_run
 
-    common = micro + ["data.max_train_samples=48", "data.max_length=128", "eval.enabled=false", "train.global_batch_size=8",
-                      "train.micro_batch_size=8", *extra]
+    common = micro + [
+        "data.max_train_samples=48",
+        "data.max_length=128",
+        "eval.enabled=false",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+        *extra,
+    ]
     on = build_run(compose("train", common + [f"train.output_dir={tmp_path}/on"]), accelerator())
-    off = build_run(compose("train", common + [f"train.output_dir={tmp_path}/off", "data.source=cache",
-                                               f"data.cache_dir={cache_dir}"]), accelerator())
+    off = build_run(
+        compose(
+            "train",
+            common + [f"train.output_dir={tmp_path}/off", "data.source=cache", f"data.cache_dir={cache_dir}"],
+        ),
+        accelerator(),
+    )
     return on, off
 
 
@@ -229,7 +276,9 @@ def test_online_and_offline_bf16_give_the_same_loss(bf16_cache, micro_target, tm
 
     _, _, micro = micro_target
     on, off = _runs(micro, tmp_path, bf16_cache)
-    assert [(e.input_ids, e.loss_mask) for e in on.train_examples] == [(e.input_ids, e.loss_mask) for e in off.train_examples]
+    assert [(e.input_ids, e.loss_mask) for e in on.train_examples] == [
+        (e.input_ids, e.loss_mask) for e in off.train_examples
+    ]
     assert len(off.eval_records) > 0
     for step in (0, 3):
         b_on = rank_micro_batches(on, step, 1, 0)[0]
@@ -292,7 +341,18 @@ def test_offline_training_refuses_other_layers(bf16_cache, micro_target, tmp_pat
     from deepspec.training.setup import build_run
 
     _, _, micro = micro_target
-    cfg = compose("train", micro + ["model.target_layer_ids=[0,2]", "data.source=cache", f"data.cache_dir={bf16_cache}",
-                                    f"train.output_dir={tmp_path}/x", "eval.enabled=false"])
-    with pytest.raises(CacheError, match=r"layer ids \[1\] differ from the drafter's target_layer_ids \[0, 2\]"):
+    cfg = compose(
+        "train",
+        micro
+        + [
+            "model.target_layer_ids=[0,2]",
+            "data.source=cache",
+            f"data.cache_dir={bf16_cache}",
+            f"train.output_dir={tmp_path}/x",
+            "eval.enabled=false",
+        ],
+    )
+    with pytest.raises(
+        CacheError, match=r"layer ids \[1\] differ from the drafter's target_layer_ids \[0, 2\]"
+    ):
         build_run(cfg, accelerator())

@@ -100,7 +100,10 @@ def test_sts_is_sequential():
     assert [t1, t2] == pytest.approx(ref)
     # non-sequential (T_1 = 1 while fitting slot 2) gives a different, compensating T_2
     alone = cal.ConfidenceData(data.logits.copy(), data.accepted, data.verified, data.prompt)
-    e = [cal.ece(cal._sigmoid(alone.logits[:, 0]) * cal._sigmoid(alone.logits[:, 1] / t), y[:, 1], 15) for t in cal.STS_GRID]
+    e = [
+        cal.ece(cal._sigmoid(alone.logits[:, 0]) * cal._sigmoid(alone.logits[:, 1] / t), y[:, 1], 15)
+        for t in cal.STS_GRID
+    ]
     assert abs(cal.STS_GRID[int(np.argmin(e))] - 1) > 0.5
 
 
@@ -122,8 +125,11 @@ def test_sts_ties_go_toward_one():
 def test_split_and_from_rounds():
     from deepspec.eval.spec_decode import RoundRecord
 
-    rounds = [[RoundRecord(3, 3, a, confidence_logits=[1.0, 0.0, -1.0]) for a in (0, 3)],
-              [RoundRecord(3, 3, 1, confidence_logits=[2.0, 1.0, 0.0])], []]
+    rounds = [
+        [RoundRecord(3, 3, a, confidence_logits=[1.0, 0.0, -1.0]) for a in (0, 3)],
+        [RoundRecord(3, 3, 1, confidence_logits=[2.0, 1.0, 0.0])],
+        [],
+    ]
     d = cal.from_rounds(rounds)
     assert d.logits.shape == (3, 3) and d.accepted.tolist() == [0, 3, 1] and d.prompt.tolist() == [0, 0, 1]
     assert cal.from_rounds([[RoundRecord(3, 3, 1)]]) is None  # no confidence head

@@ -17,7 +17,7 @@ TEXTS = [
 ] * 20
 
 TWO_TURNS = [
-    {"role": "user", "content": "def add(a, b):\n    \"\"\"Sum.\"\"\""},
+    {"role": "user", "content": 'def add(a, b):\n    """Sum."""'},
     {"role": "assistant", "content": "return a + b"},
     {"role": "user", "content": "def neg(x):"},
     {"role": "assistant", "content": "if x:\n    return -x\nreturn 0"},

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from chat_fixtures import gemma_tokenizer, llama3_tokenizer, qwen3_tokenizer
+
 from deepspec.data.chat import (
     assistant_spans,
     end_of_turn_ids,
@@ -16,7 +16,10 @@ from deepspec.data.chat import (
 
 NO_THINK = {"enable_thinking": False}
 ONE = [{"role": "user", "content": "What is two plus two?"}, {"role": "assistant", "content": "Four."}]
-TWO = ONE + [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "Waves fold into foam"}]
+TWO = ONE + [
+    {"role": "user", "content": "Write a haiku."},
+    {"role": "assistant", "content": "Waves fold into foam"},
+]
 SYS = [{"role": "system", "content": "Be brief."}] + ONE
 
 
@@ -48,8 +51,10 @@ def check(tok, messages, text, segments, kwargs=None):
 # ----------------------------------------------------------------------------- Qwen3
 
 
-QWEN_ONE = ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
-            "<|im_start|>assistant\n<think>\n\n</think>\n\nFour.<|im_end|>\n")
+QWEN_ONE = (
+    "<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\nFour.<|im_end|>\n"
+)
 
 
 def test_qwen3_non_thinking_single_turn(toks):
@@ -65,21 +70,37 @@ def test_qwen3_non_thinking_single_turn(toks):
 
 
 def test_qwen3_multi_turn_drops_earlier_think_blocks(toks):
-    text = ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>\n"
-            "<|im_start|>user\nWrite a haiku.<|im_end|>\n"
-            "<|im_start|>assistant\n<think>\n\n</think>\n\nWaves fold into foam<|im_end|>\n")
+    text = (
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\nFour.<|im_end|>\n"
+        "<|im_start|>user\nWrite a haiku.<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nWaves fold into foam<|im_end|>\n"
+    )
     check(toks["qwen3"], TWO, text, ["Four.<|im_end|>", "Waves fold into foam<|im_end|>"], NO_THINK)
 
 
 def test_qwen3_thinking_mode_masks_the_reasoning(toks):
     msgs = [ONE[0], {"role": "assistant", "content": "Four.", "reasoning_content": "Two and two."}]
-    text = ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
-            "<|im_start|>assistant\n<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>\n")
+    text = (
+        "<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>\n"
+    )
     # The model writes the think block itself in thinking mode: it is part of the answer.
-    check(toks["qwen3"], msgs, text, ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"], {"enable_thinking": True})
+    check(
+        toks["qwen3"],
+        msgs,
+        text,
+        ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"],
+        {"enable_thinking": True},
+    )
     # Reasoning inline in the content is split out by the template, same rendering.
     inline = [ONE[0], {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nFour."}]
-    check(toks["qwen3"], inline, text, ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"], {"enable_thinking": True})
+    check(
+        toks["qwen3"],
+        inline,
+        text,
+        ["<think>\nTwo and two.\n</think>\n\nFour.<|im_end|>"],
+        {"enable_thinking": True},
+    )
 
 
 def test_qwen3_system_only_when_given(toks):
@@ -96,10 +117,15 @@ def test_llama3(toks):
     head = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is two plus two?<|eot_id|>"
     one = head + "<|start_header_id|>assistant<|end_header_id|>\n\nFour.<|eot_id|>"
     check(tok, ONE, one, ["Four.<|eot_id|>"])
-    two = one + ("<|start_header_id|>user<|end_header_id|>\n\nWrite a haiku.<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\nWaves fold into foam<|eot_id|>")
+    two = one + (
+        "<|start_header_id|>user<|end_header_id|>\n\nWrite a haiku.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nWaves fold into foam<|eot_id|>"
+    )
     check(tok, TWO, two, ["Four.<|eot_id|>", "Waves fold into foam<|eot_id|>"])
-    sys_text = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>" + one[len("<|begin_of_text|>"):]
+    sys_text = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        + one[len("<|begin_of_text|>") :]
+    )
     check(tok, SYS, sys_text, ["Four.<|eot_id|>"])
     # EOS of the base model is <|end_of_text|>; the turn terminator is found from the template.
     assert tok.convert_tokens_to_ids("<|eot_id|>") in end_of_turn_ids(tok)
@@ -113,17 +139,23 @@ def test_llama3(toks):
 
 def test_gemma(toks):
     tok = toks["gemma"]
-    one = ("<bos><start_of_turn>user\nWhat is two plus two?<end_of_turn>\n"
-           "<start_of_turn>model\nFour.<end_of_turn>\n")
+    one = (
+        "<bos><start_of_turn>user\nWhat is two plus two?<end_of_turn>\n"
+        "<start_of_turn>model\nFour.<end_of_turn>\n"
+    )
     check(tok, ONE, one, ["Four.<end_of_turn>"])
-    two = one + "<start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\nWaves fold into foam<end_of_turn>\n"
+    two = (
+        one
+        + "<start_of_turn>user\nWrite a haiku.<end_of_turn>\n<start_of_turn>model\nWaves fold into foam<end_of_turn>\n"
+    )
     check(tok, TWO, two, ["Four.<end_of_turn>", "Waves fold into foam<end_of_turn>"])
     # Gemma folds a system message into the first user turn.
     sys_text = one.replace("user\nWhat", "user\nBe brief.\n\nWhat")
     check(tok, SYS, sys_text, ["Four.<end_of_turn>"])
     assert tok.convert_tokens_to_ids("<end_of_turn>") in end_of_turn_ids(tok)
-    assert prompt_ids(tok, TWO) == tok.encode(one.split("<start_of_turn>model")[0] + "<start_of_turn>model\n",
-                                              add_special_tokens=False)
+    assert prompt_ids(tok, TWO) == tok.encode(
+        one.split("<start_of_turn>model")[0] + "<start_of_turn>model\n", add_special_tokens=False
+    )
 
 
 # ----------------------------------------------------------------------------- common behaviour

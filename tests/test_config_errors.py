@@ -17,8 +17,15 @@ V = 64
 
 
 def qwen3_dict(layers: int = 6) -> dict:
-    return Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8).to_dict()
+    return Qwen3Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ).to_dict()
 
 
 def resolve(layers: int = 6, mask: int = V - 1, **kw) -> DSparkConfig:
@@ -57,7 +64,13 @@ def test_default_ids_other_counts():
 
 def test_resolve_fills_target_facts():
     c = resolve(6, block_size=5, markov_rank=12, markov_head_type="gated")
-    assert (c.vocab_size, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (V, 32, 8, 4, 2)
+    assert (c.vocab_size, c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads) == (
+        V,
+        32,
+        8,
+        4,
+        2,
+    )
     assert c.block_size == 5 and c.mask_token_id == V - 1 and c.markov_rank == 12
     assert c.model_type == "qwen3" and c.use_qk_norm and c.rope_theta == 10000.0
     assert c.enable_confidence_head and c.markov_enabled
@@ -68,8 +81,15 @@ def test_resolve_fills_target_facts():
     c = resolve(6, kind="dflash")
     assert c.markov_rank == 0 and not c.enable_confidence_head and not c.markov_enabled
     # Llama family: no q/k norm.
-    llama = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8).to_dict()
+    llama = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ).to_dict()
     c = resolve_drafter_config(DrafterConfig(), llama, mask_token_id=3)
     assert c.model_type == "llama" and not c.use_qk_norm and c.target_layer_ids == [1, 2]
     # to_dict / from_dict round trip.
@@ -87,7 +107,9 @@ def test_layer_ids_out_of_range(ids):
 
 @pytest.mark.parametrize("ids", [[3, 2], [1, 1, 4], [4, 2, 5]])
 def test_layer_ids_not_increasing(ids):
-    with pytest.raises(ValueError, match=r"must be strictly increasing and distinct \(the target has 6 layers\)"):
+    with pytest.raises(
+        ValueError, match=r"must be strictly increasing and distinct \(the target has 6 layers\)"
+    ):
         resolve(6, target_layer_ids=ids)
 
 
@@ -116,7 +138,10 @@ def test_negative_markov_rank():
 
 @pytest.mark.parametrize("mask", [V, V + 100, -1])
 def test_mask_id_outside_embedding(mask):
-    with pytest.raises(ValueError, match=re.escape(f"model.mask_token_id={mask} is outside the target's embedding (vocab_size={V})")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(f"model.mask_token_id={mask} is outside the target's embedding (vocab_size={V})"),
+    ):
         resolve(6, mask=mask)
     with pytest.raises(ValueError, match="outside the target's embedding"):
         resolve_drafter_config(DrafterConfig(mask_token_id=mask), qwen3_dict(6))
@@ -128,7 +153,9 @@ def test_mask_auto_without_tokenizer_mask():
 
 
 def test_unknown_drafter_kind():
-    with pytest.raises(ValueError, match=r"model.kind='medusa' is unknown; expected 'dspark', 'dflash' or 'eagle3'"):
+    with pytest.raises(
+        ValueError, match=r"model.kind='medusa' is unknown; expected 'dspark', 'dflash' or 'eagle3'"
+    ):
         resolve(6, kind="medusa")
 
 

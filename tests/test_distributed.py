@@ -10,9 +10,16 @@ import shutil
 
 import pytest
 import torch
-
-from train_fixtures import (assert_same_tensors, ckpt, launch, micro_overrides, state, tail, tensors,  # noqa: F401
-                            tiny_cache, train_here)
+from train_fixtures import (
+    assert_same_tensors,
+    ckpt,
+    launch,
+    micro_overrides,
+    state,
+    tail,
+    tensors,  # noqa: F401
+    train_here,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +28,14 @@ pytestmark = pytest.mark.slow
 # must agree to 1e-5 of each tensor's scale. Weights get AdamW's m/(sqrt(v)+eps) update, which amplifies
 # float noise on entries whose gradient is near eps (~1e-8), so they are compared to 1e-3 x lr.
 WEIGHT_ATOL = 1e-6  # the tiny recipe's lr is 1e-3
-SPLIT = ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_clip=0", "train.checkpoint.every=1",
-         "train.checkpoint.keep_last=10", "train.on_nonfinite=skip"]
+SPLIT = [
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.grad_clip=0",
+    "train.checkpoint.every=1",
+    "train.checkpoint.keep_last=10",
+    "train.on_nonfinite=skip",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +47,11 @@ def reference(tiny_cache, tmp_path_factory):
 
 def two_process_run(tiny_cache, out, launcher):
     # Three steps; step 3's loss is made NaN on every rank, so its update must be skipped.
-    r = launch(micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=3"], launcher=launcher,
-               env={"DEEPSPEC_FAULTS": "nan_loss@3"})
+    r = launch(
+        micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=3"],
+        launcher=launcher,
+        env={"DEEPSPEC_FAULTS": "nan_loss@3"},
+    )
     assert r.returncode == 0, tail(r)
     return out
 
@@ -58,10 +74,19 @@ def test_two_processes_equal_one_process(run_name, engine, reference, request):
     assert st["zero_stage"] == (2 if engine == "deepspeed" else -1)
     assert state(reference, 1)["world_size"] == 1
     for step in (1, 2):  # weights and AdamW moments (= gradients) after each step
-        assert_same_tensors(ckpt(out, step) / "model.safetensors", ckpt(reference, step) / "model.safetensors",
-                            exact=False, rel=1e-5, atol=WEIGHT_ATOL)
-        assert_same_tensors(ckpt(out, step) / "optimizer.safetensors", ckpt(reference, step) / "optimizer.safetensors",
-                            exact=False, rel=1e-5)
+        assert_same_tensors(
+            ckpt(out, step) / "model.safetensors",
+            ckpt(reference, step) / "model.safetensors",
+            exact=False,
+            rel=1e-5,
+            atol=WEIGHT_ATOL,
+        )
+        assert_same_tensors(
+            ckpt(out, step) / "optimizer.safetensors",
+            ckpt(reference, step) / "optimizer.safetensors",
+            exact=False,
+            rel=1e-5,
+        )
     # Step 3 had a NaN loss: skipped, so weights and moments are those of step 2, bit for bit.
     for f in ("model.safetensors", "optimizer.safetensors"):
         assert_same_tensors(ckpt(out, 3) / f, ckpt(out, 2) / f, exact=True)
@@ -88,10 +113,19 @@ def test_two_process_checkpoint_resumes_on_one_process(zero2_run, reference, tin
     out = tmp_path / "resumed"
     shutil.copytree(ckpt(zero2_run, 1), ckpt(out, 1))
     train_here(micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=2"])
-    assert_same_tensors(ckpt(out, 2) / "model.safetensors", ckpt(reference, 2) / "model.safetensors",
-                        exact=False, rel=1e-5, atol=WEIGHT_ATOL)
-    assert_same_tensors(ckpt(out, 2) / "optimizer.safetensors", ckpt(reference, 2) / "optimizer.safetensors",
-                        exact=False, rel=1e-5)
+    assert_same_tensors(
+        ckpt(out, 2) / "model.safetensors",
+        ckpt(reference, 2) / "model.safetensors",
+        exact=False,
+        rel=1e-5,
+        atol=WEIGHT_ATOL,
+    )
+    assert_same_tensors(
+        ckpt(out, 2) / "optimizer.safetensors",
+        ckpt(reference, 2) / "optimizer.safetensors",
+        exact=False,
+        rel=1e-5,
+    )
     assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] == 1
 
 
@@ -101,15 +135,26 @@ def test_zero3_resumes_a_zero2_checkpoint_and_matches(zero2_run, reference, tiny
     matches the single-process run: full-state checkpoints move between engines."""
     out = tmp_path / "zero3"
     shutil.copytree(ckpt(zero2_run, 1), ckpt(out, 1))
-    r = launch(micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=2", "train.on_nonfinite=stop"],
-               launcher="deepspeed_zero3")
+    r = launch(
+        micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=2", "train.on_nonfinite=stop"],
+        launcher="deepspeed_zero3",
+    )
     assert r.returncode == 0, tail(r)
     st = state(out, 2)
     assert (st["engine"], st["zero_stage"], st["world_size"], st["adam_step"]) == ("deepspeed", 3, 2, 2)
-    assert_same_tensors(ckpt(out, 2) / "model.safetensors", ckpt(reference, 2) / "model.safetensors",
-                        exact=False, rel=1e-5, atol=WEIGHT_ATOL)
-    assert_same_tensors(ckpt(out, 2) / "optimizer.safetensors", ckpt(reference, 2) / "optimizer.safetensors",
-                        exact=False, rel=1e-5)
+    assert_same_tensors(
+        ckpt(out, 2) / "model.safetensors",
+        ckpt(reference, 2) / "model.safetensors",
+        exact=False,
+        rel=1e-5,
+        atol=WEIGHT_ATOL,
+    )
+    assert_same_tensors(
+        ckpt(out, 2) / "optimizer.safetensors",
+        ckpt(reference, 2) / "optimizer.safetensors",
+        exact=False,
+        rel=1e-5,
+    )
 
 
 def test_bf16_mixed_precision_keeps_fp32_masters(reference, tiny_cache, tmp_path):
@@ -117,8 +162,14 @@ def test_bf16_mixed_precision_keeps_fp32_masters(reference, tiny_cache, tmp_path
     train_here(micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=2", "train.mixed_precision=bf16"])
     w = tensors(ckpt(out, 2) / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in w.values())  # master weights stay fp32
-    ref = {r["step"]: r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
-    got = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    ref = {
+        r["step"]: r
+        for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    }
+    got = {
+        r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
     assert got[2]["loss"] == pytest.approx(ref[2]["loss"], rel=0.02)  # bf16 forward, same training
     assert got[2]["loss"] != ref[2]["loss"]  # ... and it really ran in bf16
 
@@ -133,10 +184,23 @@ def test_fsdp2_state_round_trip_on_cpu(tmp_path):
     from train_fixtures import REPO, free_port
 
     out = tmp_path / "fsdp.json"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(free_port()), str(REPO / "tests" / "fsdp_worker.py"), str(out)],
-                       env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(REPO / "tests" / "fsdp_worker.py"),
+            str(out),
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, tail(r)
     res = json.loads(out.read_text())
     assert res["shapes"] == {"inner.weight": [3, 8], "inner.bias": [3], "out.weight": [1, 3], "out.bias": [1]}

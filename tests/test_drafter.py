@@ -29,8 +29,15 @@ MARKOV_KINDS = ["vanilla", "gated", "rnn", "off"]
 
 def tiny_target(family: str = "qwen3", layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
-    kw = dict(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    kw = dict(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     if family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**kw))
     else:
@@ -38,10 +45,20 @@ def tiny_target(family: str = "qwen3", layers: int = 4, seed: int = 0):
     return model.eval()
 
 
-def tiny_drafter(target, markov: str = "vanilla", block_size: int = 4, rank: int = 16, seed: int = 0,
-                 std: float = 0.1, layer_ids="auto", confidence: bool = True) -> DSparkDrafter:
+def tiny_drafter(
+    target,
+    markov: str = "vanilla",
+    block_size: int = 4,
+    rank: int = 16,
+    seed: int = 0,
+    std: float = 0.1,
+    layer_ids="auto",
+    confidence: bool = True,
+) -> DSparkDrafter:
     dc = DrafterConfig(
-        num_layers=2, block_size=block_size, target_layer_ids=layer_ids,
+        num_layers=2,
+        block_size=block_size,
+        target_layer_ids=layer_ids,
         markov_rank=0 if markov == "off" else rank,
         markov_head_type="vanilla" if markov == "off" else markov,
         enable_confidence_head=confidence,
@@ -54,8 +71,12 @@ def tiny_drafter(target, markov: str = "vanilla", block_size: int = 4, rank: int
         # markov_w2 starts at zero; give it (and W1) weight so the head changes the logits.
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            d.markov_head.markov_w1.weight.copy_(torch.randn(d.markov_head.markov_w1.weight.shape, generator=g) * 0.5)
-            d.markov_head.markov_w2.weight.copy_(torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5)
+            d.markov_head.markov_w1.weight.copy_(
+                torch.randn(d.markov_head.markov_w1.weight.shape, generator=g) * 0.5
+            )
+            d.markov_head.markov_w2.weight.copy_(
+                torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5
+            )
     return d.eval()
 
 
@@ -74,13 +95,16 @@ def test_visibility_mask_small_case():
     anchors = torch.tensor([[2, 4]])
     m = visibility_mask(anchors, ctx_len=6, block_size=2)
     assert m.shape == (1, 1, 4, 10) and m.dtype == torch.bool
-    expected = torch.tensor([
-        # context 0..5        | block keys (block 0: 2, block 1: 2)
-        [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],  # block 0 (p0=2), slot 1
-        [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],  # block 0, slot 2
-        [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],  # block 1 (p0=4), slot 1
-        [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],  # block 1, slot 2
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            # context 0..5        | block keys (block 0: 2, block 1: 2)
+            [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],  # block 0 (p0=2), slot 1
+            [1, 1, 0, 0, 0, 0, 1, 1, 0, 0],  # block 0, slot 2
+            [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],  # block 1 (p0=4), slot 1
+            [1, 1, 1, 1, 0, 0, 0, 0, 1, 1],  # block 1, slot 2
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(m[0, 0], expected)
 
     # Batch rows use their own anchors; anchor 0 sees no context at all.
@@ -175,7 +199,9 @@ def test_draft_reproduces_teacher_forcing(markov):
         torch.testing.assert_close(dr.probs.sum(-1), torch.ones(g), atol=1e-5, rtol=0)
         if markov == "off":
             assert d.markov_head is None
-        torch.testing.assert_close(dr.confidence, torch.sigmoid(out.confidence_logits[0, 1]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            dr.confidence, torch.sigmoid(out.confidence_logits[0, 1]), atol=1e-5, rtol=1e-4
+        )
         torch.testing.assert_close(dr.confidence_logits, out.confidence_logits[0, 1], atol=1e-5, rtol=1e-4)
 
     # Sampling at T=1 feeds back the sampled tokens: its probs equal teacher forcing on those tokens.
@@ -336,14 +362,25 @@ def test_bf16_target_feeds_fp32_drafter_without_autocast():
 # ----------------------------------------------------------------------------- 11. native export
 
 SPEC7_KEYS = (
-    "architectures", "num_hidden_layers", "num_target_layers", "block_size", "mask_token_id",
-    "target_layer_ids", "num_anchors", "markov_rank", "markov_head_type", "enable_confidence_head",
-    "confidence_head_with_markov", "tie_word_embeddings",
+    "architectures",
+    "num_hidden_layers",
+    "num_target_layers",
+    "block_size",
+    "mask_token_id",
+    "target_layer_ids",
+    "num_anchors",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+    "tie_word_embeddings",
 )
 
 
-@pytest.mark.parametrize("family,markov", [("qwen3", "vanilla"), ("qwen3", "gated"), ("qwen3", "rnn"),
-                                           ("qwen3", "off"), ("llama", "rnn")])
+@pytest.mark.parametrize(
+    "family,markov",
+    [("qwen3", "vanilla"), ("qwen3", "gated"), ("qwen3", "rnn"), ("qwen3", "off"), ("llama", "rnn")],
+)
 def test_native_round_trip_float32(tmp_path, family, markov):
     target = tiny_target(family, layers=6)
     d = tiny_drafter(target, markov=markov, block_size=4)
@@ -358,9 +395,21 @@ def test_native_round_trip_float32(tmp_path, family, markov):
 
     save_native(d, tmp_path / "f32", dtype="float32")
     d2 = load_native(tmp_path / "f32")
-    for k in ("model_type", "target_layer_ids", "block_size", "mask_token_id", "markov_rank", "markov_head_type",
-              "enable_confidence_head", "num_hidden_layers", "num_target_layers", "use_qk_norm", "rope_theta",
-              "head_dim", "sts_temperatures"):
+    for k in (
+        "model_type",
+        "target_layer_ids",
+        "block_size",
+        "mask_token_id",
+        "markov_rank",
+        "markov_head_type",
+        "enable_confidence_head",
+        "num_hidden_layers",
+        "num_target_layers",
+        "use_qk_norm",
+        "rope_theta",
+        "head_dim",
+        "sts_temperatures",
+    ):
         assert getattr(d2.config, k) == getattr(d.config, k), k
     assert not d2.embed_tokens.weight.requires_grad and not d2.lm_head.weight.requires_grad
     with torch.no_grad():
@@ -383,10 +432,15 @@ def test_native_bf16_export(tmp_path):
     nf = len(d.config.target_layer_ids)
     assert d.config.target_layer_ids == [1, 2, 3, 4, 5]
     expected_shapes = {
-        "embed_tokens.weight": (V, H), "lm_head.weight": (V, H), "fc.weight": (H, nf * H),
-        "hidden_norm.weight": (H,), "norm.weight": (H,),
-        "markov_head.markov_w1.weight": (V, 16), "markov_head.markov_w2.weight": (V, 16),
-        "confidence_head.proj.weight": (1, H + 16), "confidence_head.proj.bias": (1,),
+        "embed_tokens.weight": (V, H),
+        "lm_head.weight": (V, H),
+        "fc.weight": (H, nf * H),
+        "hidden_norm.weight": (H,),
+        "norm.weight": (H,),
+        "markov_head.markov_w1.weight": (V, 16),
+        "markov_head.markov_w2.weight": (V, 16),
+        "confidence_head.proj.weight": (1, H + 16),
+        "confidence_head.proj.bias": (1,),
     }
     for i in range(2):
         for n in ("q", "k", "v", "o"):

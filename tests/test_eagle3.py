@@ -31,15 +31,33 @@ LAYER_IDS = [0, 1, 2]
 
 def hf_target(seed: int = 0, init_range: float = 0.3):
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=H, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                      tie_word_embeddings=False, initializer_range=init_range)
+    cfg = Qwen3Config(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=init_range,
+    )
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def eagle(target, block_size: int = 4, seed: int = 0, std: float = 0.1, attn_impl: str = "sdpa") -> Eagle3Drafter:
-    dc = DrafterConfig(kind="eagle3", num_layers=1, block_size=block_size, target_layer_ids=LAYER_IDS,
-                       markov_rank=0, enable_confidence_head=False, attn_impl=attn_impl)
+def eagle(
+    target, block_size: int = 4, seed: int = 0, std: float = 0.1, attn_impl: str = "sdpa"
+) -> Eagle3Drafter:
+    dc = DrafterConfig(
+        kind="eagle3",
+        num_layers=1,
+        block_size=block_size,
+        target_layer_ids=LAYER_IDS,
+        markov_rank=0,
+        enable_confidence_head=False,
+        attn_impl=attn_impl,
+    )
     c = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
     d = build_drafter(c)
     assert isinstance(d, Eagle3Drafter) and c.architecture == "eagle3"
@@ -49,8 +67,13 @@ def eagle(target, block_size: int = 4, seed: int = 0, std: float = 0.1, attn_imp
 
 
 def eagle_loss_cfg() -> LossConfig:
-    return LossConfig(ce_weight=0.0, l1_weight=0.0, confidence_weight=0.0, soft_ce_weight=1.0,
-                      decay_gamma=1.0 / math.log(1.25))
+    return LossConfig(
+        ce_weight=0.0,
+        l1_weight=0.0,
+        confidence_weight=0.0,
+        soft_ce_weight=1.0,
+        decay_gamma=1.0 / math.log(1.25),
+    )
 
 
 def batch(seed: int = 2, length: int = 18):
@@ -79,17 +102,29 @@ def test_shapes_params_and_step_weights():
     # Step weights 0.8^(k-1) come out of the loss's slot decay.
     torch.testing.assert_close(slot_weights(5, eagle_loss_cfg().decay_gamma), 0.8 ** torch.arange(5.0))
     with pytest.raises(ValueError, match="exactly one layer"):
-        resolve_drafter_config(DrafterConfig(kind="eagle3", num_layers=2, markov_rank=0, enable_confidence_head=False,
-                                             target_layer_ids=LAYER_IDS), t.config.to_dict(), mask_token_id=MASK)
+        resolve_drafter_config(
+            DrafterConfig(
+                kind="eagle3",
+                num_layers=2,
+                markov_rank=0,
+                enable_confidence_head=False,
+                target_layer_ids=LAYER_IDS,
+            ),
+            t.config.to_dict(),
+            mask_token_id=MASK,
+        )
 
 
 def test_ttt_mask_small_case():
     m = ttt_mask(torch.tensor([[2, 4]]), ctx_len=5, num_slots=2).dense()
-    expected = torch.tensor([
-        # ctx 0..4       | slot 1 (a0, a1) | slot 2 (a0, a1)
-        [1, 1, 0, 0, 0, 1, 0, 1, 0],  # block anchored at 2
-        [1, 1, 1, 1, 0, 0, 1, 0, 1],  # block anchored at 4
-    ], dtype=torch.bool)
+    expected = torch.tensor(
+        [
+            # ctx 0..4       | slot 1 (a0, a1) | slot 2 (a0, a1)
+            [1, 1, 0, 0, 0, 1, 0, 1, 0],  # block anchored at 2
+            [1, 1, 1, 1, 0, 0, 1, 0, 1],  # block anchored at 4
+        ],
+        dtype=torch.bool,
+    )
     assert m.shape == (1, 1, 2, 9) and torch.equal(m[0, 0], expected)
 
 
@@ -143,11 +178,18 @@ def test_draft_reproduces_training_time_test(temp):
     forced = ids[0, p0 + 1 : p0 + g + 1]
     dr = d.draft(feats[:, :p0], int(ids[0, p0]), temp, forced_tokens=forced, context_ids=ids[:, :p0])
     assert dr.tokens.tolist() == forced.tolist() and dr.confidence is None
-    torch.testing.assert_close(dr.probs, torch.softmax(out.logits[0, 1].float() / temp, -1), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        dr.probs, torch.softmax(out.logits[0, 1].float() / temp, -1), atol=1e-5, rtol=1e-4
+    )
 
     # Sampling feeds back the sampled tokens: same probs as the training-time test on those tokens.
-    dr = d.draft(feats[:, :p0], int(ids[0, p0]), temp, generator=torch.Generator().manual_seed(1),
-                 context_ids=ids[:, :p0])
+    dr = d.draft(
+        feats[:, :p0],
+        int(ids[0, p0]),
+        temp,
+        generator=torch.Generator().manual_seed(1),
+        context_ids=ids[:, :p0],
+    )
     prev = torch.cat([ids[0, p0 : p0 + 1], dr.tokens[:-1]]).view(1, 1, g)
     with torch.no_grad():
         tf = d(feats, ids, torch.tensor([[p0]]), prev)
@@ -247,8 +289,9 @@ def test_native_round_trip(tmp_path):
     feats = TargetModel(t, LAYER_IDS)(ids).aux
     tg = block_targets(ids, torch.ones_like(ids), anchors, torch.ones_like(anchors), 4)
     with torch.no_grad():
-        torch.testing.assert_close(back(feats, ids, anchors, tg.prev_tokens).logits,
-                                   d(feats, ids, anchors, tg.prev_tokens).logits)
+        torch.testing.assert_close(
+            back(feats, ids, anchors, tg.prev_tokens).logits, d(feats, ids, anchors, tg.prev_tokens).logits
+        )
     # The serving formats carry DSpark/DFlash only: exporting EAGLE-3 there is refused before any write.
     from deepspec.exporting.formats import FormatError
     from deepspec.exporting.writer import export_drafter
@@ -271,8 +314,9 @@ def test_hydra_model_eagle3_composes():
     assert cfg.model.kind == "eagle3" and cfg.model.num_layers == 1 and cfg.model.num_target_features == 3
     assert cfg.loss.soft_ce_weight == 1.0 and cfg.loss.ce_weight == 0 and cfg.loss.l1_weight == 0
     assert math.exp(-1.0 / cfg.loss.decay_gamma) == pytest.approx(0.8, abs=1e-12)
-    c = resolve_drafter_config(cfg.model, {**hf_target().config.to_dict(), "num_hidden_layers": 6},
-                               mask_token_id=MASK)
+    c = resolve_drafter_config(
+        cfg.model, {**hf_target().config.to_dict(), "num_hidden_layers": 6}, mask_token_id=MASK
+    )
     assert c.architecture == "eagle3" and c.target_layer_ids == [1, 2, 3]
 
 
@@ -298,8 +342,12 @@ def test_flex_attention_matches_sdpa_on_cpu():
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()" on CPU
         for a, b in ((sd, fx), (ds, df)):
-            torch.testing.assert_close(b(feats, ids, anchors, tg.prev_tokens).logits,
-                                       a(feats, ids, anchors, tg.prev_tokens).logits, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                b(feats, ids, anchors, tg.prev_tokens).logits,
+                a(feats, ids, anchors, tg.prev_tokens).logits,
+                atol=1e-5,
+                rtol=1e-5,
+            )
     from deepspec.models.attention import resolve_impl
 
     assert resolve_impl("auto", torch.device("cpu")) == "sdpa"

@@ -37,9 +37,14 @@ def make_tokenizer():
     vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], mask_token=SPECIAL[1],
-                                   pad_token=SPECIAL[0], unk_token="[UNK]",
-                                   additional_special_tokens=SPECIAL[2:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=SPECIAL[0],
+        mask_token=SPECIAL[1],
+        pad_token=SPECIAL[0],
+        unk_token="[UNK]",
+        additional_special_tokens=SPECIAL[2:],
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -47,8 +52,15 @@ def make_tokenizer():
 def save_drafter(target, path, mask="auto", seed=1, hidden_config=None, markov_rank=8):
     tc = (hidden_config or target.config).to_dict()
     dc = resolve_drafter_config(
-        DrafterConfig(num_layers=1, block_size=3, target_layer_ids=[0, 1, 2], markov_rank=markov_rank, mask_token_id=mask),
-        tc, mask_token_id=1,
+        DrafterConfig(
+            num_layers=1,
+            block_size=3,
+            target_layer_ids=[0, 1, 2],
+            markov_rank=markov_rank,
+            mask_token_id=mask,
+        ),
+        tc,
+        mask_token_id=1,
     )
     d = DSparkDrafter(dc)
     d.init_weights(std=0.1, seed=seed)
@@ -56,7 +68,9 @@ def save_drafter(target, path, mask="auto", seed=1, hidden_config=None, markov_r
         d.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        d.markov_head.markov_w2.weight.copy_(torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.3)
+        d.markov_head.markov_w2.weight.copy_(
+            torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.3
+        )
     save_native(d, path)
     return path
 
@@ -78,17 +92,29 @@ def setup_dirs(tmp_path_factory):
 
 def job_config(root, **eval_overrides):
     cfg = OmegaConf.structured(DeepSpecConfig)
-    e = dict(drafter=str(root / "run"), datasets=[str(root / "prompts.jsonl")], num_prompts=0, max_new_tokens=16,
-             temperatures=[0.0, 1.0], concurrency=[1, 4], profile_repeats=1, profile_context=8, progress_bar=False,
-             output_dir=str(root / "out"))
+    e = dict(
+        drafter=str(root / "run"),
+        datasets=[str(root / "prompts.jsonl")],
+        num_prompts=0,
+        max_new_tokens=16,
+        temperatures=[0.0, 1.0],
+        concurrency=[1, 4],
+        profile_repeats=1,
+        profile_context=8,
+        progress_bar=False,
+        output_dir=str(root / "out"),
+    )
     e.update(eval_overrides)
     return OmegaConf.merge(cfg, {"target": {"name_or_path": str(root / "target")}, "eval": e})
 
 
 def _tau_from_masks(rows):
     # τ = accepted + 1 per round; "accepted" read back from the per-slot accept events alone
-    return float(np.mean([1 + sum(int(all(r["accept_mask"][: k + 1])) for k in range(len(r["accept_mask"])))
-                          for r in rows]))
+    return float(
+        np.mean(
+            [1 + sum(int(all(r["accept_mask"][: k + 1])) for k in range(len(r["accept_mask"]))) for r in rows]
+        )
+    )
 
 
 def test_evaluate_job_end_to_end(setup_dirs):
@@ -98,8 +124,19 @@ def test_evaluate_job_end_to_end(setup_dirs):
     rep = run_evaluation(job_config(root, save_sts=True, sts_fit_temperature=1.0))
     out = root / "out"
     on_disk = json.loads((out / "eval.json").read_text())
-    for key in ("block_size", "target_layer_ids", "markov_rank", "markov_head_type", "max_new_tokens", "seed",
-                "num_prompts", "temperatures", "datasets", "sps_profile", "sts_saved"):
+    for key in (
+        "block_size",
+        "target_layer_ids",
+        "markov_rank",
+        "markov_head_type",
+        "max_new_tokens",
+        "seed",
+        "num_prompts",
+        "temperatures",
+        "datasets",
+        "sps_profile",
+        "sts_saved",
+    ):
         assert key in on_disk
     name = "prompts.jsonl"  # a local file is labelled by its base name
     assert list(on_disk["datasets"]) == [name] and on_disk["num_prompts"] == 10
@@ -108,7 +145,9 @@ def test_evaluate_job_end_to_end(setup_dirs):
     for s in (t0, t1):
         assert s["confidence"]["sts_temperatures"] and len(s["confidence"]["before"]) == 3
         assert [r["concurrency"] for r in s["scheduler"]["levels"]] == [1, 4]
-        assert len(s["threshold_sweep"]) == 20 and s["draft_ms_per_round"] > 0 and s["verify_ms_per_round"] > 0
+        assert (
+            len(s["threshold_sweep"]) == 20 and s["draft_ms_per_round"] > 0 and s["verify_ms_per_round"] > 0
+        )
     for png in ("acceptance", "reliability", "threshold", "throughput"):
         assert list(out.glob(f"{png}_*.png")), png
     # STS stored in the drafter folder, read back by the loader
@@ -125,8 +164,20 @@ def test_evaluate_job_end_to_end(setup_dirs):
         assert s["survival"] == pytest.approx(np.cumprod(s["conditional_acceptance"]).tolist(), abs=1e-12)
         assert s["spec_new_tokens"] == s["num_prompts"] + sum(r["committed"] for r in mine)
         # the replay tools agree: on the held-out split, a zero threshold and the fixed policy realise τ
-        by_prompt = [[RoundRecord(3, r["verified"], r["accepted"], r["accept_mask"], confidence_logits=r["confidence_logits"])
-                      for r in mine if r["prompt"] == i] for i in range(s["num_prompts"])]
+        by_prompt = [
+            [
+                RoundRecord(
+                    3,
+                    r["verified"],
+                    r["accepted"],
+                    r["accept_mask"],
+                    confidence_logits=r["confidence_logits"],
+                )
+                for r in mine
+                if r["prompt"] == i
+            ]
+            for i in range(s["num_prompts"])
+        ]
         _, test = split_by_prompt(from_rounds(by_prompt), 0.5, 0)
         tau_test = float(np.mean(test.accepted + 1))
         assert s["threshold_sweep"][0]["tokens_per_step"] == pytest.approx(tau_test)
@@ -141,8 +192,14 @@ def test_hydra_tree_composes():
     import deepspec.evaluate as entry
 
     with initialize_config_dir(config_dir=entry.CONFIG_DIR, version_base="1.3"):
-        cfg = compose("evaluate", overrides=["eval.drafter=/x", "eval.temperatures=[0.5]", "eval.concurrency=[1,8]"])
-        assert cfg.eval.drafter == "/x" and list(cfg.eval.temperatures) == [0.5] and cfg.target.name_or_path == "tiny"
+        cfg = compose(
+            "evaluate", overrides=["eval.drafter=/x", "eval.temperatures=[0.5]", "eval.concurrency=[1,8]"]
+        )
+        assert (
+            cfg.eval.drafter == "/x"
+            and list(cfg.eval.temperatures) == [0.5]
+            and cfg.target.name_or_path == "tiny"
+        )
         with pytest.raises(ConfigCompositionException):
             compose("evaluate", overrides=["eval.drafterr=/x"])
 
@@ -183,9 +240,11 @@ def test_mismatched_drafter_fails_before_loading(setup_dirs, tmp_path, no_work):
     # layer ids the target does not have, and mask ids that are not the target's mask
     d = save_drafter(target, tmp_path / "ids")
     cfg = json.loads((d / "config.json").read_text())
-    for key, value, msg in (("target_layer_ids", [0, 2, 5], "out of range"),
-                            ("mask_token_id", 20, "ordinary token|mask token is 1"),
-                            ("mask_token_id", 2, "mask token is 1")):
+    for key, value, msg in (
+        ("target_layer_ids", [0, 2, 5], "out of range"),
+        ("mask_token_id", 20, "ordinary token|mask token is 1"),
+        ("mask_token_id", 2, "mask token is 1"),
+    ):
         (d / "config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ValueError, match=msg):
             run_evaluation(job_config(root, drafter=str(d)))
@@ -219,8 +278,18 @@ def test_dataset_labels(tmp_path):
     for d in ("a", "b"):
         (tmp_path / d / "p.jsonl").write_text("")
     (tmp_path / "q.jsonl").write_text("")
-    names = ["gsm8k", str(tmp_path / "q.jsonl"), str(tmp_path / "a" / "p.jsonl"), str(tmp_path / "b" / "p.jsonl")]
-    assert dataset_labels(names) == {names[0]: "gsm8k", names[1]: "q.jsonl", names[2]: names[2], names[3]: names[3]}
+    names = [
+        "gsm8k",
+        str(tmp_path / "q.jsonl"),
+        str(tmp_path / "a" / "p.jsonl"),
+        str(tmp_path / "b" / "p.jsonl"),
+    ]
+    assert dataset_labels(names) == {
+        names[0]: "gsm8k",
+        names[1]: "q.jsonl",
+        names[2]: names[2],
+        names[3]: names[3],
+    }
 
 
 def test_hub_dataset_mapping(monkeypatch):
@@ -232,9 +301,13 @@ def test_hub_dataset_mapping(monkeypatch):
 
     def fake_load(repo, config=None, split=None, **kw):
         calls.append((repo, config, split))
-        rows = {"openai/gsm8k": {"question": ["q1", "q2"]},
-                "HuggingFaceH4/mt_bench_prompts": {"prompt": [["turn 1", "turn 2"]]},
-                "me/chats": {"messages": [[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]]}}[repo]
+        rows = {
+            "openai/gsm8k": {"question": ["q1", "q2"]},
+            "HuggingFaceH4/mt_bench_prompts": {"prompt": [["turn 1", "turn 2"]]},
+            "me/chats": {
+                "messages": [[{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]]
+            },
+        }[repo]
         return datasets.Dataset.from_dict(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
@@ -258,7 +331,9 @@ SPS_TEST = SPSCurve([1, 2, 3], [1.0, 1 / 1.3, 1 / 1.6])
 @pytest.mark.slow
 def test_t1_lossless_with_causal_scheduler(tiny_vocab_setup):  # noqa: F811
     target, drafter, prompt, exact = tiny_vocab_setup
-    counts, rounds = sample_counts(target, drafter, prompt, 3, 3000, seed=21, verify_len=causal_verify_len(SPS_TEST))
+    counts, rounds = sample_counts(
+        target, drafter, prompt, 3, 3000, seed=21, verify_len=causal_verify_len(SPS_TEST)
+    )
     cuts = [r.verified for r in rounds]
     assert {0, 1, 2} <= set(cuts) and min(cuts.count(k) for k in (0, 1, 2)) > 0.05 * len(cuts)
     assert g_test_pvalue(counts, exact) > ALPHA

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from export_fixtures import MASK, V, tiny_drafter, tiny_target
 from safetensors.torch import load_file, save_file
 
 from deepspec.exporting.check import check_export
@@ -19,7 +20,6 @@ from deepspec.exporting.io import ExportInputError
 from deepspec.exporting.native import save_native
 from deepspec.exporting.writer import drafter_outputs, export_drafter, load_export, resolve_checkpoint
 from deepspec.models.drafter import DSparkDrafter
-from export_fixtures import MASK, V, tiny_drafter, tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["native", "speculators", "dflash"]
@@ -46,7 +46,9 @@ def _bf16_twin(d, keep=()):
 
     ``keep``: tensors not in the export (taken from the fp32 target when loading)."""
     twin = DSparkDrafter(d.config)
-    twin.load_state_dict({k: v if k in keep else v.to(torch.bfloat16).float() for k, v in d.state_dict().items()})
+    twin.load_state_dict(
+        {k: v if k in keep else v.to(torch.bfloat16).float() for k, v in d.state_dict().items()}
+    )
     return twin.eval()
 
 
@@ -87,23 +89,37 @@ def test_format_configs_follow_one_description(targets, tmp_path):
     assert spec["speculators_model_type"] == "dspark"
     assert spec["aux_hidden_state_layer_ids"] == [i + 1 for i in c.target_layer_ids]
     assert spec["sample_from_anchor"] is True
-    assert spec["speculators_config"]["proposal_methods"] == [{"proposal_type": "greedy", "speculative_tokens": c.block_size}]
+    assert spec["speculators_config"]["proposal_methods"] == [
+        {"proposal_type": "greedy", "speculative_tokens": c.block_size}
+    ]
     assert spec["speculators_config"]["default_proposal_method"] == "greedy"
     assert spec["speculators_config"]["verifier"]["architectures"] == ["Qwen3ForCausalLM"]
     layer = spec["transformer_layer_config"]
-    assert layer["model_type"] == "qwen3" and layer["num_hidden_layers"] == 2 and len(layer["layer_types"]) == 2
+    assert (
+        layer["model_type"] == "qwen3" and layer["num_hidden_layers"] == 2 and len(layer["layer_types"]) == 2
+    )
     assert (spec["mask_token_id"], spec["block_size"], spec["draft_vocab_size"]) == (MASK, c.block_size, V)
-    assert (spec["markov_rank"], spec["markov_head_type"], spec["enable_confidence_head"]) == (16, "vanilla", True)
+    assert (spec["markov_rank"], spec["markov_head_type"], spec["enable_confidence_head"]) == (
+        16,
+        "vanilla",
+        True,
+    )
 
     native = json.loads((export_drafter(d, tmp_path / "n", "native") / "config.json").read_text())
-    assert native["architectures"] == ["Qwen3DSparkModel"] and native["target_layer_ids"] == c.target_layer_ids
+    assert (
+        native["architectures"] == ["Qwen3DSparkModel"] and native["target_layer_ids"] == c.target_layer_ids
+    )
     assert native["tie_word_embeddings"] is False and native["num_hidden_layers"] == 2
     assert native["num_target_layers"] == 6 and native["dtype"] == native["torch_dtype"] == "bfloat16"
 
     fl = tiny_drafter(target, kind="dflash")
     dfl = json.loads((export_drafter(fl, tmp_path / "f", "dflash") / "config.json").read_text())
     assert dfl["architectures"] == ["DFlashDraftModel"] and dfl["num_target_layers"] == 6
-    assert dfl["dflash_config"] == {"mask_token_id": MASK, "target_layer_ids": c.target_layer_ids, "block_size": 4}
+    assert dfl["dflash_config"] == {
+        "mask_token_id": MASK,
+        "target_layer_ids": c.target_layer_ids,
+        "block_size": 4,
+    }
     spec_fl = json.loads((export_drafter(fl, tmp_path / "sf", "speculators") / "config.json").read_text())
     assert spec_fl["speculators_model_type"] == spec_fl["speculators_config"]["algorithm"] == "dflash"
 
@@ -127,7 +143,9 @@ def test_embeddings_omitted_and_sts(targets, tmp_path):
     assert "sts_temperatures" not in json.loads((out2 / "config.json").read_text())
 
 
-@pytest.mark.parametrize("kind,markov,needle", [("dspark", "vanilla", "Markov head"), ("dspark", "rnn", "Markov head")])
+@pytest.mark.parametrize(
+    "kind,markov,needle", [("dspark", "vanilla", "Markov head"), ("dspark", "rnn", "Markov head")]
+)
 def test_dflash_refuses_markov(targets, tmp_path, kind, markov, needle):
     d = tiny_drafter(targets["qwen3"][0], kind=kind, markov=markov)
     with pytest.raises(FormatError, match=needle) as e:
@@ -137,6 +155,7 @@ def test_dflash_refuses_markov(targets, tmp_path, kind, markov, needle):
     d.config.markov_rank = 0  # a confidence head alone is refused too
     with pytest.raises(FormatError, match="confidence head"):
         from deepspec.exporting.formats import to_dflash
+
         to_dflash(d.config, "bfloat16")
 
 
@@ -183,7 +202,10 @@ def test_fault_layer_ids_shifted_by_one(good, targets, tmp_path):
     # The z-lab format takes native ids: a +1 there is the same trap the other way round.
     fl = tiny_drafter(targets["qwen3"][0], kind="dflash")
     dout = export_drafter(fl, tmp_path / "dfl", "dflash")
-    _edit_config(dout, lambda c: c["dflash_config"].update(target_layer_ids=[i + 1 for i in fl.config.target_layer_ids]))
+    _edit_config(
+        dout,
+        lambda c: c["dflash_config"].update(target_layer_ids=[i + 1 for i in fl.config.target_layer_ids]),
+    )
     assert "shifted by one" in _errors(dout, tdir)
 
 
@@ -261,7 +283,11 @@ def test_output_folder_rules(targets, tmp_path):
         export_drafter(d, out, "native")
     assert (out / "old.txt").read_text() == "keep me"
     export_drafter(d, out, "native", overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "deepspec_export.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "deepspec_export.json",
+        "model.safetensors",
+    ]
     with pytest.raises(ExportInputError, match="contains the input"):
         export_drafter(d, tmp_path, "native", overwrite=True, protected=(out,))
 
@@ -277,17 +303,43 @@ def test_output_folder_rules(targets, tmp_path):
 # --------------------------------------------------------------------------- the Hydra entry and the card
 def _trainer_eval_json():
     """eval.json in the shape deepspec.eval.runner writes (per temperature, SPEC §6 statistics)."""
+
     def stats(t, tau, acc, cond, speed):
-        return {"rounds": 25, "proposed": 100, "accepted": 56, "tau": tau, "acceptance_rate": acc,
-                "conditional_acceptance": cond, "survival": [0.9, 0.6, 0.4, 0.2],
-                "accepted_histogram": [2, 5, 6, 7, 5], "mean_confidence": [0.8, 0.6, 0.5, 0.4],
-                "temperature": t, "num_prompts": 4, "spec_new_tokens": 96, "target_new_tokens": 96,
-                "spec_tokens_per_s": 50.0, "target_tokens_per_s": 30.0, "speedup": speed,
-                "draft_time_s": 0.4, "verify_time_s": 1.0, "identical_outputs": 4}
-    return {"block_size": 4, "target_layer_ids": [1, 2, 3], "markov_rank": 16, "markov_head_type": "vanilla",
-            "max_new_tokens": 24, "seed": 0, "num_prompts": 4,
-            "temperatures": {"0.0": stats(0.0, 3.2468, 0.5617, [0.9123, 0.6677, 0.5, None], 1.6667),
-                             "1.0": stats(1.0, 2.7531, 0.4383, [0.8111, 0.5222, 0.3333, 0.25], 1.25)}}
+        return {
+            "rounds": 25,
+            "proposed": 100,
+            "accepted": 56,
+            "tau": tau,
+            "acceptance_rate": acc,
+            "conditional_acceptance": cond,
+            "survival": [0.9, 0.6, 0.4, 0.2],
+            "accepted_histogram": [2, 5, 6, 7, 5],
+            "mean_confidence": [0.8, 0.6, 0.5, 0.4],
+            "temperature": t,
+            "num_prompts": 4,
+            "spec_new_tokens": 96,
+            "target_new_tokens": 96,
+            "spec_tokens_per_s": 50.0,
+            "target_tokens_per_s": 30.0,
+            "speedup": speed,
+            "draft_time_s": 0.4,
+            "verify_time_s": 1.0,
+            "identical_outputs": 4,
+        }
+
+    return {
+        "block_size": 4,
+        "target_layer_ids": [1, 2, 3],
+        "markov_rank": 16,
+        "markov_head_type": "vanilla",
+        "max_new_tokens": 24,
+        "seed": 0,
+        "num_prompts": 4,
+        "temperatures": {
+            "0.0": stats(0.0, 3.2468, 0.5617, [0.9123, 0.6677, 0.5, None], 1.6667),
+            "1.0": stats(1.0, 2.7531, 0.4383, [0.8111, 0.5222, 0.3333, 0.25], 1.25),
+        },
+    }
 
 
 def _fake_run(tmp_path, d, tdir):
@@ -295,12 +347,21 @@ def _fake_run(tmp_path, d, tdir):
     save_native(d, run / "drafter")
     (run / "eval.json").write_text(json.dumps(_trainer_eval_json()))
     (run / "acceptance.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
-    (run / "config.yaml").write_text(yaml.safe_dump({
-        "target": {"name_or_path": "tiny"}, "model": {"kind": "dspark", "num_layers": 2, "block_size": 4},
-        "data": {"source": "tiny_chat", "max_length": 256, "num_anchors": 64},
-        "train": {"lr": 0.001, "max_steps": 300, "global_batch_size": 8}}))
-    (run / "train_summary.json").write_text(json.dumps({"train_steps": 300, "train_time_s": 812.5,
-                                                         "final_metrics": {"loss": 1.2345, "tau_est": 2.9}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "target": {"name_or_path": "tiny"},
+                "model": {"kind": "dspark", "num_layers": 2, "block_size": 4},
+                "data": {"source": "tiny_chat", "max_length": 256, "num_anchors": 64},
+                "train": {"lr": 0.001, "max_steps": 300, "global_batch_size": 8},
+            }
+        )
+    )
+    (run / "train_summary.json").write_text(
+        json.dumps(
+            {"train_steps": 300, "train_time_s": 812.5, "final_metrics": {"loss": 1.2345, "tau_est": 2.9}}
+        )
+    )
     (run / "run_info.json").write_text(json.dumps({"target": str(tdir)}))
     return run
 
@@ -323,11 +384,18 @@ def test_card_renders_trainer_metrics(targets, tmp_path):
     meta = yaml.safe_load(readme.split("---")[1])
     assert meta["base_model"] == "Qwen/Qwen3-8B" and meta["license"] == "apache-2.0"
     assert {"speculative-decoding", "dspark"} <= set(meta["tags"]) and meta["library_name"] == "deepspec"
-    for value in ("| tiny_chat | 0.0 | 3.247 | 0.562 | 1.67× | 25 |", "| tiny_chat | 1.0 | 2.753 | 0.438 | 1.25× |",
-                  "| 0.912 | 0.668 | 0.500 | – |", "| 0.811 | 0.522 | 0.333 | 0.250 |",
-                  "![acceptance](plots/acceptance.png)", "| `train.lr` | 0.001 |", "final loss 1.234",
-                  "source: `tiny_chat`", "vllm serve Qwen/Qwen3-8B --speculative-config",
-                  '"model": "alice/qwen3-8b-dspark"'):
+    for value in (
+        "| tiny_chat | 0.0 | 3.247 | 0.562 | 1.67× | 25 |",
+        "| tiny_chat | 1.0 | 2.753 | 0.438 | 1.25× |",
+        "| 0.912 | 0.668 | 0.500 | – |",
+        "| 0.811 | 0.522 | 0.333 | 0.250 |",
+        "![acceptance](plots/acceptance.png)",
+        "| `train.lr` | 0.001 |",
+        "final loss 1.234",
+        "source: `tiny_chat`",
+        "vllm serve Qwen/Qwen3-8B --speculative-config",
+        '"model": "alice/qwen3-8b-dspark"',
+    ):
         assert value in readme, value
     assert (res.output_dir / "plots" / "acceptance.png").exists()
     spec = json.loads((res.output_dir / "config.json").read_text())
@@ -340,8 +408,14 @@ def test_hydra_entry(targets, tmp_path):
     target, tdir = targets["llama"]
     run = _fake_run(tmp_path, tiny_drafter(target), tdir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "deepspec" / "export.py"), f"export.checkpoint={run}", "export.format=native",
-           f"export.output_dir={tmp_path / 'exp'}", "export.dtype=float32"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "deepspec" / "export.py"),
+        f"export.checkpoint={run}",
+        "export.format=native",
+        f"export.output_dir={tmp_path / 'exp'}",
+        "export.dtype=float32",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "check" in r.stdout and "OK" in r.stdout

@@ -19,13 +19,13 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
+from export_fixtures import tiny_drafter, tiny_target
+from openai_standin import send_json
 
 from deepspec.config import ExportConfig
 from deepspec.exporting.hub import HubError, push_folder, validate_repo_id
 from deepspec.exporting.native import save_native
 from deepspec.exporting.pipeline import run_export
-from export_fixtures import tiny_drafter, tiny_target
-from openai_standin import send_json
 
 TOKEN = "hf_standinSECRETtoken_0123456789"
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,9 @@ class StandInHub:
             def do_GET(self):
                 if self.path == "/api/agent-harnesses":  # huggingface_hub's user-agent registry: none here
                     return send_json(self, 200, {"standardEnvVars": [], "harnesses": {}})
-                hub.requests.append(("GET", urlsplit(self.path).path, None, self.headers.get("Authorization")))
+                hub.requests.append(
+                    ("GET", urlsplit(self.path).path, None, self.headers.get("Authorization"))
+                )
                 m = re.match(r"^/api/models/([^/]+/[^/]+)(?:/revision/(.+))?$", urlsplit(self.path).path)
                 if m and m.group(1) in hub.repos:
                     return send_json(self, 200, {"id": m.group(1), "sha": "b" * 40, "siblings": []})
@@ -81,21 +83,43 @@ class StandInHub:
                     return send_json(self, 404, {"error": f"Revision {rev} not found"})
                 if op == "preupload":
                     files = json.loads(body)["files"]
-                    return send_json(self, 200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                        "shouldIgnore": False, "oid": None} for f in files]})
+                    return send_json(
+                        self,
+                        200,
+                        {
+                            "files": [
+                                {
+                                    "path": f["path"],
+                                    "uploadMode": "regular",
+                                    "shouldIgnore": False,
+                                    "oid": None,
+                                }
+                                for f in files
+                            ]
+                        },
+                    )
                 lines = [json.loads(x) for x in body.decode().splitlines() if x.strip()]
                 commit = {"revision": rev, "header": lines[0]["value"], "files": {}}
                 for item in lines[1:]:
                     assert item["key"] == "file", item  # regular uploads only
                     commit["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
                 hub.files.setdefault(repo, []).append(commit)
-                return send_json(self, 200, {"commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}",
-                                         "commitOid": "c" * 40, "pullRequestUrl": None})
+                return send_json(
+                    self,
+                    200,
+                    {
+                        "commitUrl": f"{hub.url}/{repo}/commit/{'c' * 40}",
+                        "commitOid": "c" * 40,
+                        "pullRequestUrl": None,
+                    },
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
 
     def close(self):
@@ -144,8 +168,9 @@ def run_dir(tmp_path_factory):
     t = tiny_target("qwen3")
     run = tmp_path_factory.mktemp("run")
     save_native(tiny_drafter(t), run / "drafter")
-    (run / "eval.json").write_text(json.dumps({"temperatures": {"0.0": {"temperature": 0.0, "tau": 2.5,
-                                                                        "acceptance_rate": 0.375}}}))
+    (run / "eval.json").write_text(
+        json.dumps({"temperatures": {"0.0": {"temperature": 0.0, "tau": 2.5, "acceptance_rate": 0.375}}})
+    )
     return run
 
 
@@ -163,7 +188,9 @@ def test_push_records_repo_private_revision_files(hub, run_dir, tmp_path, capsys
     out = tmp_path / "exp"
     res = run_export(_cfg(run_dir, out, private=True, revision="v1", commit_message="first drafter"))
     create = [json.loads(b) for m, p, b, _ in hub.requests if p == "/api/repos/create"]
-    assert create == [{"name": "tiny-dspark", "organization": "alice", "visibility": "private", "type": "model"}]
+    assert create == [
+        {"name": "tiny-dspark", "organization": "alice", "visibility": "private", "type": "model"}
+    ]
     assert hub.repos["alice/tiny-dspark"]["branches"] == ["main", "v1"]
     commits = hub.files["alice/tiny-dspark"]
     assert [c["revision"] for c in commits] == ["v1"] and commits[0]["header"]["summary"] == "first drafter"
@@ -177,7 +204,13 @@ def test_push_records_repo_private_revision_files(hub, run_dir, tmp_path, capsys
     assert res.push.repo_id == "alice/tiny-dspark" and res.push.private is True
     # ...and written nowhere: export files, uploaded bytes, printed output, logs.
     captured = capsys.readouterr()
-    for text in (_all_text(out), b"".join(uploaded.values()).decode("latin-1"), captured.out, captured.err, caplog.text):
+    for text in (
+        _all_text(out),
+        b"".join(uploaded.values()).decode("latin-1"),
+        captured.out,
+        captured.err,
+        caplog.text,
+    ):
         assert TOKEN not in text
 
 
@@ -199,8 +232,16 @@ def test_dry_run_prints_and_uploads_nothing(hub, run_dir, tmp_path, capsys):
     run_export(_cfg(run_dir, tmp_path / "exp", dry_run=True, private=True, revision="v2"))
     out = capsys.readouterr().out
     assert hub.requests == []
-    for needle in ("dry run: nothing is uploaded", "repo_id: alice/tiny-dspark", "private: True", "revision: v2",
-                   "model.safetensors", "README.md", "config.json", "token: found"):
+    for needle in (
+        "dry run: nothing is uploaded",
+        "repo_id: alice/tiny-dspark",
+        "private: True",
+        "revision: v2",
+        "model.safetensors",
+        "README.md",
+        "config.json",
+        "token: found",
+    ):
         assert needle in out, needle
     assert re.search(r"model\.safetensors\s+[\d.]+ KB", out)
     assert TOKEN not in out
@@ -217,8 +258,9 @@ def test_missing_token_fails_before_any_work(hub, run_dir, tmp_path, monkeypatch
     assert hub.requests == []
 
 
-@pytest.mark.parametrize("bad", ["", "no-slash", "a/b/c", "user/-bad", "user/na--me", "us er/name", "user/",
-                                 "user/" + "x" * 97])
+@pytest.mark.parametrize(
+    "bad", ["", "no-slash", "a/b/c", "user/-bad", "user/na--me", "us er/name", "user/", "user/" + "x" * 97]
+)
 def test_invalid_repo_id(hub, run_dir, tmp_path, bad):
     with pytest.raises(HubError, match="repo_id"):
         run_export(_cfg(run_dir, tmp_path / "exp", repo_id=bad))

@@ -20,8 +20,13 @@ B, A, G, V = 2, 3, 5, 97
 MIXES = {
     "dspark": dict(),
     "dflash": dict(ce_weight=1.0, l1_weight=0.0, confidence_weight=0.0),
-    "eagle3": dict(ce_weight=0.0, l1_weight=0.0, confidence_weight=0.0, soft_ce_weight=1.0,
-                   decay_gamma=1.0 / math.log(1.25)),
+    "eagle3": dict(
+        ce_weight=0.0,
+        l1_weight=0.0,
+        confidence_weight=0.0,
+        soft_ce_weight=1.0,
+        decay_gamma=1.0 / math.log(1.25),
+    ),
     "all_terms": dict(soft_ce_weight=0.5),
 }
 
@@ -115,8 +120,14 @@ def test_lazy_target_logits(autocast):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             tgt = target_logits(final, pos, head, lazy=lazy)
             assert isinstance(tgt, HeadLogits) == lazy and tuple(tgt.shape) == (B, A, G, V)
-            out = dspark_loss(z, c, tgt, targets, LossConfig(impl=impl, chunk_size=4, soft_ce_weight=0.3),
-                              weighted_valid(targets.valid, 4.0).sum())
+            out = dspark_loss(
+                z,
+                c,
+                tgt,
+                targets,
+                LossConfig(impl=impl, chunk_size=4, soft_ce_weight=0.3),
+                weighted_valid(targets.valid, 4.0).sum(),
+            )
         out.loss.backward()
         res[(lazy, impl)] = (out.loss.detach(), z.grad, c.grad)
     ref = res[(False, "reference")]
@@ -143,10 +154,20 @@ def test_drafter_parameter_grads_equal():
     from deepspec.target.adapter import TargetModel
 
     torch.manual_seed(0)
-    t = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
-    c = resolve_drafter_config(DrafterConfig(num_layers=1, block_size=4, markov_rank=8), t.config.to_dict(),
-                               mask_token_id=V - 1)
+    t = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    ).eval()
+    c = resolve_drafter_config(
+        DrafterConfig(num_layers=1, block_size=4, markov_rank=8), t.config.to_dict(), mask_token_id=V - 1
+    )
     d = build_drafter(c)
     d.init_weights(std=0.1, seed=0)
     with torch.no_grad():
@@ -165,11 +186,15 @@ def test_drafter_parameter_grads_equal():
         d.zero_grad()
         cfg = LossConfig(impl=impl, chunk_size=5)
         out = d(feats.aux, ids, anchors, tg.prev_tokens)
-        dspark_loss(out.logits, out.confidence_logits, tgt, tg, cfg, weighted_valid(tg.valid, 4.0).sum()).loss.backward()
+        dspark_loss(
+            out.logits, out.confidence_logits, tgt, tg, cfg, weighted_valid(tg.valid, 4.0).sum()
+        ).loss.backward()
         grads[impl] = {n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}
     assert grads["lean"].keys() == grads["reference"].keys() and len(grads["lean"]) > 10
     for n in grads["lean"]:
-        torch.testing.assert_close(grads["lean"][n], grads["reference"][n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            grads["lean"][n], grads["reference"][n], atol=1e-6, rtol=1e-4, msg=lambda m: f"{n}: {m}"
+        )
 
 
 def test_lean_is_as_accurate_as_reference_against_float64():

@@ -24,8 +24,15 @@ G = 4  # block size
 
 def tiny_target(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = Qwen3Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    )
     return Qwen3ForCausalLM(cfg).eval()
 
 
@@ -38,7 +45,9 @@ def tiny_drafter(target, kind: str = "dspark", markov: str = "vanilla", seed: in
     if d.markov_head is not None:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
-            d.markov_head.markov_w2.weight.copy_(torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5)
+            d.markov_head.markov_w2.weight.copy_(
+                torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5
+            )
     return d
 
 
@@ -91,7 +100,10 @@ def slow_reference_loss(draft_logits, conf_logits, hf_logits, batch, lengths, cf
                 if conf_logits is not None:
                     cstar = (1.0 - 0.5 * l1).detach()
                     z = conf_logits[b, a, k - 1].double()
-                    bce = -(cstar * torch.nn.functional.logsigmoid(z) + (1 - cstar) * torch.nn.functional.logsigmoid(-z))
+                    bce = -(
+                        cstar * torch.nn.functional.logsigmoid(z)
+                        + (1 - cstar) * torch.nn.functional.logsigmoid(-z)
+                    )
                     term = term + cfg.confidence_weight * bce
                 total = total + w * term
                 wsum += w
@@ -144,7 +156,9 @@ def test_batched_loss_equals_slow_reference(kind, markov):
     torch.testing.assert_close(got.loss.double(), ref, atol=1e-5, rtol=1e-5)
     # The logged sums recombine into the same loss.
     s = got.sums
-    recomb = (cfg.ce_weight * s["ce"] + cfg.l1_weight * s["l1"] + cfg.confidence_weight * s["bce"]) / s["weight"]
+    recomb = (cfg.ce_weight * s["ce"] + cfg.l1_weight * s["l1"] + cfg.confidence_weight * s["bce"]) / s[
+        "weight"
+    ]
     torch.testing.assert_close(recomb.double(), ref, atol=1e-5, rtol=1e-5)
 
     params = d.trainable_parameters()
@@ -271,4 +285,6 @@ def test_block_targets_hand_made():
     w = slot_weights(4, 4.0)
     torch.testing.assert_close(w, torch.exp(-torch.arange(4.0) / 4))
     assert slot_weights(3, 0.0).tolist() == [1.0, 1.0, 1.0]
-    torch.testing.assert_close(weighted_valid(t.valid, 4.0).sum(), torch.tensor(1 + 1 + math.exp(-0.25) + math.exp(-0.5) + 1))
+    torch.testing.assert_close(
+        weighted_valid(t.valid, 4.0).sum(), torch.tensor(1 + 1 + math.exp(-0.25) + math.exp(-0.5) + 1)
+    )

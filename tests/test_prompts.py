@@ -15,42 +15,84 @@ def jsonl(path, rows):
 
 
 def test_role_mapping_schemas():
-    share = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
-    assert to_messages(share, "x") == [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
-                                      {"role": "assistant", "content": "yo"}]
-    oai = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-                        {"role": "assistant", "content": "c", "reasoning_content": "r"}]}
-    assert to_messages(oai, "x") == [{"role": "user", "content": "ab"},
-                                    {"role": "assistant", "content": "c", "reasoning_content": "r"}]
+    share = {
+        "conversations": [
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "yo"},
+        ]
+    }
+    assert to_messages(share, "x") == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+    oai = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "assistant", "content": "c", "reasoning_content": "r"},
+        ]
+    }
+    assert to_messages(oai, "x") == [
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": "c", "reasoning_content": "r"},
+    ]
     assert to_messages({"instruction": "do", "input": "this", "output": "done"}, "x") == [
-        {"role": "user", "content": "do\n\nthis"}, {"role": "assistant", "content": "done"}]
+        {"role": "user", "content": "do\n\nthis"},
+        {"role": "assistant", "content": "done"},
+    ]
     assert to_messages({"question": "2+2?", "answer": "4"}, "x")[1] == {"role": "assistant", "content": "4"}
     assert to_messages({"prompt": "p"}, "x") == [{"role": "user", "content": "p"}]  # no system injected
     assert to_messages({"system": "S", "prompt": "p"}, "x")[0] == {"role": "system", "content": "S"}
-    assert to_messages({"dialog": [{"role": "model", "content": "m"}]}, "x", "dialog") == [{"role": "assistant", "content": "m"}]
+    assert to_messages({"dialog": [{"role": "model", "content": "m"}]}, "x", "dialog") == [
+        {"role": "assistant", "content": "m"}
+    ]
 
 
-@pytest.mark.parametrize("record,match", [
-    ({"conversations": [{"from": "alien", "value": "x"}]}, r"f\.jsonl:7: conversations\[0\]\.from='alien' is not a known role"),
-    ({"messages": [{"content": "x"}]}, r"f\.jsonl:7: messages\[0\] has no role key"),
-    ({"messages": [{"role": "user"}]}, r"f\.jsonl:7: messages\[0\] has no content key"),
-    ({"messages": "hi"}, r"f\.jsonl:7: key 'messages' must be a list"),
-    ({"text": "hi"}, r"f\.jsonl:7: no conversation found .*keys: \['text'\]"),
-    ({"messages": [{"role": "user", "content": [{"type": "image"}]}]}, r"f\.jsonl:7: key 'messages\[0\]\.content' part 0 is not a text part"),
-])
+@pytest.mark.parametrize(
+    "record,match",
+    [
+        (
+            {"conversations": [{"from": "alien", "value": "x"}]},
+            r"f\.jsonl:7: conversations\[0\]\.from='alien' is not a known role",
+        ),
+        ({"messages": [{"content": "x"}]}, r"f\.jsonl:7: messages\[0\] has no role key"),
+        ({"messages": [{"role": "user"}]}, r"f\.jsonl:7: messages\[0\] has no content key"),
+        ({"messages": "hi"}, r"f\.jsonl:7: key 'messages' must be a list"),
+        ({"text": "hi"}, r"f\.jsonl:7: no conversation found .*keys: \['text'\]"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+            r"f\.jsonl:7: key 'messages\[0\]\.content' part 0 is not a text part",
+        ),
+    ],
+)
 def test_errors_name_file_line_and_key(record, match):
     with pytest.raises(DataError, match=match):
         to_messages(record, "f.jsonl:7")
 
 
 def test_malformed_line_stop_or_skip(tmp_path):
-    p = jsonl(tmp_path / "d.jsonl", [{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
-                                     '{"id": "b", "messages": [', "",
-                                     {"id": "c", "messages": [{"role": "user", "content": "only a question"}]},
-                                     {"id": "d", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z"}]}])
+    p = jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "id": "a",
+                "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+            },
+            '{"id": "b", "messages": [',
+            "",
+            {"id": "c", "messages": [{"role": "user", "content": "only a question"}]},
+            {
+                "id": "d",
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "z"}],
+            },
+        ],
+    )
     with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON .*data\.on_error=skip"):
         load_conversations(str(p))
-    q = jsonl(tmp_path / "q.jsonl", [{"id": "c", "messages": [{"role": "user", "content": "only a question"}]}])
+    q = jsonl(
+        tmp_path / "q.jsonl", [{"id": "c", "messages": [{"role": "user", "content": "only a question"}]}]
+    )
     with pytest.raises(DataError, match=r"q\.jsonl:1: conversation has no assistant turn"):
         load_conversations(str(q), need_assistant=True)
     assert len(load_conversations(str(q))) == 1  # fine as a prompt for regeneration
@@ -66,7 +108,11 @@ def test_ids_sources_and_duplicates(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"data": [{"id": 7, "prompt": "p3"}]}))
     recs = load_conversations(str(tmp_path))  # a folder: its files, sorted
     assert [r["id"] for r in recs] == ["a:1", "a:2", "7"]
-    assert [r["id"] for r in load_conversations(f"{tmp_path}/*.jsonl,{tmp_path}/b.json")] == ["a:1", "a:2", "7"]
+    assert [r["id"] for r in load_conversations(f"{tmp_path}/*.jsonl,{tmp_path}/b.json")] == [
+        "a:1",
+        "a:2",
+        "7",
+    ]
     jsonl(tmp_path / "dup.jsonl", [{"id": "x", "prompt": "p"}, {"id": "x", "prompt": "q"}])
     with pytest.raises(DataError, match=r"dup\.jsonl:2: id 'x' already used at .*dup\.jsonl:1"):
         load_conversations(str(tmp_path / "dup.jsonl"))
@@ -77,11 +123,17 @@ def test_ids_sources_and_duplicates(tmp_path):
 def test_parquet_through_datasets(tmp_path):
     import datasets
 
-    datasets.Dataset.from_list([{"id": "p0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
-                                {"id": "p1", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]
-                               ).to_parquet(str(tmp_path / "x.parquet"))
+    datasets.Dataset.from_list(
+        [
+            {"id": "p0", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"id": "p1", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        ]
+    ).to_parquet(str(tmp_path / "x.parquet"))
     recs = load_conversations(str(tmp_path / "x.parquet"), need_assistant=True)
-    assert [r["id"] for r in recs] == ["p0", "p1"] and recs[1]["messages"][1] == {"role": "assistant", "content": "b"}
+    assert [r["id"] for r in recs] == ["p0", "p1"] and recs[1]["messages"][1] == {
+        "role": "assistant",
+        "content": "b",
+    }
 
 
 def test_hub_name_offline_is_a_clear_error(monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from openai_standin import StandIn
 
 from deepspec.config import DeepSpecConfig
 from deepspec.data.regenerate import (
@@ -27,7 +28,6 @@ from deepspec.data.regenerate import (
     sample_seed,
     split_reasoning,
 )
-from openai_standin import StandIn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,10 @@ def write_prompts(path: Path, n: int, bad=(), schema="sharegpt") -> Path:
         for i in range(n):
             text = f"question {i}" + (" BAD" if i in bad else "")
             if schema == "sharegpt":
-                rec = {"id": f"q{i}", "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "old"}]}
+                rec = {
+                    "id": f"q{i}",
+                    "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "old"}],
+                }
             else:
                 rec = {"id": f"q{i}", "messages": [{"role": "user", "content": text}]}
             f.write(json.dumps(rec) + "\n")
@@ -94,8 +97,14 @@ def test_filter_logits_top_k_top_p_min_p():
 
 def test_split_reasoning():
     assert split_reasoning("<think>\nhmm\n</think>\n\nok", True) == {
-        "role": "assistant", "content": "ok", "reasoning_content": "hmm"}
-    assert split_reasoning("<think>x</think>ok", False) == {"role": "assistant", "content": "<think>x</think>ok"}
+        "role": "assistant",
+        "content": "ok",
+        "reasoning_content": "hmm",
+    }
+    assert split_reasoning("<think>x</think>ok", False) == {
+        "role": "assistant",
+        "content": "<think>x</think>ok",
+    }
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible backend
@@ -103,9 +112,17 @@ def test_split_reasoning():
 
 def openai_cfg(tmp_path, urls, n=12, **kw):
     inp = write_prompts(tmp_path / "prompts.jsonl", n, bad=kw.pop("bad", (3,)))
-    base = {"regen.input": str(inp), "regen.output": str(tmp_path / kw.pop("out", "out.jsonl")),
-            "regen.backend": "openai", "regen.urls": urls, "regen.model": "tiny-served", "regen.backoff_s": 0.01,
-            "regen.max_retries": 3, "regen.concurrency": 2, "data.enable_thinking": False}
+    base = {
+        "regen.input": str(inp),
+        "regen.output": str(tmp_path / kw.pop("out", "out.jsonl")),
+        "regen.backend": "openai",
+        "regen.urls": urls,
+        "regen.model": "tiny-served",
+        "regen.backoff_s": 0.01,
+        "regen.max_retries": 3,
+        "regen.concurrency": 2,
+        "data.enable_thinking": False,
+    }
     base.update(kw)
     return make_cfg(**base)
 
@@ -200,15 +217,20 @@ def test_refuses_to_clobber_or_resume_with_other_settings(tmp_path, server):
 
 def test_malformed_prompt_line(tmp_path, server):
     inp = tmp_path / "p.jsonl"
-    inp.write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n{"id": "b", "messages": [\n'
-                   '{"id": "c", "messages": [{"role": "user", "content": "yo"}]}\n')
+    inp.write_text(
+        '{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n{"id": "b", "messages": [\n'
+        '{"id": "c", "messages": [{"role": "user", "content": "yo"}]}\n'
+    )
     cfg = openai_cfg(tmp_path, [server.url], n=1)
     cfg.regen.input = str(inp)
     with pytest.raises(Exception, match=r"p\.jsonl:2: malformed JSON"):
         regenerate(cfg, progress_bar=False)
     cfg.data.on_error = "skip"
     counts = regenerate(cfg, progress_bar=False)
-    assert counts["skipped_input_records"] == 1 and [r["id"] for r in lines(tmp_path / "out.jsonl")] == ["a", "c"]
+    assert counts["skipped_input_records"] == 1 and [r["id"] for r in lines(tmp_path / "out.jsonl")] == [
+        "a",
+        "c",
+    ]
 
 
 def test_kill_and_resume_is_identical(tmp_path):
@@ -219,11 +241,23 @@ def test_kill_and_resume_is_identical(tmp_path):
         ref = openai_cfg(tmp_path, [slow.url], n=n, out="ref.jsonl", bad=(7,), **{"regen.concurrency": 1})
         regenerate(ref, progress_bar=False)
         out = tmp_path / "killed.jsonl"
-        args = [sys.executable, str(ROOT / "deepspec" / "regenerate.py"), f"regen.input={tmp_path / 'prompts.jsonl'}",
-                f"regen.output={out}", "regen.backend=openai", f"regen.urls=[{slow.url}]", "regen.model=tiny-served",
-                "regen.concurrency=1", "regen.backoff_s=0.01", "regen.max_retries=3", "data.enable_thinking=false"]
+        args = [
+            sys.executable,
+            str(ROOT / "deepspec" / "regenerate.py"),
+            f"regen.input={tmp_path / 'prompts.jsonl'}",
+            f"regen.output={out}",
+            "regen.backend=openai",
+            f"regen.urls=[{slow.url}]",
+            "regen.model=tiny-served",
+            "regen.concurrency=1",
+            "regen.backoff_s=0.01",
+            "regen.max_retries=3",
+            "data.enable_thinking=false",
+        ]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.time() + 60
         while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
             time.sleep(0.01)
@@ -231,7 +265,9 @@ def test_kill_and_resume_is_identical(tmp_path):
         proc.wait()
         done = out.read_text().count("\n")
         assert 10 <= done < n - 1, "the kill should land mid-run"
-        res = subprocess.run(args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            args + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stderr
     finally:
         slow.close()
@@ -245,9 +281,17 @@ def test_kill_and_resume_is_identical(tmp_path):
 def local_cfg(tmp_path, micro_target, out="local.jsonl", n=6, **kw):
     _, tcfg, _ = micro_target
     inp = write_prompts(tmp_path / "lp.jsonl", n, bad=(), schema="openai")
-    base = {"regen.input": str(inp), "regen.output": str(tmp_path / out), "regen.backend": "local",
-            "regen.max_new_tokens": 12, "regen.batch_size": 4, "regen.device": "cpu"}
-    base.update({f"target.tiny.{k}": v for k, v in OmegaConf.to_container(OmegaConf.structured(tcfg)).items()})
+    base = {
+        "regen.input": str(inp),
+        "regen.output": str(tmp_path / out),
+        "regen.backend": "local",
+        "regen.max_new_tokens": 12,
+        "regen.batch_size": 4,
+        "regen.device": "cpu",
+    }
+    base.update(
+        {f"target.tiny.{k}": v for k, v in OmegaConf.to_container(OmegaConf.structured(tcfg)).items()}
+    )
     base.update(kw)
     return make_cfg(**base)
 

@@ -7,9 +7,15 @@ import json
 import signal
 
 import pytest
-
-from train_fixtures import (assert_same_tensors, ckpt, launch, micro_overrides, state, tail,  # noqa: F401
-                            tiny_cache, train_here)
+from train_fixtures import (
+    assert_same_tensors,
+    ckpt,
+    launch,
+    micro_overrides,
+    state,
+    tail,  # noqa: F401
+    train_here,
+)
 
 RUN = ["train.max_steps=4", "train.checkpoint.every=2", "train.checkpoint.keep_last=5"]
 COMPARED = ["model.safetensors", "optimizer.safetensors", "rng/rank-00000.safetensors"]
@@ -26,14 +32,21 @@ def assert_same_run(out, ref):
     for f in COMPARED:
         assert_same_tensors(ckpt(out, 4) / f, ckpt(ref, 4) / f, exact=True)
     assert (ckpt(out, 4) / "scheduler.json").read_text() == (ckpt(ref, 4) / "scheduler.json").read_text()
-    assert_same_tensors(out / "drafter" / "model.safetensors", ref / "drafter" / "model.safetensors", exact=True)
+    assert_same_tensors(
+        out / "drafter" / "model.safetensors", ref / "drafter" / "model.safetensors", exact=True
+    )
     a, b = state(out, 4), state(ref, 4)
     for key in ("step", "adam_step", "data", "heldout"):
         assert a[key] == b[key], key
     timing = {"tokens_per_s", "peak_mem_gb"}  # wall-clock and memory readings, not training state
-    assert {k: v for k, v in a["metrics"].items() if k not in timing} == {k: v for k, v in b["metrics"].items() if k not in timing}
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    assert {k: v for k, v in a["metrics"].items() if k not in timing} == {
+        k: v for k, v in b["metrics"].items() if k not in timing
+    }
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == [1, 2, 3, 4]  # the resumed run does not log a step twice
 
 
@@ -70,7 +83,9 @@ def test_checkpoint_write_killed_midway_leaves_previous_usable(uninterrupted, ti
 def _fake_checkpoint(root, step, tau):
     d = root / f"step-{step:08d}"
     d.mkdir(parents=True)
-    (d / "trainer_state.json").write_text(json.dumps({"step": step, "heldout": None if tau is None else {"tau_est": tau}}))
+    (d / "trainer_state.json").write_text(
+        json.dumps({"step": step, "heldout": None if tau is None else {"tau_est": tau}})
+    )
     return d
 
 

@@ -102,8 +102,12 @@ def test_sps_curve_load(tmp_path):
 
 def _draft(conf_logits):
     z = torch.tensor(conf_logits)
-    return Draft(tokens=torch.zeros(len(conf_logits), dtype=torch.long), probs=torch.zeros(len(conf_logits), 4),
-                 confidence=torch.sigmoid(z), confidence_logits=z)
+    return Draft(
+        tokens=torch.zeros(len(conf_logits), dtype=torch.long),
+        probs=torch.zeros(len(conf_logits), 4),
+        confidence=torch.sigmoid(z),
+        confidence_logits=z,
+    )
 
 
 def test_verify_len_callables():
@@ -120,7 +124,9 @@ def test_verify_len_callables():
     assert busy(0, _draft(z)) < 2
     g = lagged_verify_len(sps, lag=2)
     assert [g(i, _draft(z)) for i in range(2)] == [3, 3]  # full block until a lagged curve exists
-    assert g(2, _draft([-9.0, -9.0, -9.0])) == schedule_global([a.tolist()], sps)[0][0]  # uses round 0's curve
+    assert (
+        g(2, _draft([-9.0, -9.0, -9.0])) == schedule_global([a.tolist()], sps)[0][0]
+    )  # uses round 0's curve
     with pytest.raises(ValueError, match="confidence head"):
         f(0, Draft(tokens=torch.zeros(2), probs=torch.zeros(2, 2), confidence=None, confidence_logits=None))
 
@@ -148,7 +154,11 @@ def test_replay_accounting_by_hand():
     assert thr["mean_verify_len"] == 2.0 and thr["realised_tokens_per_s"] == 3.0
     # two requests share one step of B = (3+1) + (3+1) = 8 tokens
     both = replay.simulate(curves, accepted, lambda b: 1.0 / b, 2, "fixed")
-    assert both["steps"] == 1 and both["mean_batch_tokens"] == 8 and both["realised_tokens_per_s"] == pytest.approx(6 / 8)
+    assert (
+        both["steps"] == 1
+        and both["mean_batch_tokens"] == 8
+        and both["realised_tokens_per_s"] == pytest.approx(6 / 8)
+    )
     assert both["per_request_tokens_per_s"] == pytest.approx(3 / 8)
     sweep = replay.threshold_sweep(curves, accepted, [0.0, 0.55, 1.5])
     assert sweep[0]["tokens_per_step"] == 3.0 and sweep[0]["acceptance_rate"] == pytest.approx(4 / 6)
@@ -157,9 +167,14 @@ def test_replay_accounting_by_hand():
     assert sweep[2]["mean_verify_len"] == 0 and sweep[2]["tokens_per_step"] == 1.0
 
 
-@pytest.mark.parametrize("sps", [SPSCurve([1, 8, 64, 512], [200.0, 190.0, 120.0, 25.0]),
-                                 SPSCurve([1, 512], [100.0, 100.0 / 52])],  # affine: t = 1 + B/10
-                         ids=["measured-like", "affine"])
+@pytest.mark.parametrize(
+    "sps",
+    [
+        SPSCurve([1, 8, 64, 512], [200.0, 190.0, 120.0, 25.0]),
+        SPSCurve([1, 512], [100.0, 100.0 / 52]),
+    ],  # affine: t = 1 + B/10
+    ids=["measured-like", "affine"],
+)
 def test_scheduled_beats_fixed_at_every_concurrency(sps):
     curves, accepted = calibrated_rounds()
     levels = [1, 2, 4, 8, 16, 32, 64]
@@ -173,7 +188,9 @@ def test_scheduled_beats_fixed_at_every_concurrency(sps):
         assert s["realised_tokens_per_s"] == pytest.approx(s["expected_tokens_per_s"], rel=0.05)
         assert row["policies"]["fixed"]["mean_verify_len"] == 7
     # the fixed policy realises τ tokens per request-step
-    assert rep["levels"][0]["policies"]["fixed"]["tokens_per_request_step"] == pytest.approx(1 + accepted.mean())
+    assert rep["levels"][0]["policies"]["fixed"]["tokens_per_request_step"] == pytest.approx(
+        1 + accepted.mean()
+    )
 
 
 def test_profile_sps_on_a_tiny_target():
@@ -201,8 +218,11 @@ def test_vectorised_schedule_matches_the_loop():
     from deepspec.eval.scheduler import schedule_array
 
     rng = np.random.default_rng(3)
-    curves_sps = [SPSCurve([1, 8, 64, 512], [100.0, 90.0, 40.0, 6.0]), affine_sps(10, 1),
-                  {b: s for b, s in zip(range(1, 200), np.repeat([100, 60, 55, 20], 50))}.__getitem__]
+    curves_sps = [
+        SPSCurve([1, 8, 64, 512], [100.0, 90.0, 40.0, 6.0]),
+        affine_sps(10, 1),
+        {b: s for b, s in zip(range(1, 200), np.repeat([100, 60, 55, 20], 50))}.__getitem__,
+    ]
     for _ in range(300):
         r_n, gamma = int(rng.integers(1, 6)), int(rng.integers(1, 8))
         c = np.cumprod(rng.uniform(0.2, 1.0, (r_n, gamma)), axis=1)

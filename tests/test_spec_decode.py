@@ -31,20 +31,34 @@ ALPHA = 1e-3  # false-alarm rate of each statistical test (seeds are fixed, so r
 def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4) -> TargetModel:
     torch.manual_seed(seed)
     cfg = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-        tie_word_embeddings=False, initializer_range=init_range,  # large init: peaked, non-trivial p
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=init_range,  # large init: peaked, non-trivial p
     )
     return TargetModel(Qwen3ForCausalLM(cfg), LAYER_IDS)
 
 
-def make_drafter(target, markov_rank=8, head_type="vanilla", block_size=3, seed=1, std=0.1, w2_std=0.3,
-                 target_config=None) -> DSparkDrafter:
+def make_drafter(
+    target, markov_rank=8, head_type="vanilla", block_size=3, seed=1, std=0.1, w2_std=0.3, target_config=None
+) -> DSparkDrafter:
     tc = (target_config or target.config).to_dict()
     dc = resolve_drafter_config(
-        DrafterConfig(num_layers=1, block_size=block_size, target_layer_ids=LAYER_IDS, markov_rank=markov_rank,
-                      markov_head_type=head_type),
-        tc, mask_token_id=tc["vocab_size"] - 1,
+        DrafterConfig(
+            num_layers=1,
+            block_size=block_size,
+            target_layer_ids=LAYER_IDS,
+            markov_rank=markov_rank,
+            markov_head_type=head_type,
+        ),
+        tc,
+        mask_token_id=tc["vocab_size"] - 1,
     )
     d = DSparkDrafter(dc)
     d.init_weights(std=std, seed=seed)
@@ -53,7 +67,9 @@ def make_drafter(target, markov_rank=8, head_type="vanilla", block_size=3, seed=
     if d.markov_head is not None:  # init_weights zeroes W2; make the Markov head matter
         g = torch.Generator().manual_seed(seed + 100)
         with torch.no_grad():
-            d.markov_head.markov_w2.weight.copy_(torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * w2_std)
+            d.markov_head.markov_w2.weight.copy_(
+                torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * w2_std
+            )
     return d.eval()
 
 
@@ -73,7 +89,13 @@ class OracleDrafter:
 
     def __init__(self, block_size, vocab, prompt, reference, corrupt=False):
         self.config = SimpleNamespace(block_size=block_size)
-        self.vocab, self.prompt_len, self.seq, self.corrupt, self.calls = vocab, len(prompt), list(prompt) + reference, corrupt, 0
+        self.vocab, self.prompt_len, self.seq, self.corrupt, self.calls = (
+            vocab,
+            len(prompt),
+            list(prompt) + reference,
+            corrupt,
+            0,
+        )
 
     def draft(self, feats, anchor, temperature, generator=None, forced_tokens=None):
         n = feats.shape[1]
@@ -86,8 +108,12 @@ class OracleDrafter:
                 toks[k] = (toks[k] + 1) % self.vocab
         self.calls += 1
         t = torch.tensor(toks)
-        return Draft(tokens=t, probs=torch.nn.functional.one_hot(t, self.vocab).float(), confidence=None,
-                     confidence_logits=None)
+        return Draft(
+            tokens=t,
+            probs=torch.nn.functional.one_hot(t, self.vocab).float(),
+            confidence=None,
+            confidence_logits=None,
+        )
 
 
 # ---------------------------------------------------------------- the rule
@@ -165,8 +191,11 @@ def test_verify_single_slot_is_lossless_at_t1():
 # ---------------------------------------------------------------- greedy = target
 
 
-@pytest.mark.parametrize("markov", [("vanilla", 8), ("gated", 8), ("rnn", 8), ("vanilla", 0)],
-                         ids=["vanilla", "gated", "rnn", "off"])
+@pytest.mark.parametrize(
+    "markov",
+    [("vanilla", 8), ("gated", 8), ("rnn", 8), ("vanilla", 0)],
+    ids=["vanilla", "gated", "rnn", "off"],
+)
 def test_greedy_speculative_equals_target(target32, markov):
     drafter = make_drafter(target32, markov_rank=markov[1], head_type=markov[0], block_size=3)
     for prompt in PROMPTS:
@@ -256,7 +285,9 @@ def test_t1_lossless_variable_verify_len(tiny_vocab_setup):
     # A scheduler's cut ℓ in {0, 1, 2} chosen at random each round: bonus after a partial block,
     # plain target steps (ℓ = 0), full blocks.
     rng = random.Random(7)
-    counts, rounds = sample_counts(target, drafter, prompt, 3, 3000, seed=12, verify_len=lambda r, draft: rng.choice([0, 1, 2]))
+    counts, rounds = sample_counts(
+        target, drafter, prompt, 3, 3000, seed=12, verify_len=lambda r, draft: rng.choice([0, 1, 2])
+    )
     assert {r.verified for r in rounds} == {0, 1, 2}
     assert g_test_pvalue(counts, exact) > ALPHA
 
@@ -309,15 +340,27 @@ def test_tau_matches_token_count(target32):
     for max_new, corrupt in ((1 + 5 * 4, False), (20, True)):
         prompt = PROMPTS[0]
         ref = target_generate(target32, prompt, max_new + gamma + 1, 0.0).tokens
-        out = speculative_generate(target32, OracleDrafter(gamma, 32, prompt, ref, corrupt), prompt, max_new, 0.0)
+        out = speculative_generate(
+            target32, OracleDrafter(gamma, 32, prompt, ref, corrupt), prompt, max_new, 0.0
+        )
         assert len(out.tokens) == 1 + sum(r.committed for r in out.rounds)
-        assert all(r.committed == r.tau for r in out.rounds[:-1]) and out.rounds[-1].committed <= out.rounds[-1].tau
+        assert (
+            all(r.committed == r.tau for r in out.rounds[:-1])
+            and out.rounds[-1].committed <= out.rounds[-1].tau
+        )
         if not corrupt:  # budget chosen so no round is truncated
             assert metrics.tau(out.rounds) == (len(out.tokens) - 1) / len(out.rounds) == gamma + 1
     # a drafter's round records carry confidences and timings
-    out = speculative_generate(target32, make_drafter(target32), PROMPTS[1], 10, 1.0, (), torch.Generator().manual_seed(0))
+    out = speculative_generate(
+        target32, make_drafter(target32), PROMPTS[1], 10, 1.0, (), torch.Generator().manual_seed(0)
+    )
     r = out.rounds[0]
-    assert len(r.confidence) == 3 and all(0 < c < 1 for c in r.confidence) and r.draft_time > 0 and r.verify_time > 0
+    assert (
+        len(r.confidence) == 3
+        and all(0 < c < 1 for c in r.confidence)
+        and r.draft_time > 0
+        and r.verify_time > 0
+    )
     assert len(out.tokens) <= 1 + sum(x.tau for x in out.rounds)
 
 
@@ -372,7 +415,14 @@ def test_evaluate_rejects_mismatches(target32, monkeypatch):
         with pytest.raises(ValueError, match=msg):
             evaluate(target32, drafter, PROMPTS, cfg, stop_ids=[], progress=False)
     with pytest.raises(ValueError, match="temperatures"):
-        evaluate(target32, make_drafter(target32), PROMPTS, EvalConfig(temperatures=[1.0, -1.0]), [], progress=False)
+        evaluate(
+            target32,
+            make_drafter(target32),
+            PROMPTS,
+            EvalConfig(temperatures=[1.0, -1.0]),
+            [],
+            progress=False,
+        )
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target32, make_drafter(target32), PROMPTS[0], 4, -0.1)
     with pytest.raises(ValueError, match="temperature"):

@@ -123,9 +123,23 @@ def test_scrub_keeps_mask_out_of_training_text():
 def _micro_cfg(corpus_dir, cache_dir) -> TinyTargetConfig:
     # One thread: a model this small gains nothing from more, and OpenMP sync stalls on a busy box.
     return TinyTargetConfig(
-        corpus_dir=str(corpus_dir), heldout_fraction=0.25, vocab_size=384, hidden_size=64, num_layers=2,
-        num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=128, seq_len=64, batch_size=8,
-        train_steps=20, lr=3e-3, warmup_steps=4, eval_batches=2, cache_dir=str(cache_dir), num_threads=1,
+        corpus_dir=str(corpus_dir),
+        heldout_fraction=0.25,
+        vocab_size=384,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        seq_len=64,
+        batch_size=8,
+        train_steps=20,
+        lr=3e-3,
+        warmup_steps=4,
+        eval_batches=2,
+        cache_dir=str(cache_dir),
+        num_threads=1,
     )
 
 

@@ -3,7 +3,6 @@ names (exports unchanged). Uses the "eager" dynamo backend so the test needs no 
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -20,10 +19,22 @@ V = 64
 
 def test_compiled_drafter_same_grads_and_names():
     torch.manual_seed(0)
-    t = Qwen3ForCausalLM(Qwen3Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8)).eval()
-    c = resolve_drafter_config(DrafterConfig(num_layers=1, block_size=4, target_layer_ids=[0, 1, 2], markov_rank=8),
-                               t.config.to_dict(), mask_token_id=V - 1)
+    t = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+        )
+    ).eval()
+    c = resolve_drafter_config(
+        DrafterConfig(num_layers=1, block_size=4, target_layer_ids=[0, 1, 2], markov_rank=8),
+        t.config.to_dict(),
+        mask_token_id=V - 1,
+    )
     ref = build_drafter(c)
     ref.init_weights(0.1, seed=0)
     ref.load_target_head(t.get_input_embeddings().weight, t.get_output_embeddings().weight)
@@ -46,7 +57,9 @@ def test_compiled_drafter_same_grads_and_names():
     grads = []
     for m in (ref, comp):
         o = m(f.aux, ids, anchors, tg.prev_tokens)
-        dspark_loss(o.logits, o.confidence_logits, tgt, tg, LossConfig(), weighted_valid(tg.valid, 4.0).sum()).loss.backward()
+        dspark_loss(
+            o.logits, o.confidence_logits, tgt, tg, LossConfig(), weighted_valid(tg.valid, 4.0).sum()
+        ).loss.backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:

@@ -9,16 +9,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO_TARGET = [
-    "target.tiny.max_files=150", "target.tiny.train_steps=40", "target.tiny.hidden_size=64",
-    "target.tiny.head_dim=16", "target.tiny.intermediate_size=128", "target.tiny.num_layers=4",
-    "target.tiny.vocab_size=1024", "target.tiny.batch_size=8", "target.tiny.seq_len=128",
+    "target.tiny.max_files=150",
+    "target.tiny.train_steps=40",
+    "target.tiny.hidden_size=64",
+    "target.tiny.head_dim=16",
+    "target.tiny.intermediate_size=128",
+    "target.tiny.num_layers=4",
+    "target.tiny.vocab_size=1024",
+    "target.tiny.batch_size=8",
+    "target.tiny.seq_len=128",
 ]
 
 
 def train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "deepspec" / "train.py"), *MICRO_TARGET,
-           f"target.tiny.cache_dir={tmp / 'cache'}", f"train.output_dir={tmp / out}", "train.progress_bar=false",
-           "train.log_every=2", "eval.num_prompts=2", "eval.max_new_tokens=16", *extra]
+    cmd = [
+        sys.executable,
+        str(ROOT / "deepspec" / "train.py"),
+        *MICRO_TARGET,
+        f"target.tiny.cache_dir={tmp / 'cache'}",
+        f"train.output_dir={tmp / out}",
+        "train.progress_bar=false",
+        "train.log_every=2",
+        "eval.num_prompts=2",
+        "eval.max_new_tokens=16",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=900)
 
 
@@ -60,7 +75,12 @@ def test_main_job_end_to_end(tmp_path):
 
 
 def test_unknown_key_fails_at_start(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "deepspec" / "train.py"), "train.lrr=1"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "deepspec" / "train.py"), "train.lrr=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "Key 'lrr' not in 'TrainConfig'" in r.stderr

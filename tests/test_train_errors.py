@@ -8,9 +8,16 @@ import json
 import shutil
 
 import pytest
-
-from train_fixtures import (ckpt, assert_same_tensors, compose, launch, micro_overrides, state, tail,  # noqa: F401
-                            tiny_cache, train_here)
+from train_fixtures import (
+    assert_same_tensors,
+    ckpt,
+    compose,
+    launch,
+    micro_overrides,
+    state,
+    tail,  # noqa: F401
+    train_here,
+)
 
 
 # ----------------------------------------------------------------------------- config keys and types
@@ -21,12 +28,15 @@ def test_unknown_override_key_is_named_on_the_command_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.checkpoint.evry=2", "train.checkpoint.evry"),
-    ("train.checkpoint.every=abc", "train.checkpoint.every"),
-    ("logging.wandb=maybe", "logging.wandb"),
-    ("train.max_skipped_steps=1.5", "train.max_skipped_steps"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.checkpoint.evry=2", "train.checkpoint.evry"),
+        ("train.checkpoint.every=abc", "train.checkpoint.every"),
+        ("logging.wandb=maybe", "logging.wandb"),
+        ("train.max_skipped_steps=1.5", "train.max_skipped_steps"),
+    ],
+)
 def test_wrong_key_or_type_names_the_key(override, key):
     from hydra.errors import ConfigCompositionException
 
@@ -35,17 +45,22 @@ def test_wrong_key_or_type_names_the_key(override, key):
     assert key in f"{e.value} {e.value.__cause__}"
 
 
-@pytest.mark.parametrize("override, words", [
-    ("train.on_nonfinite=ignore", ["train.on_nonfinite", "ignore"]),
-    ("train.mixed_precision=fp16", ["train.mixed_precision", "fp16"]),
-    ("train.checkpoint.keep_last=0", ["keep_last=0"]),
-    ("train.strategy=horovod", ["train.strategy", "horovod"]),
-    ("train.strategy=fsdp", ["fsdp", "CUDA"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.on_nonfinite=ignore", ["train.on_nonfinite", "ignore"]),
+        ("train.mixed_precision=fp16", ["train.mixed_precision", "fp16"]),
+        ("train.checkpoint.keep_last=0", ["keep_last=0"]),
+        ("train.strategy=horovod", ["train.strategy", "horovod"]),
+        ("train.strategy=fsdp", ["fsdp", "CUDA"]),
+    ],
+)
 def test_bad_values_fail_before_anything_loads(override, words, tmp_path):
     from deepspec.training.loop import train
 
-    cfg = compose([override, f"train.output_dir={tmp_path / 'out'}", "target.name_or_path=/nonexistent/target"])
+    cfg = compose(
+        [override, f"train.output_dir={tmp_path / 'out'}", "target.name_or_path=/nonexistent/target"]
+    )
     with pytest.raises(ValueError) as e:
         train(cfg)
     for w in words:
@@ -57,13 +72,28 @@ def test_bad_values_fail_before_anything_loads(override, words, tmp_path):
 def test_global_batch_not_divisible_by_world_times_micro(tmp_path, monkeypatch):
     from deepspec.training.loop import plan_batches, train
 
-    cfg = compose(["train.global_batch_size=8", "train.micro_batch_size=3", f"train.output_dir={tmp_path}/o",
-                   "target.name_or_path=/nonexistent/target"])
-    with pytest.raises(ValueError, match=r"global_batch_size=8 is not divisible by world_size \(1\) × train.micro_batch_size \(3\)"):
+    cfg = compose(
+        [
+            "train.global_batch_size=8",
+            "train.micro_batch_size=3",
+            f"train.output_dir={tmp_path}/o",
+            "target.name_or_path=/nonexistent/target",
+        ]
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size=8 is not divisible by world_size \(1\) × train.micro_batch_size \(3\)",
+    ):
         train(cfg)
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun / accelerate launch would set it
-    cfg = compose(["train.global_batch_size=8", "train.micro_batch_size=2", f"train.output_dir={tmp_path}/o",
-                   "target.name_or_path=/nonexistent/target"])
+    cfg = compose(
+        [
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+            f"train.output_dir={tmp_path}/o",
+            "target.name_or_path=/nonexistent/target",
+        ]
+    )
     with pytest.raises(ValueError, match=r"world_size \(3\) × train.micro_batch_size \(2\) = 6"):
         train(cfg)
     assert plan_batches(cfg, 2) == 2 and plan_batches(cfg, 4) == 1
@@ -79,7 +109,11 @@ def test_deepspeed_json_must_agree_with_the_training_config(tmp_path):
         deepspeed_config(cfg, world_size=2, accum=2)
     p.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     ds = deepspeed_config(cfg, world_size=2, accum=2)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+    ) == (2, 2, 8)
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is False
 
 
@@ -92,23 +126,30 @@ def one_step(tiny_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, shown", [
-    ("model.markov_rank=8", "markov_rank: checkpoint 16 vs this run 8"),
-    ("model.num_layers=1", "num_hidden_layers: checkpoint 2 vs this run 1"),
-    ("model=dflash", "markov_rank: checkpoint 16 vs this run 0"),
-])
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("model.markov_rank=8", "markov_rank: checkpoint 16 vs this run 8"),
+        ("model.num_layers=1", "num_hidden_layers: checkpoint 2 vs this run 1"),
+        ("model=dflash", "markov_rank: checkpoint 16 vs this run 0"),
+    ],
+)
 def test_resume_refuses_a_different_drafter_config(override, shown, one_step, tiny_cache, tmp_path):
     out = tmp_path / "other"
     with pytest.raises(ValueError) as e:
-        train_here(micro_overrides(tiny_cache, out) + ["train.max_steps=2", f"train.resume={one_step}", override])
+        train_here(
+            micro_overrides(tiny_cache, out) + ["train.max_steps=2", f"train.resume={one_step}", override]
+        )
     assert shown in str(e.value) and str(ckpt(one_step, 1)) in str(e.value)
 
 
 @pytest.mark.slow
 def test_resume_refuses_other_data_order_truncated_files_and_mixing_runs(one_step, tiny_cache, tmp_path):
     with pytest.raises(ValueError, match="global_batch_size=8, train.seed=0; this run has 16, 0"):
-        train_here(micro_overrides(tiny_cache, tmp_path / "a") + [f"train.resume={one_step}", "train.max_steps=2",
-                                                                  "train.global_batch_size=16"])
+        train_here(
+            micro_overrides(tiny_cache, tmp_path / "a")
+            + [f"train.resume={one_step}", "train.max_steps=2", "train.global_batch_size=16"]
+        )
     out = tmp_path / "b"
     shutil.copytree(ckpt(one_step, 1), ckpt(out, 1))
     f = ckpt(out, 1) / "optimizer.safetensors"
@@ -145,15 +186,23 @@ def test_nonfinite_loss_skip_drops_only_that_update(tiny_cache, tmp_path, monkey
 
     monkeypatch.setenv("DEEPSPEC_FAULTS", "nan_loss@2")
     out = tmp_path / "run"
-    base = micro_overrides(tiny_cache, out) + ["train.max_steps=3", "train.checkpoint.every=1",
-                                               "train.checkpoint.keep_last=3", "train.on_nonfinite=skip"]
+    base = micro_overrides(tiny_cache, out) + [
+        "train.max_steps=3",
+        "train.checkpoint.every=1",
+        "train.checkpoint.keep_last=3",
+        "train.on_nonfinite=skip",
+    ]
     train_here(base)
     for f in ("model.safetensors", "optimizer.safetensors"):
         assert_same_tensors(ckpt(out, 2) / f, ckpt(out, 1) / f, exact=True)
     with pytest.raises(AssertionError):
-        assert_same_tensors(ckpt(out, 3) / "model.safetensors", ckpt(out, 2) / "model.safetensors", exact=True)
+        assert_same_tensors(
+            ckpt(out, 3) / "model.safetensors", ckpt(out, 2) / "model.safetensors", exact=True
+        )
     assert [state(out, s)["adam_step"] for s in (1, 2, 3)] == [1, 1, 2]
     assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == 1
     with pytest.raises(NonFiniteLossError, match="train.max_skipped_steps=0"):
-        train_here(micro_overrides(tiny_cache, tmp_path / "strict") + ["train.max_steps=3", "train.on_nonfinite=skip",
-                                                                       "train.max_skipped_steps=0"])
+        train_here(
+            micro_overrides(tiny_cache, tmp_path / "strict")
+            + ["train.max_steps=3", "train.on_nonfinite=skip", "train.max_skipped_steps=0"]
+        )

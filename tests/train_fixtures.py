@@ -19,8 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = str(REPO / "deepspec" / "train.py")
 
 # A target small enough to build in ~20 s on one CPU thread (the default tiny target takes minutes).
-MICRO_TARGET = dict(max_files=60, train_steps=40, hidden_size=64, head_dim=16, intermediate_size=128, num_layers=4,
-                    vocab_size=1024, batch_size=8, seq_len=128)
+MICRO_TARGET = dict(
+    max_files=60,
+    train_steps=40,
+    hidden_size=64,
+    head_dim=16,
+    intermediate_size=128,
+    num_layers=4,
+    vocab_size=1024,
+    batch_size=8,
+    seq_len=128,
+)
 
 
 def micro_overrides(cache_dir: Path, out_dir: Path) -> List[str]:
@@ -125,24 +134,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: List[str], launcher: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-           cwd: Optional[Path] = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(
+    args: List[str],
+    launcher: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    cwd: Optional[Path] = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
     """``deepspec/train.py <args>`` in a fresh process: plain python, ``torchrun`` (2 processes) or
     ``accelerate launch --config_file configs/accelerate/<launcher>.yaml`` (2 processes)."""
     port = str(free_port())
     if launcher is None:
         cmd = [sys.executable, TRAIN_PY]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, TRAIN_PY]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            port,
+            TRAIN_PY,
+        ]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2",
-               "--main_process_port", port, TRAIN_PY]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                **(env or {})}
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port,
+            TRAIN_PY,
+        ]
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
     if "DEEPSPEC_FAULTS" not in (env or {}):
         full_env.pop("DEEPSPEC_FAULTS", None)
-    return subprocess.run(cmd + args, cwd=str(cwd or REPO), env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        cmd + args, cwd=str(cwd or REPO), env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def tail(r: subprocess.CompletedProcess, n: int = 4000) -> str:
@@ -171,4 +210,6 @@ def assert_same_tensors(a: Path, b: Path, exact: bool = True, rel: float = 1e-5,
         else:
             scale = float(tb[k].abs().max()) + 1e-12
             diff = float((ta[k] - tb[k]).abs().max())
-            assert diff <= atol + rel * scale, f"{k}: max |diff| {diff:.3g} > {atol} + {rel} x {scale:.3g} ({a} vs {b})"
+            assert diff <= atol + rel * scale, (
+                f"{k}: max |diff| {diff:.3g} > {atol} + {rel} x {scale:.3g} ({a} vs {b})"
+            )

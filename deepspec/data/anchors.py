@@ -19,7 +19,9 @@ def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(m[:-1] & m[1:], as_tuple=False).flatten()
 
 
-def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_anchors(
+    loss_mask: torch.Tensor, num_anchors: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Up to ``num_anchors`` candidates, uniformly without replacement, sorted."""
     cand = anchor_candidates(loss_mask)
     if cand.numel() > num_anchors:
@@ -37,7 +39,11 @@ class BlockTargets:
 
 
 def block_targets(
-    input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, anchor_valid: torch.Tensor, block_size: int
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    anchors: torch.Tensor,
+    anchor_valid: torch.Tensor,
+    block_size: int,
 ) -> BlockTargets:
     """input_ids/loss_mask [B, L]; anchors/anchor_valid [B, A] -> per-slot labels and masks."""
     b, length = input_ids.shape

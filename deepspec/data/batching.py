@@ -32,9 +32,20 @@ class Batch:
     anchor_valid: torch.Tensor  # [B, A]
     keys: Optional[List[Tuple[int, int]]] = None  # (epoch, sample index) per row: finds cached features
 
-    def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.loss_mask, self.attention_mask, self.anchors, self.anchor_valid)),
-                     keys=self.keys)
+    def to(self, device) -> Batch:
+        return Batch(
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.loss_mask,
+                    self.attention_mask,
+                    self.anchors,
+                    self.anchor_valid,
+                )
+            ),
+            keys=self.keys,
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -52,7 +63,9 @@ def global_indices(num_samples: int, seed: int, step: int, global_batch: int) ->
     return out
 
 
-def collate(examples: Sequence[Example], keys: Sequence[Tuple[int, int]], num_anchors: int, seed: int, pad_id: int) -> Batch:
+def collate(
+    examples: Sequence[Example], keys: Sequence[Tuple[int, int]], num_anchors: int, seed: int, pad_id: int
+) -> Batch:
     length = max(len(e.input_ids) for e in examples)
     b = len(examples)
     ids = torch.full((b, length), pad_id, dtype=torch.long)

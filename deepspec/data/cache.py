@@ -38,8 +38,16 @@ VERSION = 1
 MANIFEST, PLAN, HELDOUT = "manifest.json", "plan.json", "heldout.jsonl"
 STORAGE_DTYPES = ("bf16", "fp8")
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-                         "_commit_hash", "_attn_implementation_autoset", "attn_implementation"}
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "_commit_hash",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+}
 
 
 class CacheError(ValueError):
@@ -72,12 +80,19 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
-def size_estimate(dtype: str, hidden: int, num_layers: int, num_tokens: int, num_sequences: int) -> Dict[str, float]:
+def size_estimate(
+    dtype: str, hidden: int, num_layers: int, num_tokens: int, num_sequences: int
+) -> Dict[str, float]:
     bpt = bytes_per_token(dtype, hidden, num_layers)
     ref = reference_bytes_per_token(hidden, num_layers)
     total = bpt * num_tokens + 16 * num_sequences  # + offsets and seq_index
-    return {"bytes_per_token": bpt, "reference_bytes_per_token": ref, "ratio_to_reference": bpt / ref,
-            "total_bytes": total, "reference_total_bytes": ref * num_tokens}
+    return {
+        "bytes_per_token": bpt,
+        "reference_bytes_per_token": ref,
+        "ratio_to_reference": bpt / ref,
+        "total_bytes": total,
+        "reference_total_bytes": ref * num_tokens,
+    }
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -161,7 +176,11 @@ def write_shard(cache_dir: Path, k: int, tensors: Dict[str, torch.Tensor], info:
     tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
     # One metadata key: safetensors writes a metadata map in no fixed order, and shards must be
     # byte-identical from run to run (resume, checksums).
-    save_file(tensors, str(tmp), metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})})
+    save_file(
+        tensors,
+        str(tmp),
+        metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})},
+    )
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)
@@ -200,8 +219,10 @@ class CachedSequence:
     final_scale: Optional[torch.Tensor]
 
     def decode(self, dtype=torch.float32, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        parts = [t.to(device) if (t is not None and device is not None) else t
-                 for t in (self.aux, self.aux_scale, self.final, self.final_scale)]
+        parts = [
+            t.to(device) if (t is not None and device is not None) else t
+            for t in (self.aux, self.aux_scale, self.final, self.final_scale)
+        ]
         return decode_features(parts[0], parts[1], dtype), decode_features(parts[2], parts[3], dtype)
 
 
@@ -212,15 +233,21 @@ class CacheReader:
         self.dir = Path(cache_dir)
         mpath = self.dir / MANIFEST
         if not mpath.is_file():
-            hint = " (collection has not finished: run collect again to resume it)" if (self.dir / PLAN).is_file() else ""
+            hint = (
+                " (collection has not finished: run collect again to resume it)"
+                if (self.dir / PLAN).is_file()
+                else ""
+            )
             raise CacheError(f"{mpath}: no manifest{hint}")
         try:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
             raise CacheError(f"{mpath}: not valid JSON ({e.msg})") from None
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise CacheError(f"{mpath}: format {self.manifest.get('format')!r} v{self.manifest.get('version')!r}, "
-                             f"expected {FORMAT!r} v{VERSION}")
+            raise CacheError(
+                f"{mpath}: format {self.manifest.get('format')!r} v{self.manifest.get('version')!r}, "
+                f"expected {FORMAT!r} v{VERSION}"
+            )
         self.shards: List[dict] = self.manifest["shards"]
         self._starts = [s["sequences"][0] for s in self.shards]
         self.check_files(verify)
@@ -244,26 +271,43 @@ class CacheReader:
                 raise CacheError(f"{p}: shard listed in the manifest is missing")
             size = p.stat().st_size
             if size != s["bytes"]:
-                raise CacheError(f"{p}: shard is {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
+                raise CacheError(
+                    f"{p}: shard is {size} bytes, the manifest says {s['bytes']} (truncated or replaced)"
+                )
             if verify and sha256_file(p) != s["sha256"]:
                 raise CacheError(f"{p}: sha256 does not match the manifest (corrupted shard)")
 
-    def check_compatible(self, *, layer_ids: Sequence[int], hidden_size: int, config_hash: Optional[str] = None,
-                         fingerprint: Optional[str] = None, target_name: Optional[str] = None) -> None:
+    def check_compatible(
+        self,
+        *,
+        layer_ids: Sequence[int],
+        hidden_size: int,
+        config_hash: Optional[str] = None,
+        fingerprint: Optional[str] = None,
+        target_name: Optional[str] = None,
+    ) -> None:
         """Refuse a cache made from another target or for other layers than the drafter's."""
         m, t = self.manifest, self.manifest["target"]
         where = self.dir / MANIFEST
         if list(m["layer_ids"]) != list(layer_ids):
-            raise CacheError(f"{where}: cache layer ids {m['layer_ids']} differ from the drafter's target_layer_ids "
-                             f"{list(layer_ids)} (model.target_layer_ids); collect again with these ids")
+            raise CacheError(
+                f"{where}: cache layer ids {m['layer_ids']} differ from the drafter's target_layer_ids "
+                f"{list(layer_ids)} (model.target_layer_ids); collect again with these ids"
+            )
         if int(t["hidden_size"]) != int(hidden_size):
-            raise CacheError(f"{where}: cache hidden size {t['hidden_size']} differs from the target's {hidden_size}")
+            raise CacheError(
+                f"{where}: cache hidden size {t['hidden_size']} differs from the target's {hidden_size}"
+            )
         if config_hash is not None and t["config_hash"] != config_hash:
-            raise CacheError(f"{where}: cache was collected from target {t['name_or_path']!r} (config hash "
-                             f"{t['config_hash']}), not from {target_name!r} (config hash {config_hash})")
+            raise CacheError(
+                f"{where}: cache was collected from target {t['name_or_path']!r} (config hash "
+                f"{t['config_hash']}), not from {target_name!r} (config hash {config_hash})"
+            )
         if fingerprint is not None and t["fingerprint"] != fingerprint:
-            raise CacheError(f"{where}: cache was collected from target {t['name_or_path']!r} whose weights differ "
-                             f"from {target_name!r} (embedding/lm_head fingerprint {t['fingerprint']} vs {fingerprint})")
+            raise CacheError(
+                f"{where}: cache was collected from target {t['name_or_path']!r} whose weights differ "
+                f"from {target_name!r} (embedding/lm_head fingerprint {t['fingerprint']} vs {fingerprint})"
+            )
 
     def _handle(self, k: int):
         from safetensors import safe_open
@@ -283,9 +327,11 @@ class CacheReader:
                 h = self._handle(k)
                 ids, mask, off = h.get_tensor("input_ids"), h.get_tensor("loss_mask"), self._offsets[k]
                 for j in range(len(off) - 1):
-                    out.append((ids[off[j]:off[j + 1]].tolist(), mask[off[j]:off[j + 1]].tolist()))
+                    out.append((ids[off[j] : off[j + 1]].tolist(), mask[off[j] : off[j + 1]].tolist()))
         if len(out) != self.num_sequences:
-            raise CacheError(f"{self.dir}: shards hold {len(out)} sequences, the manifest says {self.num_sequences}")
+            raise CacheError(
+                f"{self.dir}: shards hold {len(out)} sequences, the manifest says {self.num_sequences}"
+            )
         return out
 
     def load(self, index: int) -> CachedSequence:

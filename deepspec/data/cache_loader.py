@@ -17,7 +17,13 @@ from typing import Dict, List, Optional
 import torch
 
 from deepspec.data.batching import Example, epoch_order, global_indices
-from deepspec.data.cache import CachedSequence, CacheError, CacheReader, target_config_hash, target_fingerprint
+from deepspec.data.cache import (
+    CachedSequence,
+    CacheError,
+    CacheReader,
+    target_config_hash,
+    target_fingerprint,
+)
 from deepspec.target.adapter import TargetOutput
 
 log = logging.getLogger("deepspec")
@@ -26,8 +32,18 @@ log = logging.getLogger("deepspec")
 class PrefetchingFeatures:
     """``batch -> TargetOutput`` (aux [B, L, n·H], final [B, L, H]) from cached sequences."""
 
-    def __init__(self, reader: CacheReader, num_samples: int, seed: int, global_batch: int, rank: int = 0,
-                 world: int = 1, depth: int = 4, dtype=torch.float32, lengths: Optional[List[int]] = None) -> None:
+    def __init__(
+        self,
+        reader: CacheReader,
+        num_samples: int,
+        seed: int,
+        global_batch: int,
+        rank: int = 0,
+        world: int = 1,
+        depth: int = 4,
+        dtype=torch.float32,
+        lengths: Optional[List[int]] = None,
+    ) -> None:
         self.reader, self.n, self.seed, self.global_batch = reader, num_samples, seed, global_batch
         self.rank, self.world, self.depth, self.dtype = rank, world, max(0, depth), dtype
         self.lengths = lengths
@@ -101,7 +117,9 @@ class PrefetchingFeatures:
 
     def __call__(self, batch) -> TargetOutput:
         if batch.keys is None:
-            raise CacheError("offline training needs batches with sample keys (deepspec.data.batching.collate)")
+            raise CacheError(
+                "offline training needs batches with sample keys (deepspec.data.batching.collate)"
+            )
         data = self._prefetched(self._step_of(batch.keys[0]))
         device = batch.input_ids.device
         b, length = batch.input_ids.shape
@@ -147,13 +165,32 @@ def open_run_cache(cfg, target_path: str, target, drafter_config, accelerator=No
         data = data[: cfg.data.max_train_samples]
     stored_max = reader.manifest["data"].get("max_length")
     if stored_max is not None and cfg.data.max_length < stored_max:
-        log.info("truncating cached sequences to data.max_length=%d (collected with %d)", cfg.data.max_length, stored_max)
+        log.info(
+            "truncating cached sequences to data.max_length=%d (collected with %d)",
+            cfg.data.max_length,
+            stored_max,
+        )
     examples = [Example(ids[: cfg.data.max_length], mask[: cfg.data.max_length]) for ids, mask in data]
     eval_records = reader.heldout_records()[: cfg.eval.num_prompts]
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    rank, world = (
+        (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    )
     dtype = next(target.model.parameters()).dtype
-    source = PrefetchingFeatures(reader, len(examples), cfg.train.seed, cfg.train.global_batch_size, rank, world,
-                                 cfg.data.prefetch_steps, dtype)
-    log.info("offline cache %s: %d sequences, %s storage, layers %s", cfg.data.cache_dir, len(examples),
-             reader.storage_dtype, reader.manifest["layer_ids"])
+    source = PrefetchingFeatures(
+        reader,
+        len(examples),
+        cfg.train.seed,
+        cfg.train.global_batch_size,
+        rank,
+        world,
+        cfg.data.prefetch_steps,
+        dtype,
+    )
+    log.info(
+        "offline cache %s: %d sequences, %s storage, layers %s",
+        cfg.data.cache_dir,
+        len(examples),
+        reader.storage_dtype,
+        reader.manifest["layer_ids"],
+    )
     return examples, eval_records, source

@@ -33,12 +33,15 @@ class ChatTemplateError(ValueError):
     """The tokenizer's chat template cannot give a sound assistant mask for this conversation."""
 
 
-def render(tokenizer, messages: Messages, add_generation_prompt: bool,
-           template_kwargs: Optional[Mapping] = None) -> str:
+def render(
+    tokenizer, messages: Messages, add_generation_prompt: bool, template_kwargs: Optional[Mapping] = None
+) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(f"{type(tokenizer).__name__} has no chat template")
     return tokenizer.apply_chat_template(
-        [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt,
+        [dict(m) for m in messages],
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
         **dict(template_kwargs or {}),
     )
 
@@ -53,7 +56,9 @@ def _encode(tokenizer, text: str) -> List[int]:
 
 def _encode_offsets(tokenizer, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
-        raise ChatTemplateError(f"{type(tokenizer).__name__} is not a fast tokenizer: loss masks need its offset mapping")
+        raise ChatTemplateError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: loss masks need its offset mapping"
+        )
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
@@ -64,7 +69,7 @@ def special_ids(tokenizer) -> set:
     }
 
 
-_EOT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EOT_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def end_of_turn_ids(tokenizer) -> List[int]:
@@ -108,8 +113,9 @@ def _keep_inline_reasoning(content: str) -> str:
     return content[:k]
 
 
-def assistant_spans(tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None
-                    ) -> Tuple[str, List[Tuple[int, int, int]]]:
+def assistant_spans(
+    tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None
+) -> Tuple[str, List[Tuple[int, int, int]]]:
     """The full rendering and, per assistant message, (message index, span start, content end) in characters."""
     full = render(tokenizer, messages, False, template_kwargs)
     spans = []
@@ -123,7 +129,7 @@ def assistant_spans(tokenizer, messages: Messages, template_kwargs: Optional[Map
         k = marked.find(SENTINEL)
         if k < 0:
             raise ChatTemplateError(f"the chat template does not render assistant message {i}'s content")
-        before, after = marked[:k], marked[k + len(SENTINEL):]
+        before, after = marked[:k], marked[k + len(SENTINEL) :]
         if not (full.startswith(before) and full.endswith(after) and len(before) + len(after) <= len(full)):
             raise ChatTemplateError(
                 f"the chat template renders the text around assistant message {i} differently depending on "
@@ -135,14 +141,17 @@ def assistant_spans(tokenizer, messages: Messages, template_kwargs: Optional[Map
             if full.startswith(prompt) and cursor <= len(prompt) <= start:
                 start = len(prompt)
         if start < cursor:
-            raise ChatTemplateError(f"assistant message {i} overlaps the previous assistant turn in the rendering")
+            raise ChatTemplateError(
+                f"assistant message {i} overlaps the previous assistant turn in the rendering"
+            )
         spans.append((i, start, content_end))
         cursor = content_end
     return full, spans
 
 
-def tokenize_conversation(tokenizer, messages: Messages, max_length: int,
-                          template_kwargs: Optional[Mapping] = None) -> Tuple[List[int], List[int]]:
+def tokenize_conversation(
+    tokenizer, messages: Messages, max_length: int, template_kwargs: Optional[Mapping] = None
+) -> Tuple[List[int], List[int]]:
     """(input_ids, loss_mask) of a whole conversation, truncated to ``max_length``.
 
     ``loss_mask`` is 1 on each assistant turn's tokens through its end-of-turn token and 0 on
@@ -176,7 +185,9 @@ def prompt_ids(tokenizer, messages: Messages, template_kwargs: Optional[Mapping]
     return _encode(tokenizer, render(tokenizer, messages[: first_user + 1], True, template_kwargs))
 
 
-def generation_prompt_ids(tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None) -> List[int]:
+def generation_prompt_ids(
+    tokenizer, messages: Messages, template_kwargs: Optional[Mapping] = None
+) -> List[int]:
     """Token ids of ``messages`` (ending with a user turn) plus the generation prompt."""
     return _encode(tokenizer, render(tokenizer, messages, True, template_kwargs))
 

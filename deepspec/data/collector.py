@@ -51,8 +51,9 @@ def examples_digest(examples: List[Example]) -> str:
 
 
 @torch.no_grad()
-def shard_tensors(target, examples: List[Example], first_index: int, batch_size: int, dtype: str,
-                  pad_id: int) -> Dict[str, torch.Tensor]:
+def shard_tensors(
+    target, examples: List[Example], first_index: int, batch_size: int, dtype: str, pad_id: int
+) -> Dict[str, torch.Tensor]:
     """Forward the target over ``examples`` (right-padded batches) and pack the unpadded features."""
     device = target.device
     aux_parts: Dict[str, List[torch.Tensor]] = {}
@@ -107,15 +108,19 @@ def _prepare_dir(cache_dir: Path, plan: dict, ccfg, heldout: List[dict]) -> None
         if old.get("key") != plan["key"]:
             if not ccfg.overwrite:
                 diff = sorted(k for k in plan if k != "key" and old.get(k) != plan[k])
-                raise CacheError(f"{cache_dir} holds a different collection (differs in: {', '.join(diff) or 'key'}); "
-                                 "set collect.overwrite=true to replace it, or choose another collect.cache_dir")
+                raise CacheError(
+                    f"{cache_dir} holds a different collection (differs in: {', '.join(diff) or 'key'}); "
+                    "set collect.overwrite=true to replace it, or choose another collect.cache_dir"
+                )
             _clear(cache_dir)
         elif not ccfg.resume:
             _clear(cache_dir)
     elif existing:
         if not ccfg.overwrite:
-            raise CacheError(f"{cache_dir} is not empty and is not a cache (no {PLAN}); choose an empty folder "
-                             "or set collect.overwrite=true")
+            raise CacheError(
+                f"{cache_dir} is not empty and is not a cache (no {PLAN}); choose an empty folder "
+                "or set collect.overwrite=true"
+            )
         _clear(cache_dir)
     for p in cache_dir.glob(".*.tmp-*"):
         p.unlink()  # half-written files of a killed run: never valid, never read
@@ -129,8 +134,8 @@ def _prepare_dir(cache_dir: Path, plan: dict, ccfg, heldout: List[dict]) -> None
 
 def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     from accelerate import Accelerator
-    from transformers import AutoConfig, AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoTokenizer
 
     from deepspec.data.chat import template_kwargs_of
     from deepspec.models.config import resolve_drafter_config
@@ -141,7 +146,9 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     if not cc.cache_dir:
         raise CacheError("collect.cache_dir is not set (the folder to write the cache into)")
     if cfg.data.source == "cache":
-        raise CacheError("collect reads data.source=tiny_chat or chat (the conversations to run the target on), not cache")
+        raise CacheError(
+            "collect reads data.source=tiny_chat or chat (the conversations to run the target on), not cache"
+        )
     if cc.split not in ("train", "heldout"):
         raise CacheError(f"collect.split={cc.split!r}: expected 'train' or 'heldout'")
     if cc.shard_sequences < 1 or cc.batch_size < 1:
@@ -163,26 +170,44 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     hidden, n_layers = target.hidden_size, len(dc.target_layer_ids)
     est = size_estimate(cc.dtype, hidden, n_layers, n_tok, n_seq)
     if acc.is_main_process:
-        print(f"cache estimate: {n_seq:,} sequences, {n_tok:,} tokens; {cc.dtype}: {est['bytes_per_token']:.1f} bytes/token "
-              f"(reference layout 6 + 2·H·(n+1) = {est['reference_bytes_per_token']:.0f} bytes/token with H={hidden}, "
-              f"n={n_layers}: {est['ratio_to_reference']:.3f}x) -> total {format_bytes(est['total_bytes'])} "
-              f"(reference {format_bytes(est['reference_total_bytes'])})", flush=True)
+        print(
+            f"cache estimate: {n_seq:,} sequences, {n_tok:,} tokens; {cc.dtype}: {est['bytes_per_token']:.1f} bytes/token "
+            f"(reference layout 6 + 2·H·(n+1) = {est['reference_bytes_per_token']:.0f} bytes/token with H={hidden}, "
+            f"n={n_layers}: {est['ratio_to_reference']:.3f}x) -> total {format_bytes(est['total_bytes'])} "
+            f"(reference {format_bytes(est['reference_total_bytes'])})",
+            flush=True,
+        )
     if cc.estimate_only:
         return cache_dir
 
     target_info = {
-        "name_or_path": str(cfg.target.name_or_path), "resolved_path": str(path),
+        "name_or_path": str(cfg.target.name_or_path),
+        "resolved_path": str(path),
         "config_hash": target_config_hash(target.config.to_dict()),
         "fingerprint": target_fingerprint(target.embed_tokens.weight, target.lm_head.weight),
-        "hidden_size": hidden, "num_layers": target.num_layers, "model_type": target_config.get("model_type"),
-        "vocab_size": target.vocab_size, "dtype": cfg.target.dtype,
+        "hidden_size": hidden,
+        "num_layers": target.num_layers,
+        "model_type": target_config.get("model_type"),
+        "vocab_size": target.vocab_size,
+        "dtype": cfg.target.dtype,
     }
     plan = {
-        "format": FORMAT, "version": VERSION, "storage_dtype": cc.dtype, "layer_ids": list(dc.target_layer_ids),
+        "format": FORMAT,
+        "version": VERSION,
+        "storage_dtype": cc.dtype,
+        "layer_ids": list(dc.target_layer_ids),
         "target": {k: v for k, v in target_info.items() if k != "resolved_path"},
-        "shard_sequences": cc.shard_sequences, "batch_size": cc.batch_size,
-        "data": {"source": cfg.data.source, "path": cfg.data.path, "split": cc.split, "max_length": cfg.data.max_length,
-                 "num_sequences": n_seq, "num_tokens": n_tok, "digest": examples_digest(examples)},
+        "shard_sequences": cc.shard_sequences,
+        "batch_size": cc.batch_size,
+        "data": {
+            "source": cfg.data.source,
+            "path": cfg.data.path,
+            "split": cc.split,
+            "max_length": cfg.data.max_length,
+            "num_sequences": n_seq,
+            "num_tokens": n_tok,
+            "digest": examples_digest(examples),
+        },
     }
     plan["key"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -200,12 +225,18 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     bar = tqdm(total=len(mine), desc="collect", disable=not (progress_bar and acc.is_main_process))
     for k in mine:
         a, b = k * S, min(n_seq, (k + 1) * S)
-        info = {"shard": k, "sequences": [a, b], "key": plan["key"],
-                "tokens": sum(len(e.input_ids) for e in examples[a:b])}
+        info = {
+            "shard": k,
+            "sequences": [a, b],
+            "key": plan["key"],
+            "tokens": sum(len(e.input_ids) for e in examples[a:b]),
+        }
         if finished_shard(cache_dir, k, {"shard": k, "sequences": [a, b], "key": plan["key"]}) is not None:
             kept += 1
         else:
-            write_shard(cache_dir, k, shard_tensors(target, examples[a:b], a, cc.batch_size, cc.dtype, pad), info)
+            write_shard(
+                cache_dir, k, shard_tensors(target, examples[a:b], a, cc.batch_size, cc.dtype, pad), info
+            )
         bar.update(1)
     bar.close()
     if kept:
@@ -229,21 +260,36 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
             "data": plan["data"],
             "hidden_size": hidden,
             "features": {
-                "aux": {"layers": list(dc.target_layer_ids), "width": n_layers * hidden, "dtype": cc.dtype,
-                        "scale": "per token and layer, float32" if cc.dtype == "fp8" else None},
-                "final": {"width": hidden, "dtype": cc.dtype, "scale": "per token, float32" if cc.dtype == "fp8" else None},
-                "input_ids": "int32", "loss_mask": "uint8",
+                "aux": {
+                    "layers": list(dc.target_layer_ids),
+                    "width": n_layers * hidden,
+                    "dtype": cc.dtype,
+                    "scale": "per token and layer, float32" if cc.dtype == "fp8" else None,
+                },
+                "final": {
+                    "width": hidden,
+                    "dtype": cc.dtype,
+                    "scale": "per token, float32" if cc.dtype == "fp8" else None,
+                },
+                "input_ids": "int32",
+                "loss_mask": "uint8",
             },
             "chat_template": tokenizer.chat_template,
             "template_kwargs": template_kwargs_of(cfg.data),
-            "num_sequences": n_seq, "num_tokens": n_tok, "num_loss_tokens": int(n_loss),
+            "num_sequences": n_seq,
+            "num_tokens": n_tok,
+            "num_loss_tokens": int(n_loss),
             "heldout_records": len(splits.get("heldout", [])),
-            "bytes_per_token": est["bytes_per_token"], "reference_bytes_per_token": est["reference_bytes_per_token"],
+            "bytes_per_token": est["bytes_per_token"],
+            "reference_bytes_per_token": est["reference_bytes_per_token"],
             "total_bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
         }
         atomic_write_json(cache_dir / MANIFEST, manifest)
-        print(f"cache written: {cache_dir} ({num_shards} shards, {format_bytes(manifest['total_bytes'])}, "
-              f"{manifest['total_bytes'] / max(n_tok, 1):.1f} bytes/token)", flush=True)
+        print(
+            f"cache written: {cache_dir} ({num_shards} shards, {format_bytes(manifest['total_bytes'])}, "
+            f"{manifest['total_bytes'] / max(n_tok, 1):.1f} bytes/token)",
+            flush=True,
+        )
     acc.wait_for_everyone()
     return cache_dir

@@ -37,11 +37,20 @@ TURN_LIST_KEYS = ("messages", "conversations", "conversation", "dialog", "turns"
 ROLE_KEYS = ("role", "from", "speaker")
 CONTENT_KEYS = ("content", "value", "text")
 ROLE_MAP = {
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "chatgpt": "assistant",
-    "bard": "assistant", "bing": "assistant", "bot": "assistant",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "bot": "assistant",
     "system": "system",
-    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+    "ipython": "tool",
 }
 PROMPT_KEYS = ("prompt", "instruction", "question", "query")
 ANSWER_KEYS = ("response", "output", "answer", "completion")
@@ -82,27 +91,41 @@ def _text(value, where: str, key: str) -> str:
         for j, part in enumerate(value):
             if isinstance(part, str):
                 parts.append(part)
-            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+            elif (
+                isinstance(part, dict)
+                and part.get("type", "text") == "text"
+                and isinstance(part.get("text"), str)
+            ):
                 parts.append(part["text"])
             else:
                 raise DataError(f"{where}: key {key!r} part {j} is not a text part ({str(part)[:80]!r})")
         return "".join(parts)
-    raise DataError(f"{where}: key {key!r} must be a string or a list of text parts, got {type(value).__name__}")
+    raise DataError(
+        f"{where}: key {key!r} must be a string or a list of text parts, got {type(value).__name__}"
+    )
 
 
 def _turn(turn, where: str, key: str) -> Dict[str, str]:
     if not isinstance(turn, dict):
-        raise DataError(f"{where}: {key} must be an object with role/content (or from/value), got {type(turn).__name__}")
+        raise DataError(
+            f"{where}: {key} must be an object with role/content (or from/value), got {type(turn).__name__}"
+        )
     role_key = next((k for k in ROLE_KEYS if k in turn), None)
     content_key = next((k for k in CONTENT_KEYS if k in turn), None)
     if role_key is None:
-        raise DataError(f"{where}: {key} has no role key (expected one of {list(ROLE_KEYS)}; keys: {sorted(turn)})")
+        raise DataError(
+            f"{where}: {key} has no role key (expected one of {list(ROLE_KEYS)}; keys: {sorted(turn)})"
+        )
     if content_key is None and not turn.get("tool_calls"):
-        raise DataError(f"{where}: {key} has no content key (expected one of {list(CONTENT_KEYS)}; keys: {sorted(turn)})")
+        raise DataError(
+            f"{where}: {key} has no content key (expected one of {list(CONTENT_KEYS)}; keys: {sorted(turn)})"
+        )
     raw_role = str(turn[role_key]).strip().lower()
     role = ROLE_MAP.get(raw_role)
     if role is None:
-        raise DataError(f"{where}: {key}.{role_key}={turn[role_key]!r} is not a known role (known: {sorted(ROLE_MAP)})")
+        raise DataError(
+            f"{where}: {key}.{role_key}={turn[role_key]!r} is not a known role (known: {sorted(ROLE_MAP)})"
+        )
     msg = {"role": role, "content": _text(turn.get(content_key), where, f"{key}.{content_key}")}
     if role == "assistant" and isinstance(turn.get("reasoning_content"), str) and turn["reasoning_content"]:
         msg["reasoning_content"] = turn["reasoning_content"]
@@ -154,7 +177,9 @@ def check_conversation(messages: Sequence[Dict[str, str]], where: str, need_assi
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: conversation has no user turn (roles {[m['role'] for m in messages]})")
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: conversation has no assistant turn (roles {[m['role'] for m in messages]})")
+        raise DataError(
+            f"{where}: conversation has no assistant turn (roles {[m['role'] for m in messages]})"
+        )
 
 
 # ----------------------------------------------------------------------------- sources
@@ -176,7 +201,9 @@ def resolve_files(path: str) -> Tuple[List[Path], List[str]]:
         elif p.is_file():
             files.append(p)
         elif any(c in item for c in "*?["):
-            found = sorted(Path(q) for q in glob.glob(os.path.expanduser(item), recursive=True) if os.path.isfile(q))
+            found = sorted(
+                Path(q) for q in glob.glob(os.path.expanduser(item), recursive=True) if os.path.isfile(q)
+            )
             if not found:
                 raise DataError(f"{item}: glob matches no file")
             files.extend(found)
@@ -188,7 +215,7 @@ def resolve_files(path: str) -> Tuple[List[Path], List[str]]:
 
 
 def _iter_jsonl(path: Path, on_error: str, stats: LoadStats) -> Iterator[Tuple[dict, str]]:
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -250,8 +277,13 @@ def _iter_hub(name: str, config: Optional[str], split: str) -> Iterator[Tuple[di
     yield from _iter_dataset(ds, f"{name}[{split}]")
 
 
-def iter_raw(path: str, on_error: str = "stop", stats: Optional[LoadStats] = None, hub_config: Optional[str] = None,
-             hub_split: str = "train") -> Iterator[Tuple[dict, str]]:
+def iter_raw(
+    path: str,
+    on_error: str = "stop",
+    stats: Optional[LoadStats] = None,
+    hub_config: Optional[str] = None,
+    hub_split: str = "train",
+) -> Iterator[Tuple[dict, str]]:
     """(raw record, where) for every record of every source, in order."""
     if on_error not in ("stop", "skip"):
         raise ValueError(f"data.on_error={on_error!r}: expected 'stop' or 'skip'")
@@ -302,7 +334,9 @@ def load_conversations(
             rid = raw.get(id_key) if isinstance(raw, dict) else None
             rid = str(rid) if rid is not None and str(rid) != "" else _default_id(where)
             if rid in seen:
-                raise DataError(f"{where}: id {rid!r} already used at {seen[rid]} (ids must be unique; key {id_key!r})")
+                raise DataError(
+                    f"{where}: id {rid!r} already used at {seen[rid]} (ids must be unique; key {id_key!r})"
+                )
         except DataError as e:
             if on_error == "stop":
                 raise
@@ -313,8 +347,14 @@ def load_conversations(
         out.append({"id": rid, "messages": messages, "where": where})
         stats.kept += 1
     if stats.num_skipped:
-        log.warning("%s: skipped %d of %d records (%s); first: %s", path, stats.num_skipped, stats.read,
-                    ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())), stats.first_error)
+        log.warning(
+            "%s: skipped %d of %d records (%s); first: %s",
+            path,
+            stats.num_skipped,
+            stats.read,
+            ", ".join(f"{k}={v}" for k, v in sorted(stats.skipped.items())),
+            stats.first_error,
+        )
     return out
 
 
@@ -333,14 +373,17 @@ def _default_id(where: str) -> str:
 # ----------------------------------------------------------------------------- split
 
 
-def split_records(records: Iterable[dict], heldout_fraction: float, seed: int = 0,
-                  heldout_max: int = 0) -> Dict[str, List[dict]]:
+def split_records(
+    records: Iterable[dict], heldout_fraction: float, seed: int = 0, heldout_max: int = 0
+) -> Dict[str, List[dict]]:
     """{"train", "heldout"} by a stable hash of each id (independent of order and of other records)."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"data.heldout_fraction={heldout_fraction}: must be in [0, 1)")
     train, held = [], []
     for r in records:
-        (held if hash_fraction(str(r["id"]), salt=f"deepspec-split-{seed}:") < heldout_fraction else train).append(r)
+        (
+            held if hash_fraction(str(r["id"]), salt=f"deepspec-split-{seed}:") < heldout_fraction else train
+        ).append(r)
     if heldout_max > 0:
         held = held[:heldout_max]
     return {"train": train, "heldout": held}
@@ -349,10 +392,17 @@ def split_records(records: Iterable[dict], heldout_fraction: float, seed: int = 
 def load_chat_splits(data_cfg) -> Dict[str, List[dict]]:
     """``data.source=chat``: conversations with at least one assistant turn, split train / held-out."""
     if not data_cfg.path:
-        raise DataError("data.source=chat needs data.path (a jsonl/json/parquet file, folder, glob or hub dataset)")
+        raise DataError(
+            "data.source=chat needs data.path (a jsonl/json/parquet file, folder, glob or hub dataset)"
+        )
     records = load_conversations(
-        data_cfg.path, messages_key=data_cfg.messages_key, id_key=data_cfg.id_key, on_error=data_cfg.on_error,
-        need_assistant=True, hub_config=data_cfg.hub_config, hub_split=data_cfg.hub_split,
+        data_cfg.path,
+        messages_key=data_cfg.messages_key,
+        id_key=data_cfg.id_key,
+        on_error=data_cfg.on_error,
+        need_assistant=True,
+        hub_config=data_cfg.hub_config,
+        hub_split=data_cfg.hub_split,
     )
     if not records:
         raise DataError(f"{data_cfg.path}: no usable conversation")

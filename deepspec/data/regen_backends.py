@@ -26,7 +26,6 @@ from deepspec.data.regenerate import (
     split_reasoning,
 )
 
-
 # ----------------------------------------------------------------------------- sampling (local backend)
 
 
@@ -59,7 +58,9 @@ def _row_sampler(sampling: Sampling, generators):
                 choice = scores.float().argmax(-1)
             else:
                 probs = filter_logits(scores, sampling)
-                choice = torch.stack([torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(generators)])
+                choice = torch.stack(
+                    [torch.multinomial(probs[r], 1, generator=g)[0] for r, g in enumerate(generators)]
+                )
             out = torch.full_like(scores, float("-inf"))
             return out.scatter(1, choice[:, None], 0.0)
 
@@ -67,8 +68,16 @@ def _row_sampler(sampling: Sampling, generators):
 
 
 class LocalBackend:
-    def __init__(self, model, tokenizer, sampling: Sampling, max_new_tokens: int, seed: int,
-                 template_kwargs: Mapping, thinking: bool) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        sampling: Sampling,
+        max_new_tokens: int,
+        seed: int,
+        template_kwargs: Mapping,
+        thinking: bool,
+    ) -> None:
         from deepspec.data.chat import end_of_turn_ids
 
         self.model, self.tok = model, tokenizer
@@ -90,20 +99,31 @@ class LocalBackend:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):  # left padding: every row's next token is at the same column
-            ids[r, width - len(p):] = torch.tensor(p)
-            attn[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p)
+            attn[r, width - len(p) :] = 1
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        gc = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
-                              pad_token_id=self.pad_id, bos_token_id=None)
+        gc = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.pad_id,
+            bos_token_id=None,
+        )
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), generation_config=gc,
-                                      logits_processor=LogitsProcessorList([_row_sampler(self.sampling, gens)]))
+            out = self.model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                generation_config=gc,
+                logits_processor=LogitsProcessorList([_row_sampler(self.sampling, gens)]),
+            )
         results = []
         stops = set(self.stop_ids)
         for row in out[:, width:].tolist():
             cut = next((j for j, t in enumerate(row) if t in stops), None)
             toks = row if cut is None else row[:cut]
-            results.append((self.tok.decode(toks, skip_special_tokens=True), "length" if cut is None else "stop"))
+            results.append(
+                (self.tok.decode(toks, skip_special_tokens=True), "length" if cut is None else "stop")
+            )
         return results
 
     def run_chunk(self, jobs: List[Job]) -> List[Outcome]:
@@ -126,8 +146,11 @@ class LocalBackend:
                     failed[j.index] = (f"chat template: {e}", turn)
                     continue
                 if len(p) + self.max_new_tokens > self.max_positions:
-                    failed[j.index] = (f"prompt has {len(p)} tokens; with max_new_tokens={self.max_new_tokens} it "
-                                       f"exceeds the target's {self.max_positions} positions", turn)
+                    failed[j.index] = (
+                        f"prompt has {len(p)} tokens; with max_new_tokens={self.max_new_tokens} it "
+                        f"exceeds the target's {self.max_positions} positions",
+                        turn,
+                    )
                     continue
                 active.append(j)
                 prompts.append(p)
@@ -144,7 +167,9 @@ class LocalBackend:
                 msg, turn = failed[j.index]
                 out.append(Outcome(j.index, j.id, error_record(j, msg, turn), msg))
             else:
-                out.append(Outcome(j.index, j.id, output_record(j, convs[j.index], finish[j.index], seeds[j.index])))
+                out.append(
+                    Outcome(j.index, j.id, output_record(j, convs[j.index], finish[j.index], seeds[j.index]))
+                )
         return out
 
 
@@ -165,10 +190,22 @@ class OpenAIBackend:
 
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
-    def __init__(self, urls: Sequence[str], model: str, sampling: Sampling, max_new_tokens: int, seed: int,
-                 template_kwargs: Mapping, thinking: bool, concurrency: int = 8, timeout_s: float = 600.0,
-                 max_retries: int = 5, backoff_s: float = 1.0, api_key: Optional[str] = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model: str,
+        sampling: Sampling,
+        max_new_tokens: int,
+        seed: int,
+        template_kwargs: Mapping,
+        thinking: bool,
+        concurrency: int = 8,
+        timeout_s: float = 600.0,
+        max_retries: int = 5,
+        backoff_s: float = 1.0,
+        api_key: Optional[str] = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         if not urls:
             raise RegenerateError("regen.urls is empty: give at least one server URL")
         if concurrency < 1:
@@ -214,7 +251,9 @@ class OpenAIBackend:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST")
+        req = urllib.request.Request(
+            url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
+        )
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             return json.loads(resp.read().decode("utf-8"))
 
@@ -246,7 +285,7 @@ class OpenAIBackend:
             except ValueError as e:  # not JSON
                 last = f"{url}: bad response: {e}"
             if attempt < self.max_retries:
-                delay = min(60.0, self.backoff_s * (2 ** attempt)) * (1.0 + 0.25 * random.random())
+                delay = min(60.0, self.backoff_s * (2**attempt)) * (1.0 + 0.25 * random.random())
                 self.sleep(delay)
         if len(conn_errors) == self.max_retries + 1:
             raise EndpointUnreachable(

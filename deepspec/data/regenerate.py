@@ -62,7 +62,7 @@ def effective_sampling(regen_cfg, data_cfg) -> Sampling:
 
 def sample_seed(seed: int, sample_id: str, turn: int) -> int:
     """A 31-bit seed of (run seed, sample id, turn): the same wherever and with whatever the sample runs."""
-    digest = hashlib.sha256(f"{seed}\x00{sample_id}\x00{turn}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{seed}\x00{sample_id}\x00{turn}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
@@ -116,7 +116,9 @@ def _read_complete_lines(path: Path) -> List[dict]:
     data = path.read_bytes()
     cut = data.rfind(b"\n") + 1
     if cut < len(data):
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
+        log.warning(
+            "%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut
+        )
         with open(path, "r+b") as f:
             f.truncate(cut)
     out = []
@@ -125,7 +127,9 @@ def _read_complete_lines(path: Path) -> List[dict]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise RegenerateError(f"{path}:{lineno}: not JSON ({e.msg}); this file was not written by regenerate") from None
+                raise RegenerateError(
+                    f"{path}:{lineno}: not JSON ({e.msg}); this file was not written by regenerate"
+                ) from None
     return out
 
 
@@ -166,8 +170,9 @@ def output_record(job: Job, messages: List[dict], finish: List[str], seeds: List
 # ----------------------------------------------------------------------------- driver
 
 
-def _run_local(backend, jobs: List[Job], done: Set[str], sink: OrderedSink, batch_size: int,
-               progress) -> None:
+def _run_local(
+    backend, jobs: List[Job], done: Set[str], sink: OrderedSink, batch_size: int, progress
+) -> None:
     for c in range(0, len(jobs), batch_size):
         chunk = jobs[c : c + batch_size]
         todo = [j for j in chunk if j.id not in done]
@@ -187,7 +192,7 @@ def _run_openai(backend, jobs: List[Job], done: Set[str], sink: OrderedSink, pro
         futures = {}
         nxt = 0
         try:
-            for pos, job in enumerate(todo):
+            for pos in range(len(todo)):
                 while nxt < len(todo) and nxt < pos + window:
                     futures[nxt] = pool.submit(backend.run_job, todo[nxt])
                     nxt += 1
@@ -201,11 +206,21 @@ def _run_openai(backend, jobs: List[Job], done: Set[str], sink: OrderedSink, pro
             raise
 
 
-def _meta(cfg, input_path: str, sampling: Sampling, model_name: str, template_kwargs: Mapping, n: int) -> dict:
+def _meta(
+    cfg, input_path: str, sampling: Sampling, model_name: str, template_kwargs: Mapping, n: int
+) -> dict:
     rc = cfg.regen
-    meta = {"input": str(input_path), "backend": rc.backend, "model": model_name, "sampling": asdict(sampling),
-            "seed": int(rc.seed), "max_new_tokens": int(rc.max_new_tokens), "max_turns": int(rc.max_turns),
-            "template_kwargs": dict(template_kwargs), "num_prompts": n}
+    meta = {
+        "input": str(input_path),
+        "backend": rc.backend,
+        "model": model_name,
+        "sampling": asdict(sampling),
+        "seed": int(rc.seed),
+        "max_new_tokens": int(rc.max_new_tokens),
+        "max_turns": int(rc.max_turns),
+        "template_kwargs": dict(template_kwargs),
+        "num_prompts": n,
+    }
     if rc.backend == "local":
         meta["batch_size"] = int(rc.batch_size)  # chunking sets padding, hence the exact numbers
         meta["dtype"] = str(cfg.target.dtype)
@@ -245,12 +260,22 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
         raise RegenerateError(f"regen.backend={rc.backend!r}: expected 'local' or 'openai'")
     input_path = rc.input or cfg.data.path
     if not input_path:
-        raise RegenerateError("regen.input is not set (prompts: a jsonl/json/parquet file, folder, glob or hub dataset)")
+        raise RegenerateError(
+            "regen.input is not set (prompts: a jsonl/json/parquet file, folder, glob or hub dataset)"
+        )
     out, err, meta_path = output_paths(rc)
     stats = LoadStats()
-    records = load_conversations(input_path, messages_key=cfg.data.messages_key, id_key=cfg.data.id_key,
-                                 on_error=cfg.data.on_error, need_assistant=False, hub_config=cfg.data.hub_config,
-                                 hub_split=cfg.data.hub_split, max_records=rc.max_samples, stats=stats)
+    records = load_conversations(
+        input_path,
+        messages_key=cfg.data.messages_key,
+        id_key=cfg.data.id_key,
+        on_error=cfg.data.on_error,
+        need_assistant=False,
+        hub_config=cfg.data.hub_config,
+        hub_split=cfg.data.hub_split,
+        max_records=rc.max_samples,
+        stats=stats,
+    )
     jobs = make_jobs(records, rc.max_turns)
     sampling = effective_sampling(rc, cfg.data)
     tkw = template_kwargs_of(cfg.data)
@@ -261,8 +286,10 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
     exists = out.exists() or err.exists()
     if exists and not rc.resume:
         if not rc.overwrite:
-            raise RegenerateError(f"{out} already exists: pass --resume (regen.resume=true) to continue it, "
-                                  "or regen.overwrite=true to start again")
+            raise RegenerateError(
+                f"{out} already exists: pass --resume (regen.resume=true) to continue it, "
+                "or regen.overwrite=true to start again"
+            )
         for p in (out, err, meta_path):
             p.unlink(missing_ok=True)
         exists = False
@@ -272,12 +299,18 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
             old = json.loads(meta_path.read_text())
             diff = sorted(k for k in meta if old.get(k) != meta[k])
             if diff:
-                raise RegenerateError(f"cannot resume {out}: settings differ from the interrupted run in "
-                                      + ", ".join(f"{k} ({old.get(k)!r} -> {meta[k]!r})" for k in diff))
-        done = {str(r["id"]) for r in _read_complete_lines(out)} | {str(r["id"]) for r in _read_complete_lines(err)}
+                raise RegenerateError(
+                    f"cannot resume {out}: settings differ from the interrupted run in "
+                    + ", ".join(f"{k} ({old.get(k)!r} -> {meta[k]!r})" for k in diff)
+                )
+        done = {str(r["id"]) for r in _read_complete_lines(out)} | {
+            str(r["id"]) for r in _read_complete_lines(err)
+        }
         unknown = done - {j.id for j in jobs}
         if unknown:
-            raise RegenerateError(f"cannot resume {out}: it holds ids not in the input (e.g. {sorted(unknown)[0]!r})")
+            raise RegenerateError(
+                f"cannot resume {out}: it holds ids not in the input (e.g. {sorted(unknown)[0]!r})"
+            )
         log.info("resuming %s: %d of %d samples already done", out, len(done), len(jobs))
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_json(meta_path, {**meta, "complete": False})
@@ -291,8 +324,20 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
         else:
             from deepspec.data.regen_backends import OpenAIBackend
 
-            backend = OpenAIBackend(rc.urls, model_name, sampling, rc.max_new_tokens, rc.seed, tkw, thinking,
-                                    rc.concurrency, rc.timeout_s, rc.max_retries, rc.backoff_s, rc.api_key)
+            backend = OpenAIBackend(
+                rc.urls,
+                model_name,
+                sampling,
+                rc.max_new_tokens,
+                rc.seed,
+                tkw,
+                thinking,
+                rc.concurrency,
+                rc.timeout_s,
+                rc.max_retries,
+                rc.backoff_s,
+                rc.api_key,
+            )
             try:
                 _run_openai(backend, jobs, done, sink, bar.update)
             except EndpointUnreachable as e:
@@ -303,8 +348,13 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
     finally:
         sink.close()
         bar.close()
-    counts = {"prompts": len(jobs), "written": len(done) + sink.written + sink.errors, "new_outputs": sink.written,
-              "new_errors": sink.errors, "skipped_input_records": stats.num_skipped}
+    counts = {
+        "prompts": len(jobs),
+        "written": len(done) + sink.written + sink.errors,
+        "new_outputs": sink.written,
+        "new_errors": sink.errors,
+        "skipped_input_records": stats.num_skipped,
+    }
     _atomic_json(meta_path, {**meta, "complete": True})
     log.info("regenerate: %s", counts)
     return counts

@@ -34,13 +34,17 @@ def analyze(rounds_by_prompt: Sequence[Sequence], cfg, sps: Optional[SPSCurve] =
         out["confidence"] = rep
     else:
         if cfg.calibration:
-            out["skipped"] = f"calibration needs rounds from >= 2 prompts, got {n_prompts}; raw confidences used"
+            out["skipped"] = (
+                f"calibration needs rounds from >= 2 prompts, got {n_prompts}; raw confidences used"
+            )
         test, temps = data, None
     curves = cal.survival_estimates(test.logits, temps)
     thresholds = [float(t) for t in cfg.thresholds]
     if cfg.calibration:
         out["threshold_sweep"] = threshold_sweep(curves, test.accepted, thresholds)
     if cfg.scheduler and sps is not None:
-        out["scheduler"] = concurrency_sweep(curves, test.accepted, sps, [int(r) for r in cfg.concurrency], thresholds)
+        out["scheduler"] = concurrency_sweep(
+            curves, test.accepted, sps, [int(r) for r in cfg.concurrency], thresholds
+        )
         out["scheduler"]["calibrated"] = temps is not None
     return out

@@ -38,7 +38,7 @@ class ConfidenceData:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
-    def subset(self, keep: np.ndarray) -> "ConfidenceData":
+    def subset(self, keep: np.ndarray) -> ConfidenceData:
         return ConfidenceData(self.logits[keep], self.accepted[keep], self.verified[keep], self.prompt[keep])
 
     def events(self) -> np.ndarray:
@@ -63,7 +63,9 @@ def from_rounds(rounds_by_prompt: Sequence[Sequence]) -> Optional[ConfidenceData
             prompt.append(i)
     if not logits:
         return None
-    return ConfidenceData(np.asarray(logits, dtype=np.float64), np.asarray(acc), np.asarray(ver), np.asarray(prompt))
+    return ConfidenceData(
+        np.asarray(logits, dtype=np.float64), np.asarray(acc), np.asarray(ver), np.asarray(prompt)
+    )
 
 
 def split_by_prompt(data: ConfidenceData, calibration_fraction: float, seed: int = 0):
@@ -156,8 +158,15 @@ def reliability(pred: np.ndarray, obs: np.ndarray, bins: int = 15) -> List[Dict]
     for i in range(bins):
         m = b == i
         if m.any():
-            out.append({"lo": i / bins, "hi": (i + 1) / bins, "count": int(m.sum()),
-                        "mean_pred": float(pred[m].mean()), "frequency": float(obs[m].mean())})
+            out.append(
+                {
+                    "lo": i / bins,
+                    "hi": (i + 1) / bins,
+                    "count": int(m.sum()),
+                    "mean_pred": float(pred[m].mean()),
+                    "frequency": float(obs[m].mean()),
+                }
+            )
     return out
 
 
@@ -194,17 +203,19 @@ def slot_metrics(data: ConfidenceData, temperatures: Optional[Sequence[float]], 
     for k in range(data.gamma):
         m = scored[:, k]
         reached = m & (data.accepted >= k)  # slots 1..k-1 accepted: where c_k is a prediction
-        out.append({
-            "slot": k + 1,
-            "rounds": int(m.sum()),
-            "observed": float(y[m, k].mean()) if m.any() else float("nan"),
-            "mean_estimate": float(a[m, k].mean()) if m.any() else float("nan"),
-            "ece": ece(a[m, k], y[m, k], bins),
-            "ece_floor": ece_floor(a[m, k], bins, seed=k),
-            "auc": auc(a[m, k], y[m, k]),
-            "brier": brier(a[m, k], y[m, k]),
-            "conditional_auc": auc(c[reached, k], y[reached, k]),
-        })
+        out.append(
+            {
+                "slot": k + 1,
+                "rounds": int(m.sum()),
+                "observed": float(y[m, k].mean()) if m.any() else float("nan"),
+                "mean_estimate": float(a[m, k].mean()) if m.any() else float("nan"),
+                "ece": ece(a[m, k], y[m, k], bins),
+                "ece_floor": ece_floor(a[m, k], bins, seed=k),
+                "auc": auc(a[m, k], y[m, k]),
+                "brier": brier(a[m, k], y[m, k]),
+                "conditional_auc": auc(c[reached, k], y[reached, k]),
+            }
+        )
     return out
 
 
@@ -213,8 +224,9 @@ def _mean(rows: List[Dict], key: str) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def calibration_report(data: ConfidenceData, calibration_fraction: float = 0.5, bins: int = 15,
-                       seed: int = 0) -> Dict:
+def calibration_report(
+    data: ConfidenceData, calibration_fraction: float = 0.5, bins: int = 15, seed: int = 0
+) -> Dict:
     """Fit STS on one split of prompts, score before/after on the other; JSON-ready."""
     cal, test = split_by_prompt(data, calibration_fraction, seed)
     temps = fit_sts(cal, bins)
@@ -237,6 +249,10 @@ def calibration_report(data: ConfidenceData, calibration_fraction: float = 0.5, 
         "mean_auc_after": _mean(after, "auc"),
         "mean_brier_before": _mean(before, "brier"),
         "mean_brier_after": _mean(after, "brier"),
-        "reliability_before": [reliability(a_before[scored[:, k], k], y[scored[:, k], k], bins) for k in range(test.gamma)],
-        "reliability_after": [reliability(a_after[scored[:, k], k], y[scored[:, k], k], bins) for k in range(test.gamma)],
+        "reliability_before": [
+            reliability(a_before[scored[:, k], k], y[scored[:, k], k], bins) for k in range(test.gamma)
+        ],
+        "reliability_after": [
+            reliability(a_after[scored[:, k], k], y[scored[:, k], k], bins) for k in range(test.gamma)
+        ],
     }

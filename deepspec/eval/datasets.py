@@ -35,12 +35,16 @@ def _first_turn(value, where: str) -> str:
     elif isinstance(value, (list, tuple)) and value:
         first = value[0]
         if isinstance(first, dict):  # chat messages
-            first = next((m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None)
+            first = next(
+                (m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None
+            )
         text = first
     else:
         text = None
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{where}: expected a non-empty string, a list of turns or chat messages; got {value!r:.80}")
+        raise ValueError(
+            f"{where}: expected a non-empty string, a list of turns or chat messages; got {value!r:.80}"
+        )
     return text
 
 
@@ -65,7 +69,9 @@ def _local(path: str, column: str) -> List[str]:
     try:
         ds = datasets.load_dataset(LOCAL_FORMATS[ext], data_files=os.path.abspath(path), split="train")
     except Exception as e:  # datasets wraps parse errors in many types; name the file
-        raise ValueError(f"{path}: could not be read as {LOCAL_FORMATS[ext]} ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path}: could not be read as {LOCAL_FORMATS[ext]} ({type(e).__name__}: {e})"
+        ) from e
     if len(ds) == 0:
         raise ValueError(f"{path}: no records")
     return _column(ds, column, path)
@@ -88,7 +94,9 @@ def _tiny(tiny_cfg) -> List[str]:
     from deepspec.data.tiny_chat import tiny_chat_splits
 
     records = tiny_chat_splits(tiny_cfg)["heldout"]
-    return [_first_turn(r["messages"], f"tiny held-out record {r.get('id', i)}") for i, r in enumerate(records)]
+    return [
+        _first_turn(r["messages"], f"tiny held-out record {r.get('id', i)}") for i, r in enumerate(records)
+    ]
 
 
 def dataset_labels(names: Sequence[str]) -> Dict[str, str]:

@@ -33,29 +33,40 @@ def _text_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
-def check_against_target_config(dc: DSparkConfig, target_config: Dict[str, Any], tokenizer=None,
-                                target_name: str = "target") -> None:
+def check_against_target_config(
+    dc: DSparkConfig, target_config: Dict[str, Any], tokenizer=None, target_name: str = "target"
+) -> None:
     """The drafter's facts against the target's HF config (and tokenizer), before loading weights."""
     t = _text_config(dict(target_config))
     problems = []
     if int(t["vocab_size"]) != dc.vocab_size:
         problems.append(f"vocab_size: drafter {dc.vocab_size}, target {t['vocab_size']}")
     if int(t["hidden_size"]) != dc.target_hidden_size:
-        problems.append(f"hidden size: drafter reads features of size {dc.target_hidden_size}, target has {t['hidden_size']}")
+        problems.append(
+            f"hidden size: drafter reads features of size {dc.target_hidden_size}, target has {t['hidden_size']}"
+        )
     n = int(t["num_hidden_layers"])
     if n != dc.num_target_layers:
-        problems.append(f"num_target_layers: drafter was built for {dc.num_target_layers} layers, target has {n}")
+        problems.append(
+            f"num_target_layers: drafter was built for {dc.num_target_layers} layers, target has {n}"
+        )
     bad = [i for i in dc.target_layer_ids if not -1 <= i < n]
     if bad:
-        problems.append(f"target_layer_ids {list(dc.target_layer_ids)}: {bad} out of range for a {n}-layer target")
+        problems.append(
+            f"target_layer_ids {list(dc.target_layer_ids)}: {bad} out of range for a {n}-layer target"
+        )
     vocab = int(t["vocab_size"])
     if not 0 <= dc.mask_token_id < vocab:
-        problems.append(f"mask_token_id {dc.mask_token_id} is outside the target's embedding [0, {vocab - 1}]")
+        problems.append(
+            f"mask_token_id {dc.mask_token_id} is outside the target's embedding [0, {vocab - 1}]"
+        )
     elif tokenizer is not None:
         tok_mask = getattr(tokenizer, "mask_token_id", None)
         special = set(getattr(tokenizer, "all_special_ids", []))
         if tok_mask is not None and tok_mask != dc.mask_token_id:
-            problems.append(f"mask_token_id: drafter uses {dc.mask_token_id}, the target's tokenizer mask token is {tok_mask}")
+            problems.append(
+                f"mask_token_id: drafter uses {dc.mask_token_id}, the target's tokenizer mask token is {tok_mask}"
+            )
         elif tok_mask is None and dc.mask_token_id < len(tokenizer) and dc.mask_token_id not in special:
             problems.append(
                 f"mask_token_id {dc.mask_token_id} is an ordinary token of the target's tokenizer "
@@ -84,8 +95,13 @@ def check_inputs(cfg) -> Dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
     target_config = AutoConfig.from_pretrained(path, trust_remote_code=trc).to_dict()
     check_against_target_config(dc, target_config, tokenizer, target_name=f"target {path}")
-    return {"drafter_dir": drafter_dir, "from_run_dir": from_run, "drafter_config": dc, "target_path": path,
-            "tokenizer": tokenizer}
+    return {
+        "drafter_dir": drafter_dir,
+        "from_run_dir": from_run,
+        "drafter_config": dc,
+        "target_path": path,
+        "tokenizer": tokenizer,
+    }
 
 
 def load_models(cfg, inputs: Dict[str, Any], device) -> Tuple[Any, Any]:
@@ -96,7 +112,10 @@ def load_models(cfg, inputs: Dict[str, Any], device) -> Tuple[Any, Any]:
     from deepspec.target.adapter import DTYPES, TargetModel
 
     dc = inputs["drafter_config"]
-    target = TargetModel.from_pretrained(inputs["target_path"], dc.target_layer_ids, cfg.target.dtype, device,
-                                         cfg.target.trust_remote_code)
-    drafter = load_native(inputs["drafter_dir"], device=device, dtype=DTYPES.get(cfg.target.dtype, torch.float32))
+    target = TargetModel.from_pretrained(
+        inputs["target_path"], dc.target_layer_ids, cfg.target.dtype, device, cfg.target.trust_remote_code
+    )
+    drafter = load_native(
+        inputs["drafter_dir"], device=device, dtype=DTYPES.get(cfg.target.dtype, torch.float32)
+    )
     return target, drafter

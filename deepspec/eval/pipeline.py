@@ -21,7 +21,9 @@ log = logging.getLogger("deepspec")
 def check_eval_config(e) -> None:
     for t in e.temperatures:
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise ValueError(f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)")
+            raise ValueError(
+                f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)"
+            )
     if not e.temperatures:
         raise ValueError("eval.temperatures is empty")
     if e.max_new_tokens < 1:
@@ -33,8 +35,10 @@ def check_eval_config(e) -> None:
     if e.ece_bins < 2:
         raise ValueError(f"eval.ece_bins={e.ece_bins}: must be >= 2")
     if e.save_sts and float(e.sts_fit_temperature) not in [float(t) for t in e.temperatures]:
-        raise ValueError(f"eval.save_sts: eval.sts_fit_temperature={e.sts_fit_temperature} is not one of "
-                         f"eval.temperatures={list(e.temperatures)}")
+        raise ValueError(
+            f"eval.save_sts: eval.sts_fit_temperature={e.sts_fit_temperature} is not one of "
+            f"eval.temperatures={list(e.temperatures)}"
+        )
     if any(int(r) < 1 for r in e.concurrency):
         raise ValueError(f"eval.concurrency={list(e.concurrency)}: levels must be >= 1")
 
@@ -91,18 +95,31 @@ def run_evaluation(cfg) -> Dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    report = evaluate_datasets(target, drafter, prompts, e, end_of_turn_ids(tokenizer),
-                               out_dir=str(out_dir), progress=e.progress_bar, sps=sps)
+    report = evaluate_datasets(
+        target,
+        drafter,
+        prompts,
+        e,
+        end_of_turn_ids(tokenizer),
+        out_dir=str(out_dir),
+        progress=e.progress_bar,
+        sps=sps,
+    )
     report["drafter_dir"] = str(drafter_dir)
     report["target"] = inputs["target_path"]
     if e.save_sts:
         temps = sts_to_store(report, e.sts_fit_temperature)
         if temps is None:
-            raise ValueError(f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
-                             "(the drafter needs a confidence head, eval.calibration must be on)")
+            raise ValueError(
+                f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
+                "(the drafter needs a confidence head, eval.calibration must be on)"
+            )
         save_sts(drafter, drafter_dir, temps)
-        report["sts_saved"] = {"temperatures": temps, "fit_at_temperature": float(e.sts_fit_temperature),
-                               "drafter_dir": str(drafter_dir)}
+        report["sts_saved"] = {
+            "temperatures": temps,
+            "fit_at_temperature": float(e.sts_fit_temperature),
+            "drafter_dir": str(drafter_dir),
+        }
         log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
     atomic_write_json(str(out_dir / "eval.json"), report)
     print(f"eval.json written to {out_dir}")

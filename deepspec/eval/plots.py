@@ -42,10 +42,19 @@ def _xy(values):
 def acceptance_plot(name: str, temps: Dict, path: str) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for key, s in temps.items():
-        axes[0].plot(*_xy(s["conditional_acceptance"]), marker="o", label=f"T={s['temperature']:g} (τ={s['tau'] or float('nan'):.2f})")
+    for s in temps.values():
+        axes[0].plot(
+            *_xy(s["conditional_acceptance"]),
+            marker="o",
+            label=f"T={s['temperature']:g} (τ={s['tau'] or float('nan'):.2f})",
+        )
         axes[1].plot(*_xy(s["survival"]), marker="o", label=f"T={s['temperature']:g}")
-    axes[0].set(title=f"{name}: conditional acceptance", xlabel="slot k", ylabel="P(x_k acc | x_<k acc)", ylim=(0, 1.02))
+    axes[0].set(
+        title=f"{name}: conditional acceptance",
+        xlabel="slot k",
+        ylabel="P(x_k acc | x_<k acc)",
+        ylim=(0, 1.02),
+    )
     axes[1].set(title="prefix survival", xlabel="slot k", ylabel="P(x_1..x_k accepted)", ylim=(0, 1.02))
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -65,11 +74,20 @@ def reliability_plot(title: str, conf: Dict, path: str) -> str:
             ax.axis("off")
             continue
         ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
-        for key, label, color in (("reliability_before", "raw", "tab:red"), ("reliability_after", "STS", "tab:blue")):
+        for key, label, color in (
+            ("reliability_before", "raw", "tab:red"),
+            ("reliability_after", "STS", "tab:blue"),
+        ):
             bins = conf[key][k]
             ece = conf["before" if key.endswith("before") else "after"][k]["ece"]
-            ax.plot([b["mean_pred"] for b in bins], [b["frequency"] for b in bins], marker="o", ms=3, color=color,
-                    label=f"{label} ECE {100 * ece:.1f}%" if ece is not None else label)
+            ax.plot(
+                [b["mean_pred"] for b in bins],
+                [b["frequency"] for b in bins],
+                marker="o",
+                ms=3,
+                color=color,
+                label=f"{label} ECE {100 * ece:.1f}%" if ece is not None else label,
+            )
         ax.set(title=f"slot {k + 1}", xlim=(0, 1), ylim=(0, 1))
         ax.legend(fontsize=7)
         if k % cols == 0:
@@ -107,9 +125,18 @@ def throughput_plot(title: str, sched: Dict, path: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for policy in levels[0]["policies"]:
         label = policy if policy != "threshold" else f"threshold {sched['static_threshold']:g}"
-        axes[0].plot(r, [row["policies"][policy]["realised_tokens_per_s"] for row in levels], marker="o", label=label)
-        axes[1].plot(r, [row["policies"][policy]["per_request_tokens_per_s"] for row in levels], marker="o", label=label)
-    axes[0].set(title="throughput (realised)", xlabel="concurrent requests R", ylabel="tokens/s", xscale="log")
+        axes[0].plot(
+            r, [row["policies"][policy]["realised_tokens_per_s"] for row in levels], marker="o", label=label
+        )
+        axes[1].plot(
+            r,
+            [row["policies"][policy]["per_request_tokens_per_s"] for row in levels],
+            marker="o",
+            label=label,
+        )
+    axes[0].set(
+        title="throughput (realised)", xlabel="concurrent requests R", ylabel="tokens/s", xscale="log"
+    )
     axes[1].set(title="per-request speed", xlabel="concurrent requests R", ylabel="tokens/s", xscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -129,12 +156,27 @@ def write_plots(report: Dict, out_dir: str) -> List[str]:
             tag = f"{base}_T{s['temperature']:g}"
             title = f"{name}, T={s['temperature']:g}"
             if s.get("confidence"):
-                paths.append(reliability_plot(f"{title}: reliability of a_k", s["confidence"],
-                                              os.path.join(out_dir, f"reliability_{tag}.png")))
+                paths.append(
+                    reliability_plot(
+                        f"{title}: reliability of a_k",
+                        s["confidence"],
+                        os.path.join(out_dir, f"reliability_{tag}.png"),
+                    )
+                )
             if s.get("threshold_sweep"):
-                paths.append(threshold_plot(f"{title}: threshold sweep", s["threshold_sweep"],
-                                            os.path.join(out_dir, f"threshold_{tag}.png")))
+                paths.append(
+                    threshold_plot(
+                        f"{title}: threshold sweep",
+                        s["threshold_sweep"],
+                        os.path.join(out_dir, f"threshold_{tag}.png"),
+                    )
+                )
             if s.get("scheduler"):
-                paths.append(throughput_plot(f"{title}: simulated serving", s["scheduler"],
-                                             os.path.join(out_dir, f"throughput_{tag}.png")))
+                paths.append(
+                    throughput_plot(
+                        f"{title}: simulated serving",
+                        s["scheduler"],
+                        os.path.join(out_dir, f"throughput_{tag}.png"),
+                    )
+                )
     return paths

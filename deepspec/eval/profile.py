@@ -49,8 +49,9 @@ def monotone_times(times: Sequence[float]) -> List[float]:
 
 
 @torch.no_grad()
-def profile_sps(target, token_counts: Sequence[int], block: int, context: int = 64, repeats: int = 3,
-                seed: int = 0) -> SPSCurve:
+def profile_sps(
+    target, token_counts: Sequence[int], block: int, context: int = 64, repeats: int = 3, seed: int = 0
+) -> SPSCurve:
     """Time target forwards at each B of ``token_counts``; returns the measured :class:`SPSCurve`.
 
     ``repeats`` passes go over all sizes in turn (so a burst of load from another process hits one
@@ -71,7 +72,11 @@ def profile_sps(target, token_counts: Sequence[int], block: int, context: int = 
     setups = {}
     for b, (rows, per_row) in sizes.items():
         cache = DynamicCache(config=target.config)
-        target(torch.randint(0, vocab, (rows, context), generator=gen).to(dev), past_key_values=cache, use_cache=True)
+        target(
+            torch.randint(0, vocab, (rows, context), generator=gen).to(dev),
+            past_key_values=cache,
+            use_cache=True,
+        )
         setups[b] = (cache, torch.randint(0, vocab, (rows, per_row), generator=gen).to(dev), per_row)
     best = {b: math.inf for b in sizes}
     for i in range(repeats + 1):  # pass 0 is an untimed warm-up

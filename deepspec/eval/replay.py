@@ -26,25 +26,37 @@ def threshold_sweep(curves: np.ndarray, accepted: np.ndarray, thresholds: Sequen
     committed (rejected, or after a rejection); expected_tokens_per_step: what the curves predicted.
     """
     curves, accepted = np.asarray(curves, dtype=np.float64), np.asarray(accepted)
-    cum = np.concatenate([np.zeros((len(curves), 1)), np.cumsum(np.minimum.accumulate(curves, axis=1), axis=1)], axis=1)
+    cum = np.concatenate(
+        [np.zeros((len(curves), 1)), np.cumsum(np.minimum.accumulate(curves, axis=1), axis=1)], axis=1
+    )
     out = []
     for t in thresholds:
         ell = threshold_lengths_array(curves, float(t))
         got = np.minimum(ell, accepted)
         verified = int(ell.sum())
-        out.append({
-            "threshold": float(t),
-            "mean_verify_len": float(ell.mean()),
-            "tokens_per_step": float((got + 1).mean()),
-            "expected_tokens_per_step": float((1 + cum[np.arange(len(ell)), ell]).mean()),
-            "acceptance_rate": float(got.sum() / verified) if verified else float("nan"),
-            "wasted_per_step": float((ell - got).mean()),
-        })
+        out.append(
+            {
+                "threshold": float(t),
+                "mean_verify_len": float(ell.mean()),
+                "tokens_per_step": float((got + 1).mean()),
+                "expected_tokens_per_step": float((1 + cum[np.arange(len(ell)), ell]).mean()),
+                "acceptance_rate": float(got.sum() / verified) if verified else float("nan"),
+                "wasted_per_step": float((ell - got).mean()),
+            }
+        )
     return out
 
 
-def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: int, policy: str,
-             threshold: Optional[float] = None, fixed_len: Optional[int] = None, lag: int = 2) -> Dict:
+def simulate(
+    curves: np.ndarray,
+    accepted: np.ndarray,
+    sps: SPS,
+    concurrency: int,
+    policy: str,
+    threshold: Optional[float] = None,
+    fixed_len: Optional[int] = None,
+    lag: int = 2,
+) -> Dict:
     """R = ``concurrency`` requests decode together; each step verifies Σ_r (ℓ_r + 1) tokens.
 
     Request r replays a contiguous stretch of the recorded rounds (rounds r·S .. r·S+S−1, wrapping,
@@ -78,7 +90,9 @@ def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: in
         glob = policy == "scheduled_lagged_global"
         ell = schedule_many(mono[src], sps, glob)
     b = (ell + 1).sum(axis=1)
-    time_s = float((1.0 / (sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b]))).sum())
+    time_s = float(
+        (1.0 / (sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b]))).sum()
+    )
     exp_tok = float((1 + cum[idx, ell]).sum())
     real_tok = float((np.minimum(ell, accepted[idx]) + 1).sum())
     return {
@@ -97,27 +111,45 @@ def simulate(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: in
 def best_fixed_length(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: int) -> int:
     """The constant ℓ with the highest *expected* throughput (chosen from the curves, not outcomes)."""
     gamma = np.asarray(curves).shape[1]
-    res = [simulate(curves, accepted, sps, concurrency, "fixed_best", fixed_len=l) for l in range(gamma + 1)]
+    res = [simulate(curves, accepted, sps, concurrency, "fixed_best", fixed_len=n) for n in range(gamma + 1)]
     return int(np.argmax([r["expected_tokens_per_s"] for r in res]))
 
 
 def best_threshold(curves: np.ndarray, accepted: np.ndarray, sps: SPS, thresholds: Sequence[float]) -> float:
     """The static threshold with the highest expected single-request throughput (SPEC §5: R = 1)."""
-    res = [simulate(curves, accepted, sps, 1, "threshold", threshold=t)["expected_tokens_per_s"] for t in thresholds]
+    res = [
+        simulate(curves, accepted, sps, 1, "threshold", threshold=t)["expected_tokens_per_s"]
+        for t in thresholds
+    ]
     return float(thresholds[int(np.argmax(res))])
 
 
-def concurrency_sweep(curves: np.ndarray, accepted: np.ndarray, sps: SPS, levels: Sequence[int],
-                      thresholds: Sequence[float], lag: int = 2) -> Dict:
+def concurrency_sweep(
+    curves: np.ndarray,
+    accepted: np.ndarray,
+    sps: SPS,
+    levels: Sequence[int],
+    thresholds: Sequence[float],
+    lag: int = 2,
+) -> Dict:
     """Every policy at every concurrency level, plus scheduled-vs-fixed ratios."""
     t_star = best_threshold(curves, accepted, sps, thresholds)
     rows = []
     for r in levels:
         l_star = best_fixed_length(curves, accepted, sps, r)
-        res = {p: simulate(curves, accepted, sps, r, p, threshold=t_star, fixed_len=l_star, lag=lag) for p in POLICIES}
+        res = {
+            p: simulate(curves, accepted, sps, r, p, threshold=t_star, fixed_len=l_star, lag=lag)
+            for p in POLICIES
+        }
         res["fixed_best"]["fixed_len"] = l_star
         fixed, sched = res["fixed"]["realised_tokens_per_s"], res["scheduled"]["realised_tokens_per_s"]
-        rows.append({"concurrency": r, "policies": res, "scheduled_over_fixed": sched / fixed,
-                     "scheduled_over_threshold": sched / res["threshold"]["realised_tokens_per_s"],
-                     "scheduled_over_fixed_best": sched / res["fixed_best"]["realised_tokens_per_s"]})
+        rows.append(
+            {
+                "concurrency": r,
+                "policies": res,
+                "scheduled_over_fixed": sched / fixed,
+                "scheduled_over_threshold": sched / res["threshold"]["realised_tokens_per_s"],
+                "scheduled_over_fixed_best": sched / res["fixed_best"]["realised_tokens_per_s"],
+            }
+        )
     return {"static_threshold": t_star, "levels": rows}

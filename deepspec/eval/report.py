@@ -34,25 +34,42 @@ def write_rounds(path: str, runs) -> None:
         for name, temp, run in runs:
             for i, rounds in enumerate(run.rounds_by_prompt):
                 for r in rounds:
-                    f.write(json.dumps({
-                        "dataset": name, "temperature": temp, "prompt": i, "verified": r.verified,
-                        "accepted": r.accepted, "accept_mask": r.accept_mask, "committed": r.committed,
-                        "confidence_logits": r.confidence_logits, "draft_time": r.draft_time,
-                        "verify_time": r.verify_time,
-                    }) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "dataset": name,
+                                "temperature": temp,
+                                "prompt": i,
+                                "verified": r.verified,
+                                "accepted": r.accepted,
+                                "accept_mask": r.accept_mask,
+                                "committed": r.committed,
+                                "confidence_logits": r.confidence_logits,
+                                "draft_time": r.draft_time,
+                                "verify_time": r.verify_time,
+                            }
+                        )
+                        + "\n"
+                    )
     os.replace(tmp, path)
 
 
 def format_table(report: Dict) -> str:
     """Console summary: one row per dataset and temperature."""
-    rows = [f"{'dataset':<16} {'T':>4} {'tau':>6} {'accept':>7} {'spec tok/s':>11} {'target tok/s':>13} "
-            f"{'speedup':>8} {'ECE raw':>8} {'ECE STS':>8} {'AUC':>6} {'sched/fixed (R lo, hi)':>23}"]
+    rows = [
+        f"{'dataset':<16} {'T':>4} {'tau':>6} {'accept':>7} {'spec tok/s':>11} {'target tok/s':>13} "
+        f"{'speedup':>8} {'ECE raw':>8} {'ECE STS':>8} {'AUC':>6} {'sched/fixed (R lo, hi)':>23}"
+    ]
     datasets = report.get("datasets") or {"prompts": {"temperatures": report["temperatures"]}}
     for name, d in datasets.items():
         for s in d["temperatures"].values():
             conf = s.get("confidence") or {}
             sched = (s.get("scheduler") or {}).get("levels") or []
-            ratio = f"{sched[0]['scheduled_over_fixed']:.2f}x, {sched[-1]['scheduled_over_fixed']:.2f}x" if sched else "-"
+            ratio = (
+                f"{sched[0]['scheduled_over_fixed']:.2f}x, {sched[-1]['scheduled_over_fixed']:.2f}x"
+                if sched
+                else "-"
+            )
             rows.append(
                 f"{name[:16]:<16} {s['temperature']:>4g} {_num(s['tau'], 6, 3)} {_num(s['acceptance_rate'], 7, 3)} "
                 f"{_num(s['spec_tokens_per_s'], 11, 1)} {_num(s['target_tokens_per_s'], 13, 1)} "

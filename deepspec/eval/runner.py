@@ -55,10 +55,14 @@ def check_compatible(target, drafter) -> None:
         )
 
 
-def _check_inputs(prompts: Sequence[Sequence[int]], temperatures: Iterable[float], max_new_tokens: int, vocab: int) -> None:
+def _check_inputs(
+    prompts: Sequence[Sequence[int]], temperatures: Iterable[float], max_new_tokens: int, vocab: int
+) -> None:
     for t in temperatures:
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise ValueError(f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)")
+            raise ValueError(
+                f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)"
+            )
     if max_new_tokens < 1:
         raise ValueError(f"eval.max_new_tokens={max_new_tokens}: must be >= 1")
     if not prompts:
@@ -95,8 +99,17 @@ class DecodeRun:
 
 
 @torch.no_grad()
-def decode(target, drafter, prompts: List[List[int]], cfg, temperature: float, stop_ids: List[int],
-           progress: bool = True, desc: str = "eval", baseline: bool = True) -> DecodeRun:
+def decode(
+    target,
+    drafter,
+    prompts: List[List[int]],
+    cfg,
+    temperature: float,
+    stop_ids: List[int],
+    progress: bool = True,
+    desc: str = "eval",
+    baseline: bool = True,
+) -> DecodeRun:
     """Decode every prompt with drafter + target (and, with ``baseline``, with the target alone).
 
     Prompts run one after another (batch 1); each has its own seed, so its output does not depend

@@ -78,13 +78,15 @@ class SPSCurve:
         return {"tokens": list(self.tokens), "steps_per_s": list(self.steps_per_s)}
 
     @classmethod
-    def load(cls, path: str) -> "SPSCurve":
+    def load(cls, path: str) -> SPSCurve:
         try:
             d = json.loads(Path(path).read_text())
             d = d.get("sps_profile", d)  # also accept a whole eval.json
             return cls([int(b) for b in d["tokens"]], [float(s) for s in d["steps_per_s"]])
         except KeyError as e:
-            raise ValueError(f"{path}: SPS profile needs keys 'tokens' and 'steps_per_s' (missing {e})") from None
+            raise ValueError(
+                f"{path}: SPS profile needs keys 'tokens' and 'steps_per_s' (missing {e})"
+            ) from None
 
 
 def _monotone(curve: Sequence[float]) -> List[float]:
@@ -169,7 +171,9 @@ def schedule_many(curves: np.ndarray, sps: SPS, global_search: bool = False) -> 
     order = np.lexsort((r, j, -mono), axis=1)  # descending a; ties: earlier slot, then lower request
     a, r, j = (np.take_along_axis(x, order, axis=1) for x in (mono, r, j))
     valid = a > 0  # zeros sort last and are never visited
-    tau = np.cumsum(np.concatenate([np.full((s_n, 1), float(r_n)), a], axis=1), axis=1)  # the loop's additions
+    tau = np.cumsum(
+        np.concatenate([np.full((s_n, 1), float(r_n)), a], axis=1), axis=1
+    )  # the loop's additions
     b = r_n + np.arange(tau.shape[1])
     sps_b = sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b])
     theta = tau * sps_b[None, :]
@@ -197,13 +201,16 @@ def survival_from_draft(draft, sts_temperatures: Optional[Sequence[float]] = Non
     from deepspec.eval.calibration import survival_estimates
 
     if getattr(draft, "confidence_logits", None) is None:
-        raise ValueError("scheduled verification needs a drafter with a confidence head (enable_confidence_head)")
+        raise ValueError(
+            "scheduled verification needs a drafter with a confidence head (enable_confidence_head)"
+        )
     z = np.asarray(draft.confidence_logits.detach().cpu().double().numpy())
     return survival_estimates(z[None, :], sts_temperatures)[0].tolist()
 
 
-def causal_verify_len(sps: SPS, sts_temperatures: Optional[Sequence[float]] = None,
-                      others: Sequence[Sequence[float]] = ()) -> Callable:
+def causal_verify_len(
+    sps: SPS, sts_temperatures: Optional[Sequence[float]] = None, others: Sequence[Sequence[float]] = ()
+) -> Callable:
     """A ``verify_len(round_index, draft)`` for :func:`speculative_generate` that cuts each block with
     :func:`schedule` on the drafter's own (calibrated) confidences for this very block.
 
@@ -218,8 +225,13 @@ def causal_verify_len(sps: SPS, sts_temperatures: Optional[Sequence[float]] = No
     return verify_len
 
 
-def lagged_verify_len(sps: SPS, sts_temperatures: Optional[Sequence[float]] = None, lag: int = 2,
-                      gamma: Optional[int] = None, others: Sequence[Sequence[float]] = ()) -> Callable:
+def lagged_verify_len(
+    sps: SPS,
+    sts_temperatures: Optional[Sequence[float]] = None,
+    lag: int = 2,
+    gamma: Optional[int] = None,
+    others: Sequence[Sequence[float]] = (),
+) -> Callable:
     """``verify_len`` with :func:`schedule_global` on the curve of the block drafted ``lag`` rounds ago
     (full block until then). The cut never looks at the block it cuts, so it is causal."""
     history: List[List[float]] = []

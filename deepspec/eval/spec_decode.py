@@ -208,7 +208,9 @@ def speculative_generate(
     rounds: List[RoundRecord] = []
     while not stopped and len(tokens) < max_new_tokens:
         t_a = _now(dev)
-        d = drafter.draft(feats, anchor, temperature, generator, **({"context_ids": context} if wants_ids else {}))
+        d = drafter.draft(
+            feats, anchor, temperature, generator, **({"context_ids": context} if wants_ids else {})
+        )
         t_b = _now(dev)
         ell = gamma if verify_len is None else int(verify_len(len(rounds), d))
         if not 0 <= ell <= gamma:
@@ -229,7 +231,9 @@ def speculative_generate(
         anchor = nxt
         conf = d.confidence.tolist() if d.confidence is not None else None
         conf_logits = d.confidence_logits.tolist() if d.confidence_logits is not None else None
-        rounds.append(RoundRecord(gamma, ell, accepted, mask, committed, conf, conf_logits, t_b - t_a, t_c - t_b))
+        rounds.append(
+            RoundRecord(gamma, ell, accepted, mask, committed, conf, conf_logits, t_b - t_a, t_c - t_b)
+        )
     return GenerationResult(tokens, rounds, t_prefill - t0, _now(dev) - t_prefill, stopped)
 
 

@@ -20,8 +20,8 @@ from deepspec.models.config import DSparkConfig
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SOURCES = {
     "tiny_chat": "chat pairs cut from the Python standard library sources of the training machine "
-                 "(user: a function's signature and docstring; assistant: its body), tokenised with the "
-                 "tiny target's chat template; loss on assistant tokens only",
+    "(user: a function's signature and docstring; assistant: its body), tokenised with the "
+    "tiny target's chat template; loss on assistant tokens only",
 }
 
 
@@ -40,8 +40,13 @@ def eval_rows(ev: Any, default_dataset: str = "eval") -> List[Dict[str, Any]]:
     if isinstance(ev, list):
         for r in ev:
             if isinstance(r, dict) and "tau" in r:
-                rows.append({"dataset": r.get("dataset", default_dataset), "temperature": r.get("temperature"),
-                             "stats": r})
+                rows.append(
+                    {
+                        "dataset": r.get("dataset", default_dataset),
+                        "temperature": r.get("temperature"),
+                        "stats": r,
+                    }
+                )
         return rows
     if not isinstance(ev, dict):
         return rows
@@ -52,11 +57,18 @@ def eval_rows(ev: Any, default_dataset: str = "eval") -> List[Dict[str, Any]]:
     if isinstance(ev.get("temperatures"), dict):
         for key, st in ev["temperatures"].items():
             if isinstance(st, dict):
-                rows.append({"dataset": ev.get("dataset", default_dataset),
-                             "temperature": st.get("temperature", key), "stats": st})
+                rows.append(
+                    {
+                        "dataset": ev.get("dataset", default_dataset),
+                        "temperature": st.get("temperature", key),
+                        "stats": st,
+                    }
+                )
         return rows
     if "tau" in ev:
-        return [{"dataset": ev.get("dataset", default_dataset), "temperature": ev.get("temperature"), "stats": ev}]
+        return [
+            {"dataset": ev.get("dataset", default_dataset), "temperature": ev.get("temperature"), "stats": ev}
+        ]
     for name, sub in ev.items():  # {dataset: {...}} at the top level
         if isinstance(sub, dict) and ("temperatures" in sub or "tau" in sub):
             rows += eval_rows(sub, name)
@@ -74,22 +86,32 @@ def eval_section(ev: Any, dataset: str, plots: List[str]) -> str:
     rows = eval_rows(ev, dataset)
     if not rows:
         return "## Evaluation\n\nNo evaluation results were found for this drafter (no eval.json).\n"
-    out = ["## Evaluation", "",
-           "Offline protocol of the DSpark paper: chain drafting, batch 1, full block; τ = accepted drafts + 1 per round.", "",
-           "| Dataset | T | τ (accepted length) | Acceptance rate | Speedup | Rounds |",
-           "|---|---|---|---|---|---|"]
+    out = [
+        "## Evaluation",
+        "",
+        "Offline protocol of the DSpark paper: chain drafting, batch 1, full block; τ = accepted drafts + 1 per round.",
+        "",
+        "| Dataset | T | τ (accepted length) | Acceptance rate | Speedup | Rounds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         st = r["stats"]
         speed = f"{_num(st.get('speedup'), 2)}×" if isinstance(st.get("speedup"), (int, float)) else "–"
-        out.append(f"| {r['dataset']} | {r['temperature']} | {_num(st.get('tau'))} | "
-                   f"{_num(st.get('acceptance_rate'))} | {speed} | {st.get('rounds', '–')} |")
+        out.append(
+            f"| {r['dataset']} | {r['temperature']} | {_num(st.get('tau'))} | "
+            f"{_num(st.get('acceptance_rate'))} | {speed} | {st.get('rounds', '–')} |"
+        )
     curves = [(r, _slot_curve(r["stats"])) for r in rows]
     curves = [(r, c) for r, c in curves if c]
     if curves:
         k = max(len(c) for _, c in curves)
-        out += ["", "Conditional acceptance per draft slot k (accepted at k, given 1..k-1 accepted):", "",
-                "| Dataset | T | " + " | ".join(f"k={i}" for i in range(1, k + 1)) + " |",
-                "|---|---|" + "---|" * k]
+        out += [
+            "",
+            "Conditional acceptance per draft slot k (accepted at k, given 1..k-1 accepted):",
+            "",
+            "| Dataset | T | " + " | ".join(f"k={i}" for i in range(1, k + 1)) + " |",
+            "|---|---|" + "---|" * k,
+        ]
         for r, c in curves:
             cells = [_num(v) for v in c] + ["–"] * (k - len(c))
             out.append(f"| {r['dataset']} | {r['temperature']} | " + " | ".join(cells) + " |")
@@ -107,10 +129,25 @@ def _get(d: Dict[str, Any], dotted: str) -> Any:
     return d
 
 
-_TRAIN_KEYS = ("target.name_or_path", "model.kind", "model.num_layers", "model.block_size", "model.markov_rank",
-               "model.markov_head_type", "model.enable_confidence_head", "loss.ce_weight", "loss.l1_weight",
-               "loss.confidence_weight", "loss.decay_gamma", "train.lr", "train.max_steps", "train.epochs",
-               "train.global_batch_size", "train.mixed_precision", "train.seed")
+_TRAIN_KEYS = (
+    "target.name_or_path",
+    "model.kind",
+    "model.num_layers",
+    "model.block_size",
+    "model.markov_rank",
+    "model.markov_head_type",
+    "model.enable_confidence_head",
+    "loss.ce_weight",
+    "loss.l1_weight",
+    "loss.confidence_weight",
+    "loss.decay_gamma",
+    "train.lr",
+    "train.max_steps",
+    "train.epochs",
+    "train.global_batch_size",
+    "train.mixed_precision",
+    "train.seed",
+)
 
 
 def training_section(run_cfg: Optional[Dict[str, Any]], summary: Optional[Dict[str, Any]]) -> str:
@@ -120,10 +157,14 @@ def training_section(run_cfg: Optional[Dict[str, Any]], summary: Optional[Dict[s
         out += [f"| `{k}` | {_get(run_cfg, k)} |" for k in _TRAIN_KEYS if _get(run_cfg, k) is not None]
     if summary:
         fm = summary.get("final_metrics") or {}
-        bits = [f"{summary['train_steps']} optimizer steps" if "train_steps" in summary else None,
-                f"{summary['train_time_s']:.0f} s" if isinstance(summary.get("train_time_s"), (int, float)) else None,
-                f"final loss {_num(fm.get('loss'))}" if "loss" in fm else None,
-                f"teacher-forced τ estimate {_num(fm.get('tau_est'))}" if "tau_est" in fm else None]
+        bits = [
+            f"{summary['train_steps']} optimizer steps" if "train_steps" in summary else None,
+            f"{summary['train_time_s']:.0f} s"
+            if isinstance(summary.get("train_time_s"), (int, float))
+            else None,
+            f"final loss {_num(fm.get('loss'))}" if "loss" in fm else None,
+            f"teacher-forced τ estimate {_num(fm.get('tau_est'))}" if "tau_est" in fm else None,
+        ]
         out += ["", "Run: " + ", ".join(b for b in bits if b) + "."]
     if not run_cfg and not summary:
         out.append("No training config was found next to the checkpoint.")
@@ -133,16 +174,28 @@ def training_section(run_cfg: Optional[Dict[str, Any]], summary: Optional[Dict[s
     if src:
         out.append(f"- source: `{src}`" + (f": {_SOURCES[src]}" if src in _SOURCES else ""))
         out += [f"- `data.{k}`: {v}" for k, v in data.items() if k != "source"]
-        out.append("- targets: the frozen target's own next-token distributions on these sequences (distillation)")
+        out.append(
+            "- targets: the frozen target's own next-token distributions on these sequences (distillation)"
+        )
     else:
         out.append("Not recorded (no config.yaml with a `data` section next to the checkpoint).")
     return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- the card
-def build_card(c: DSparkConfig, fmt: str, *, base_model: str, repo_id: Optional[str], license: str,
-               library_name: str, dtype: str, embeddings_included: bool, run_dir: Optional[Path] = None,
-               eval_result: Any = None) -> Tuple[str, Dict[str, Path]]:
+def build_card(
+    c: DSparkConfig,
+    fmt: str,
+    *,
+    base_model: str,
+    repo_id: Optional[str],
+    license: str,
+    library_name: str,
+    dtype: str,
+    embeddings_included: bool,
+    run_dir: Optional[Path] = None,
+    eval_result: Any = None,
+) -> Tuple[str, Dict[str, Path]]:
     """README.md text and the plot files to copy ({name in export: source path})."""
     run_cfg = summary = None
     plots: Dict[str, Path] = {}
@@ -158,27 +211,43 @@ def build_card(c: DSparkConfig, fmt: str, *, base_model: str, repo_id: Optional[
     meta: Dict[str, Any] = {}
     if is_hub_id(base_model):
         meta["base_model"] = base_model
-    meta.update(license=license, library_name=library_name,
-                tags=["speculative-decoding", kind, "draft-model", "deepspec", f"{fmt}-format"])
+    meta.update(
+        license=license,
+        library_name=library_name,
+        tags=["speculative-decoding", kind, "draft-model", "deepspec", f"{fmt}-format"],
+    )
     where = repo_id or "<path-or-repo-of-this-folder>"
     heads = []
     if c.markov_enabled:
-        heads.append(f"a rank-{c.markov_rank} {c.markov_head_type} Markov head (left-to-right correction of "
-                     "each slot's logits from the previous token)")
+        heads.append(
+            f"a rank-{c.markov_rank} {c.markov_head_type} Markov head (left-to-right correction of "
+            "each slot's logits from the previous token)"
+        )
     if c.enable_confidence_head:
-        heads.append("a confidence head (per-slot probability that the draft survives verification"
-                     + (", calibrated with STS" if c.sts_temperatures else "") + ")")
+        heads.append(
+            "a confidence head (per-slot probability that the draft survives verification"
+            + (", calibrated with STS" if c.sts_temperatures else "")
+            + ")"
+        )
     ds = (run_cfg or {}).get("data", {}).get("source", "eval") if isinstance(run_cfg, dict) else "eval"
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-        f"# {dict(dspark='DSpark', dflash='DFlash')[kind]} drafter for `{base_model or 'its target model'}`", "",
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {dict(dspark='DSpark', dflash='DFlash')[kind]} drafter for `{base_model or 'its target model'}`",
+        "",
         f"A speculative-decoding drafter trained with deepspec. Given the anchor token and the target's hidden "
         f"states from layers {list(c.target_layer_ids)}, it proposes {c.block_size} tokens in one parallel "
         f"pass of {c.num_hidden_layers} layer(s)" + (", with " + " and ".join(heads) if heads else "") + ". "
-        "The target verifies them, so outputs are distributed exactly as the target's own.", "",
+        "The target verifies them, so outputs are distributed exactly as the target's own.",
+        "",
         f"Format: **{fmt}** ({dtype} safetensors"
-        + ("" if embeddings_included else "; embedding and lm_head omitted: shared from the target") + ").", "",
-        "| Fact | Value |", "|---|---|",
+        + ("" if embeddings_included else "; embedding and lm_head omitted: shared from the target")
+        + ").",
+        "",
+        "| Fact | Value |",
+        "|---|---|",
         f"| block size γ (drafts per round) | {c.block_size} |",
         f"| target layers (HF `hidden_states[i+1]`, native ids) | {list(c.target_layer_ids)} |",
         f"| vLLM `aux_hidden_state_layer_ids` (native + 1) | {[i + 1 for i in c.target_layer_ids]} |",
@@ -189,23 +258,42 @@ def build_card(c: DSparkConfig, fmt: str, *, base_model: str, repo_id: Optional[
     ]
     if c.sts_temperatures:
         lines.append(f"| STS temperatures | {[round(t, 3) for t in c.sts_temperatures]} |")
-    lines += ["", eval_section(eval_result, ds, list(plots)), training_section(run_cfg, summary),
-              serving_section(fmt, kind, base_model, where, c.block_size)]
+    lines += [
+        "",
+        eval_section(eval_result, ds, list(plots)),
+        training_section(run_cfg, summary),
+        serving_section(fmt, kind, base_model, where, c.block_size),
+    ]
     return "\n".join(lines).rstrip() + "\n", plots
 
 
 def serving_section(fmt: str, kind: str, base_model: str, where: str, gamma: int) -> str:
     spec = json.dumps({"model": where, "method": kind, "num_speculative_tokens": gamma})
-    out = ["## Serving with vLLM (example)", "",
-           "An example; the method name and flags depend on your vLLM version's support for this drafter.", "",
-           "```bash", f"vllm serve {base_model or '<target>'} --speculative-config '{spec}'", "```"]
+    out = [
+        "## Serving with vLLM (example)",
+        "",
+        "An example; the method name and flags depend on your vLLM version's support for this drafter.",
+        "",
+        "```bash",
+        f"vllm serve {base_model or '<target>'} --speculative-config '{spec}'",
+        "```",
+    ]
     if fmt == "speculators":
-        out += ["", "This folder is in the speculators format, whose config names the verifier, so "
-                    f"`vllm serve {where}` alone also works where speculators models are supported."]
+        out += [
+            "",
+            "This folder is in the speculators format, whose config names the verifier, so "
+            f"`vllm serve {where}` alone also works where speculators models are supported.",
+        ]
     elif fmt == "dflash":
-        out += ["", "z-lab DFlash runtimes draft from the MASK slots; this drafter drafts from the anchor slot "
-                    "(`sample_from_anchor: true`), so use an engine that honours that key."]
-    out += ["", "Load it in Python: `from deepspec.exporting import load_export; drafter = load_export(path)`."]
+        out += [
+            "",
+            "z-lab DFlash runtimes draft from the MASK slots; this drafter drafts from the anchor slot "
+            "(`sample_from_anchor: true`), so use an engine that honours that key.",
+        ]
+    out += [
+        "",
+        "Load it in Python: `from deepspec.exporting import load_export; drafter = load_export(path)`.",
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -21,17 +21,43 @@ from deepspec.models.drafter import DSparkDrafter
 
 _ST_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 REQUIRED = {
-    "native": ("architectures", "num_hidden_layers", "num_target_layers", "block_size", "mask_token_id",
-               "target_layer_ids", "markov_rank", "markov_head_type", "enable_confidence_head",
-               "confidence_head_with_markov", "tie_word_embeddings", "vocab_size", "hidden_size"),
-    "speculators": ("speculators_model_type", "transformer_layer_config", "speculators_config",
-                    "aux_hidden_state_layer_ids", "mask_token_id", "block_size", "target_hidden_size",
-                    "draft_vocab_size", "markov_rank", "markov_head_type", "enable_confidence_head",
-                    "confidence_head_with_markov", "sample_from_anchor"),
+    "native": (
+        "architectures",
+        "num_hidden_layers",
+        "num_target_layers",
+        "block_size",
+        "mask_token_id",
+        "target_layer_ids",
+        "markov_rank",
+        "markov_head_type",
+        "enable_confidence_head",
+        "confidence_head_with_markov",
+        "tie_word_embeddings",
+        "vocab_size",
+        "hidden_size",
+    ),
+    "speculators": (
+        "speculators_model_type",
+        "transformer_layer_config",
+        "speculators_config",
+        "aux_hidden_state_layer_ids",
+        "mask_token_id",
+        "block_size",
+        "target_hidden_size",
+        "draft_vocab_size",
+        "markov_rank",
+        "markov_head_type",
+        "enable_confidence_head",
+        "confidence_head_with_markov",
+        "sample_from_anchor",
+    ),
     "dflash": ("architectures", "dflash_config", "num_target_layers"),
 }
-_IDS_KEY = {"native": "target_layer_ids", "speculators": "aux_hidden_state_layer_ids",
-            "dflash": "dflash_config.target_layer_ids"}
+_IDS_KEY = {
+    "native": "target_layer_ids",
+    "speculators": "aux_hidden_state_layer_ids",
+    "dflash": "dflash_config.target_layer_ids",
+}
 _ID_OFFSET = {"native": 0, "speculators": 1, "dflash": 0}
 
 
@@ -59,15 +85,18 @@ class CheckReport:
         lines += [f"  ERROR {m}" for m in self.errors]
         return "\n".join(lines)
 
-    def raise_if_failed(self) -> "CheckReport":
+    def raise_if_failed(self) -> CheckReport:
         if not self.ok:
             raise ExportCheckError(self.render())
         return self
 
 
-def check_export(path: Union[str, Path], target: Any = None,
-                 reference: Union[None, str, Path, DSparkDrafter] = None,
-                 display_path: Union[None, str, Path] = None) -> CheckReport:
+def check_export(
+    path: Union[str, Path],
+    target: Any = None,
+    reference: Union[None, str, Path, DSparkDrafter] = None,
+    display_path: Union[None, str, Path] = None,
+) -> CheckReport:
     """Check ``path`` (any of the three formats), optionally against a target and a reference drafter."""
     p = Path(path)
     rep = CheckReport(Path(display_path or p), p)
@@ -79,7 +108,9 @@ def check_export(path: Union[str, Path], target: Any = None,
         return rep
     sidecar = read_json(p / SIDECAR_NAME) if (p / SIDECAR_NAME).is_file() else None
     if sidecar is None:
-        rep.warnings.append(f"{SIDECAR_NAME} not found: layer ids and logits can only be checked against a reference")
+        rep.warnings.append(
+            f"{SIDECAR_NAME} not found: layer ids and logits can only be checked against a reference"
+        )
     if isinstance(reference, (str, Path)):
         reference = load_export(reference)
     tgt = as_target(target)
@@ -108,10 +139,13 @@ def _check_keys(rep: CheckReport, raw: Dict[str, Any]) -> None:
         rep.errors.append(
             f"{where}: missing key 'sample_from_anchor' (expected {str(SAMPLE_FROM_ANCHOR).lower()}): without it "
             "vLLM falls back to drafting from the first MASK slot, and this drafter, whose anchor slot holds draft 1, "
-            "is served at <1% acceptance with no error")
+            "is served at <1% acceptance with no error"
+        )
     elif "sample_from_anchor" in raw and raw["sample_from_anchor"] is not SAMPLE_FROM_ANCHOR:
-        rep.errors.append(f"{where}: sample_from_anchor={raw['sample_from_anchor']!r}, expected "
-                          f"{SAMPLE_FROM_ANCHOR} (the anchor position is this drafter's first prediction slot)")
+        rep.errors.append(
+            f"{where}: sample_from_anchor={raw['sample_from_anchor']!r}, expected "
+            f"{SAMPLE_FROM_ANCHOR} (the anchor position is this drafter's first prediction slot)"
+        )
     if missing:
         rep.errors.append(f"{where}: missing required keys {missing} for the {fmt} format")
     if fmt == "speculators" and "speculators_config" in raw:
@@ -121,18 +155,26 @@ def _check_keys(rep: CheckReport, raw: Dict[str, Any]) -> None:
                 rep.errors.append(f"{where}: speculators_config is missing '{k}'")
         methods = sc.get("proposal_methods") or [{}]
         if methods[0].get("speculative_tokens") != raw.get("block_size"):
-            rep.errors.append(f"{where}: proposal_methods[0].speculative_tokens={methods[0].get('speculative_tokens')} "
-                              f"but block_size={raw.get('block_size')} (the drafter proposes block_size tokens)")
+            rep.errors.append(
+                f"{where}: proposal_methods[0].speculative_tokens={methods[0].get('speculative_tokens')} "
+                f"but block_size={raw.get('block_size')} (the drafter proposes block_size tokens)"
+            )
         ver = sc.get("verifier") or {}
         if not ver.get("name_or_path"):
-            rep.warnings.append(f"{where}: speculators_config.verifier.name_or_path is empty; set export.base_model")
+            rep.warnings.append(
+                f"{where}: speculators_config.verifier.name_or_path is empty; set export.base_model"
+            )
     if fmt == "dflash":
         if raw.get("architectures") != ["DFlashDraftModel"]:
-            rep.errors.append(f"{where}: architectures={raw.get('architectures')}, expected ['DFlashDraftModel']")
+            rep.errors.append(
+                f"{where}: architectures={raw.get('architectures')}, expected ['DFlashDraftModel']"
+            )
         # A structural fact worth repeating: the z-lab runtime drafts from the MASK slots.
-        rep.warnings.append("z-lab DFlash runtimes draft from the MASK slots (the anchor's output is discarded); "
-                            "this drafter predicts draft 1 at the anchor slot (sample_from_anchor=true), so serve "
-                            "it with an engine that honours sample_from_anchor")
+        rep.warnings.append(
+            "z-lab DFlash runtimes draft from the MASK slots (the anchor's output is discarded); "
+            "this drafter predicts draft 1 at the anchor slot (sample_from_anchor=true), so serve "
+            "it with an engine that honours sample_from_anchor"
+        )
     if not rep.errors:
         rep.passed.append(f"required {fmt} keys present")
 
@@ -159,32 +201,47 @@ def _check_layer_ids(rep, raw, sidecar, reference, tgt: Optional[TargetInfo]) ->
     if truth is not None and native != truth:
         want = [i + off for i in truth]
         rule = "native target_layer_ids + 1" if off else "the native target_layer_ids (no offset)"
-        shifted = len(truth) == len(native) and any(all(a - b == s for a, b in zip(native, truth)) for s in (1, -1))
+        shifted = len(truth) == len(native) and any(
+            all(a - b == s for a, b in zip(native, truth)) for s in (1, -1)
+        )
         rep.errors.append(
             f"{where}: {key}={ids} but the drafter was trained on native target_layer_ids {truth} (from {source}); "
             f"this format expects {rule} = {want}"
-            + (": the layer ids are shifted by one (native ids vs HF hidden_states indices)" if shifted else ""))
+            + (
+                ": the layer ids are shifted by one (native ids vs HF hidden_states indices)"
+                if shifted
+                else ""
+            )
+        )
     n = raw.get("num_target_layers") or (sidecar or {}).get("num_target_layers")
     if n is None and tgt is not None:
         n = tgt.num_layers
     if n is not None:
         bad = [i for i in native if not -1 <= i < int(n)]
         if bad:
-            rep.errors.append(f"{where}: {key}={ids} out of range for a {n}-layer target "
-                              f"(valid: {[-1 + off, int(n) - 1 + off]})")
+            rep.errors.append(
+                f"{where}: {key}={ids} out of range for a {n}-layer target "
+                f"(valid: {[-1 + off, int(n) - 1 + off]})"
+            )
     if any(b <= a for a, b in zip(ids, ids[1:])):
         rep.errors.append(f"{where}: {key}={ids} must be strictly increasing")
     if tgt is not None and n is not None and int(n) != tgt.num_layers:
-        rep.errors.append(f"{where}: num_target_layers={n} but the target ({tgt.where}) has {tgt.num_layers} layers")
+        rep.errors.append(
+            f"{where}: num_target_layers={n} but the target ({tgt.where}) has {tgt.num_layers} layers"
+        )
     if fmt == "speculators" and truth is None and 0 in ids:
-        rep.warnings.append(f"{where}: {key} contains 0 (the embedding output); check the native+1 convention")
+        rep.warnings.append(
+            f"{where}: {key} contains 0 (the embedding output); check the native+1 convention"
+        )
     if len(rep.errors) == before:
         rep.passed.append(f"layer ids {key}={ids} (native {native})" + (f" match {source}" if source else ""))
 
 
 def _check_target(rep, raw, c, tgt: Optional[TargetInfo]) -> None:
     if tgt is None:
-        rep.warnings.append("no target given: vocab and hidden size not checked against the target (pass --target)")
+        rep.warnings.append(
+            "no target given: vocab and hidden size not checked against the target (pass --target)"
+        )
         return
     where = rep.path / CONFIG_NAME
     vocab_keys = {"vocab_size": c.vocab_size}
@@ -193,20 +250,30 @@ def _check_target(rep, raw, c, tgt: Optional[TargetInfo]) -> None:
     before = len(rep.errors)
     for k, v in vocab_keys.items():
         if v != tgt.vocab_size:
-            rep.errors.append(f"{where}: vocab mismatch with the target: {k}={v} but the target ({tgt.where}) has "
-                              f"vocab_size={tgt.vocab_size}; the drafter was trained for another tokenizer/target")
+            rep.errors.append(
+                f"{where}: vocab mismatch with the target: {k}={v} but the target ({tgt.where}) has "
+                f"vocab_size={tgt.vocab_size}; the drafter was trained for another tokenizer/target"
+            )
     if not 0 <= c.mask_token_id < tgt.vocab_size:
-        rep.errors.append(f"{where}: mask_token_id={c.mask_token_id} is outside the target vocab [0, {tgt.vocab_size})")
+        rep.errors.append(
+            f"{where}: mask_token_id={c.mask_token_id} is outside the target vocab [0, {tgt.vocab_size})"
+        )
     if c.target_hidden_size != tgt.hidden_size:
-        rep.errors.append(f"{where}: target_hidden_size={c.target_hidden_size} but the target has "
-                          f"hidden_size={tgt.hidden_size}")
+        rep.errors.append(
+            f"{where}: target_hidden_size={c.target_hidden_size} but the target has "
+            f"hidden_size={tgt.hidden_size}"
+        )
     if rep.format == "speculators":
         archs = ((raw.get("speculators_config") or {}).get("verifier") or {}).get("architectures")
         if tgt.config.get("architectures") and archs != tgt.config.get("architectures"):
-            rep.warnings.append(f"{where}: verifier.architectures={archs} but the target declares "
-                                f"{tgt.config.get('architectures')}")
+            rep.warnings.append(
+                f"{where}: verifier.architectures={archs} but the target declares "
+                f"{tgt.config.get('architectures')}"
+            )
     if len(rep.errors) == before:
-        rep.passed.append(f"vocab {c.vocab_size}, hidden {c.target_hidden_size}, mask {c.mask_token_id} fit the target")
+        rep.passed.append(
+            f"vocab {c.vocab_size}, hidden {c.target_hidden_size}, mask {c.mask_token_id} fit the target"
+        )
 
 
 def _check_tensors(rep, raw, c, sidecar) -> None:
@@ -221,10 +288,14 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
     has_embed = [k for k in EMBED_KEYS if k in header]
     if rep.format == "dflash":
         for k in has_embed:
-            rep.errors.append(f"{wpath}: tensor '{k}' must not be in a z-lab DFlash export (shared from the target)")
+            rep.errors.append(
+                f"{wpath}: tensor '{k}' must not be in a z-lab DFlash export (shared from the target)"
+            )
         for k in (k for k in header if k.startswith(("markov_head.", "confidence_head."))):
-            rep.errors.append(f"{wpath}: tensor '{k}' belongs to a Markov/confidence head, which the z-lab "
-                              "DFlash format cannot hold")
+            rep.errors.append(
+                f"{wpath}: tensor '{k}' belongs to a Markov/confidence head, which the z-lab "
+                "DFlash format cannot hold"
+            )
     omitted = not has_embed and not (sidecar or {}).get("embeddings_included", False)
     if omitted:
         expected = {k: v for k, v in expected.items() if k not in EMBED_KEYS}
@@ -233,21 +304,31 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
         if k not in header:
             rep.errors.append(f"{wpath}: missing tensor '{k}' (expected shape {list(shape)})")
         elif header[k][0] != shape:
-            rep.errors.append(f"{wpath}: tensor '{k}' has shape {list(header[k][0])}, expected {list(shape)} "
-                              f"(from {CONFIG_NAME})")
+            rep.errors.append(
+                f"{wpath}: tensor '{k}' has shape {list(header[k][0])}, expected {list(shape)} "
+                f"(from {CONFIG_NAME})"
+            )
     for k in sorted(set(header) - set(expected)):
-        if not (rep.format == "dflash" and (k in EMBED_KEYS or k.startswith(("markov_head.", "confidence_head.")))):
+        if not (
+            rep.format == "dflash" and (k in EMBED_KEYS or k.startswith(("markov_head.", "confidence_head.")))
+        ):
             rep.errors.append(f"{wpath}: unexpected tensor '{k}' (not part of a drafter with this config)")
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if declared is None:
         rep.warnings.append(f"{rep.path / CONFIG_NAME}: no torch_dtype/dtype declared")
-    wrong = sorted({f"{k}: {_ST_DTYPES.get(d, d)}" for k, (_, d) in header.items() if _ST_DTYPES.get(d, d) != declared})
+    wrong = sorted(
+        {f"{k}: {_ST_DTYPES.get(d, d)}" for k, (_, d) in header.items() if _ST_DTYPES.get(d, d) != declared}
+    )
     if declared is not None and wrong:
-        rep.errors.append(f"{wpath}: tensors not in the declared dtype {declared}: {wrong[:5]}"
-                          + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+        rep.errors.append(
+            f"{wpath}: tensors not in the declared dtype {declared}: {wrong[:5]}"
+            + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+        )
     if len(rep.errors) == before:
-        rep.passed.append(f"{len(header)} tensors, names/shapes/dtype ({declared}) match"
-                          + (" (embedding/lm_head omitted: shared from the target)" if omitted else ""))
+        rep.passed.append(
+            f"{len(header)} tensors, names/shapes/dtype ({declared}) match"
+            + (" (embedding/lm_head omitted: shared from the target)" if omitted else "")
+        )
 
 
 def _check_logits(rep, c, sidecar, reference: Optional[DSparkDrafter], tgt: Optional[TargetInfo]) -> None:
@@ -293,10 +374,17 @@ def _check_logits(rep, c, sidecar, reference: Optional[DSparkDrafter], tgt: Opti
         return
     tol = tolerance(dtype, scale)
     if diff > tol:
-        from_target = embed is not None and not any(k in tensor_header(rep.root / WEIGHTS_NAME) for k in EMBED_KEYS)
-        hint = " (embedding/lm_head came from the target: is it the model this drafter was trained on?)" \
-            if from_target else ""
-        rep.errors.append(f"logits differ from {what} on the fixed input: max |Δ|={diff:.3g} > {tol:.3g} "
-                          f"allowed for {dtype}{hint}")
+        from_target = embed is not None and not any(
+            k in tensor_header(rep.root / WEIGHTS_NAME) for k in EMBED_KEYS
+        )
+        hint = (
+            " (embedding/lm_head came from the target: is it the model this drafter was trained on?)"
+            if from_target
+            else ""
+        )
+        rep.errors.append(
+            f"logits differ from {what} on the fixed input: max |Δ|={diff:.3g} > {tol:.3g} "
+            f"allowed for {dtype}{hint}"
+        )
     else:
         rep.passed.append(f"logits reproduce {what} (max |Δ|={diff:.2g} ≤ {tol:.2g}, {dtype})")

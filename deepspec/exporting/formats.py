@@ -25,14 +25,42 @@ EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 # because engines default to the other convention and then serve at <1% acceptance, silently.
 SAMPLE_FROM_ANCHOR = True
 
-_ARCH = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-         "head_dim", "rms_norm_eps", "attention_bias")
+_ARCH = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "attention_bias",
+)
 # Keys that describe the target's identity or training bookkeeping, not the drafter's layers.
-_NOT_LAYER_KEYS = ("architectures", "_name_or_path", "auto_map", "id2label", "label2id", "layer_types",
-                   "transformers_version", "torch_dtype", "dtype", "rope_theta", "text_config",
-                   "num_target_layers", "target_layer_ids", "block_size", "mask_token_id", "num_anchors",
-                   "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
-                   "sts_temperatures", "sample_from_anchor", "dflash_config")
+_NOT_LAYER_KEYS = (
+    "architectures",
+    "_name_or_path",
+    "auto_map",
+    "id2label",
+    "label2id",
+    "layer_types",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "rope_theta",
+    "text_config",
+    "num_target_layers",
+    "target_layer_ids",
+    "block_size",
+    "mask_token_id",
+    "num_anchors",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+    "sts_temperatures",
+    "sample_from_anchor",
+    "dflash_config",
+)
 
 
 class FormatError(ValueError):
@@ -59,8 +87,14 @@ def verifier_architectures(c: DSparkConfig) -> List[str]:
     archs = c.target_config.get("architectures")
     if archs:
         return list(archs)
-    return [{"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "mistral": "MistralForCausalLM"}.get(c.model_type, "AutoModelForCausalLM")]
+    return [
+        {
+            "qwen3": "Qwen3ForCausalLM",
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "mistral": "MistralForCausalLM",
+        }.get(c.model_type, "AutoModelForCausalLM")
+    ]
 
 
 def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
@@ -71,8 +105,12 @@ def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
     rope = dict(base.get("rope_parameters") or {"rope_type": "default"})
     rope["rope_theta"] = c.rope_theta
     base.update({k: getattr(c, k) for k in _ARCH})
-    base.update(model_type=c.model_type, num_hidden_layers=c.num_hidden_layers, rope_parameters=rope,
-                tie_word_embeddings=False)
+    base.update(
+        model_type=c.model_type,
+        num_hidden_layers=c.num_hidden_layers,
+        rope_parameters=rope,
+        tie_word_embeddings=False,
+    )
     # Round-trip through transformers so the dict is complete (every field the family defines).
     full = CONFIG_MAPPING[c.model_type](**{k: v for k, v in base.items() if k != "model_type"}).to_dict()
     full.pop("architectures", None)
@@ -81,18 +119,26 @@ def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
 
 
 def _arch_from_layer(d: Dict[str, Any], where: str) -> Dict[str, Any]:
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads") if k not in d]
+    missing = [
+        k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads") if k not in d
+    ]
     if missing:
         raise ExportInputError(f"{where}: missing drafter architecture keys {missing}")
     heads, hidden = int(d["num_attention_heads"]), int(d["hidden_size"])
     model_type = d.get("model_type", "qwen3")
     return dict(
-        model_type=model_type, vocab_size=int(d["vocab_size"]), hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]), num_attention_heads=heads,
+        model_type=model_type,
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(d["intermediate_size"]),
+        num_attention_heads=heads,
         num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta_of(d), attention_bias=bool(d.get("attention_bias", False)),
-        use_qk_norm=model_type == "qwen3", num_hidden_layers=int(d.get("num_hidden_layers", 1)),
+        head_dim=int(d.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta_of(d),
+        attention_bias=bool(d.get("attention_bias", False)),
+        use_qk_norm=model_type == "qwen3",
+        num_hidden_layers=int(d.get("num_hidden_layers", 1)),
     )
 
 
@@ -108,8 +154,20 @@ def to_native(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
 
 
 def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
-    _require(cfg, ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id", "hidden_size",
-                   "vocab_size", "num_attention_heads", "intermediate_size"), where)
+    _require(
+        cfg,
+        (
+            "num_target_layers",
+            "target_layer_ids",
+            "block_size",
+            "mask_token_id",
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "intermediate_size",
+        ),
+        where,
+    )
     filled = {k: cfg.get(k) for k in _ARCH}
     filled["num_key_value_heads"] = filled["num_key_value_heads"] or cfg["num_attention_heads"]
     filled["head_dim"] = filled["head_dim"] or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
@@ -154,29 +212,48 @@ def to_speculators(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
 
 
 def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
-    _require(cfg, ("transformer_layer_config", "aux_hidden_state_layer_ids", "mask_token_id", "block_size"), where)
+    _require(
+        cfg, ("transformer_layer_config", "aux_hidden_state_layer_ids", "mask_token_id", "block_size"), where
+    )
     layer = cfg["transformer_layer_config"]
     arch = _arch_from_layer(layer, f"{where}: transformer_layer_config")
     target_hidden = int(cfg.get("target_hidden_size", arch["hidden_size"]))
     ids = [int(i) - 1 for i in cfg["aux_hidden_state_layer_ids"]]
     n_target = int(cfg.get("num_target_layers", max(ids) + 1))
     verifier = (cfg.get("speculators_config") or {}).get("verifier") or {}
-    target = {**layer, "num_hidden_layers": n_target, "hidden_size": target_hidden,
-              "_name_or_path": verifier.get("name_or_path", ""), "architectures": verifier.get("architectures")}
+    target = {
+        **layer,
+        "num_hidden_layers": n_target,
+        "hidden_size": target_hidden,
+        "_name_or_path": verifier.get("name_or_path", ""),
+        "architectures": verifier.get("architectures"),
+    }
     return DSparkConfig(
-        **arch, num_target_layers=n_target, target_hidden_size=target_hidden, target_layer_ids=ids,
-        block_size=int(cfg["block_size"]), mask_token_id=int(cfg["mask_token_id"]),
-        markov_rank=int(cfg.get("markov_rank", 0)), markov_head_type=cfg.get("markov_head_type", "vanilla"),
+        **arch,
+        num_target_layers=n_target,
+        target_hidden_size=target_hidden,
+        target_layer_ids=ids,
+        block_size=int(cfg["block_size"]),
+        mask_token_id=int(cfg["mask_token_id"]),
+        markov_rank=int(cfg.get("markov_rank", 0)),
+        markov_head_type=cfg.get("markov_head_type", "vanilla"),
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
-        sts_temperatures=cfg.get("sts_temperatures"), target_config=target,
+        sts_temperatures=cfg.get("sts_temperatures"),
+        target_config=target,
     )
 
 
 # --------------------------------------------------------------------------- z-lab DFlash
 def to_dflash(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
-    heads = [name for name, on in (("a Markov head (markov_rank=%d)" % c.markov_rank, c.markov_enabled),
-                                   ("a confidence head", c.enable_confidence_head)) if on]
+    heads = [
+        name
+        for name, on in (
+            (f"a Markov head (markov_rank={c.markov_rank})", c.markov_enabled),
+            ("a confidence head", c.enable_confidence_head),
+        )
+        if on
+    ]
     if heads:
         raise FormatError(
             f"the z-lab DFlash format cannot hold {' and '.join(heads)}: DFlashDraftModel is the plain parallel "
@@ -186,8 +263,11 @@ def to_dflash(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
     cfg = transformer_layer_config(c, dtype)
     cfg.update(
         architectures=["DFlashDraftModel"],
-        dflash_config={"mask_token_id": c.mask_token_id, "target_layer_ids": list(c.target_layer_ids),
-                       "block_size": c.block_size},
+        dflash_config={
+            "mask_token_id": c.mask_token_id,
+            "target_layer_ids": list(c.target_layer_ids),
+            "block_size": c.block_size,
+        },
         num_target_layers=c.num_target_layers,
         # Not read by the z-lab runtime (which drafts from the MASK slots); kept so that every export
         # says which slot holds draft 1 and the checker can flag the mismatch.
@@ -202,29 +282,44 @@ def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig
     dc = cfg["dflash_config"]
     _require(dc, ("mask_token_id", "target_layer_ids", "block_size"), f"{where}: dflash_config")
     arch = _arch_from_layer(cfg, where)
-    target = {k: v for k, v in cfg.items() if k not in ("dflash_config", "architectures", "sample_from_anchor")}
+    target = {
+        k: v for k, v in cfg.items() if k not in ("dflash_config", "architectures", "sample_from_anchor")
+    }
     target["num_hidden_layers"] = int(cfg["num_target_layers"])
     return DSparkConfig(
-        **arch, num_target_layers=int(cfg["num_target_layers"]), target_hidden_size=arch["hidden_size"],
-        target_layer_ids=[int(i) for i in dc["target_layer_ids"]], block_size=int(dc["block_size"]),
-        mask_token_id=int(dc["mask_token_id"]), markov_rank=0, enable_confidence_head=False,
+        **arch,
+        num_target_layers=int(cfg["num_target_layers"]),
+        target_hidden_size=arch["hidden_size"],
+        target_layer_ids=[int(i) for i in dc["target_layer_ids"]],
+        block_size=int(dc["block_size"]),
+        mask_token_id=int(dc["mask_token_id"]),
+        markov_rank=0,
+        enable_confidence_head=False,
         target_config=target,
     )
 
 
 # --------------------------------------------------------------------------- registry
 TO_CONFIG: Dict[str, Callable[[DSparkConfig, str], Dict[str, Any]]] = {
-    "native": to_native, "speculators": to_speculators, "dflash": to_dflash}
+    "native": to_native,
+    "speculators": to_speculators,
+    "dflash": to_dflash,
+}
 FROM_CONFIG: Dict[str, Callable[..., DSparkConfig]] = {
-    "native": from_native, "speculators": from_speculators, "dflash": from_dflash}
+    "native": from_native,
+    "speculators": from_speculators,
+    "dflash": from_dflash,
+}
 
 
 def format_config(c: DSparkConfig, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
     if fmt not in TO_CONFIG:
         raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
     if getattr(c, "architecture", "dspark") != "dspark":
-        raise FormatError(f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "
-                          f"{c.architecture} (a benchmark baseline, kept only in the run's native drafter/ folder)")
+        raise FormatError(
+            f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "
+            f"{c.architecture} (a benchmark baseline, kept only in the run's native drafter/ folder)"
+        )
     if not include_sts:
         c = dataclasses.replace(c, sts_temperatures=None)
     return TO_CONFIG[fmt](c, dtype)
@@ -256,7 +351,9 @@ def config_from_export(cfg: Dict[str, Any], where: str = "config.json") -> DSpar
 def default_include_embeddings(fmt: str, requested: Optional[bool]) -> bool:
     if fmt == "dflash":
         if requested:
-            raise FormatError("export.include_embeddings=true is not possible for the z-lab DFlash format: "
-                              "it never carries embedding or lm_head tensors (the runtime shares the target's)")
+            raise FormatError(
+                "export.include_embeddings=true is not possible for the z-lab DFlash format: "
+                "it never carries embedding or lm_head tensors (the runtime shares the target's)"
+            )
         return False
     return True if requested is None else bool(requested)

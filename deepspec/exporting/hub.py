@@ -33,8 +33,13 @@ class PushPlan:
 
     def render(self) -> str:
         total = sum(s for _, s in self.files)
-        lines = [f"repo_id: {self.repo_id}", f"private: {self.private}", f"revision: {self.revision or 'main'}",
-                 f"commit message: {self.commit_message}", f"files ({len(self.files)}, {_size(total)}):"]
+        lines = [
+            f"repo_id: {self.repo_id}",
+            f"private: {self.private}",
+            f"revision: {self.revision or 'main'}",
+            f"commit message: {self.commit_message}",
+            f"files ({len(self.files)}, {_size(total)}):",
+        ]
         lines += [f"  {name}  {_size(size)}" for name, size in self.files]
         return "\n".join(lines)
 
@@ -50,7 +55,9 @@ def _size(n: int) -> str:
 def validate_repo_id(repo_id: Optional[str]) -> str:
     """'user/name' with Hub-legal characters; a clear error otherwise."""
     if not repo_id or not isinstance(repo_id, str):
-        raise HubError("export.repo_id is not set; give it as 'user/name' (e.g. export.repo_id=alice/qwen3-8b-dspark)")
+        raise HubError(
+            "export.repo_id is not set; give it as 'user/name' (e.g. export.repo_id=alice/qwen3-8b-dspark)"
+        )
     parts = repo_id.split("/")
     if len(parts) != 2 or not all(parts):
         raise HubError(f"export.repo_id={repo_id!r} is not a valid repo id: expected exactly 'user/name'")
@@ -58,7 +65,8 @@ def validate_repo_id(repo_id: Optional[str]) -> str:
         if not _NAME.match(part) or "--" in part or ".." in part or len(part) > 96:
             raise HubError(
                 f"export.repo_id={repo_id!r} is not a valid repo id: {part!r} may only hold letters, digits, "
-                "'-', '_' and '.', must start and end with a letter or digit, no '--' or '..', at most 96 chars")
+                "'-', '_' and '.', must start and end with a letter or digit, no '--' or '..', at most 96 chars"
+            )
     return repo_id
 
 
@@ -71,25 +79,42 @@ def resolve_token() -> Optional[str]:
     return tok or None
 
 
-def plan_push(folder, repo_id: str, private: bool = False, revision: Optional[str] = None,
-              commit_message: str = "Upload DSpark drafter") -> PushPlan:
+def plan_push(
+    folder,
+    repo_id: str,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload DSpark drafter",
+) -> PushPlan:
     folder = Path(folder)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise HubError(f"{folder}: nothing to upload (not a folder, or empty)")
-    files = sorted((p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files = sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
     return PushPlan(folder, validate_repo_id(repo_id), bool(private), revision or None, commit_message, files)
 
 
-def push_folder(folder, repo_id: str, private: bool = False, revision: Optional[str] = None,
-                commit_message: str = "Upload DSpark drafter", dry_run: bool = False,
-                echo: Callable[[str], None] = print) -> PushPlan:
+def push_folder(
+    folder,
+    repo_id: str,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: str = "Upload DSpark drafter",
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> PushPlan:
     """Create the repo (and branch), upload the folder in one commit; ``dry_run`` only prints the plan."""
     plan = plan_push(folder, repo_id, private, revision, commit_message)
     if dry_run:
         found = resolve_token() is not None
-        echo("dry run: nothing is uploaded\n" + plan.render()
-             + f"\ntoken: {'found' if found else 'NOT found (a real push would fail: set HF_TOKEN or log in)'}")
+        echo(
+            "dry run: nothing is uploaded\n"
+            + plan.render()
+            + f"\ntoken: {'found' if found else 'NOT found (a real push would fail: set HF_TOKEN or log in)'}"
+        )
         return plan
     token = resolve_token()
     if token is None:
@@ -102,14 +127,21 @@ def push_folder(folder, repo_id: str, private: bool = False, revision: Optional[
         api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         if plan.revision and plan.revision != "main":
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(plan.folder), repo_id=plan.repo_id, repo_type="model",
-                          revision=plan.revision, commit_message=plan.commit_message,
-                          ignore_patterns=[".*", "**/.*"])
+        api.upload_folder(
+            folder_path=str(plan.folder),
+            repo_id=plan.repo_id,
+            repo_type="model",
+            revision=plan.revision,
+            commit_message=plan.commit_message,
+            ignore_patterns=[".*", "**/.*"],
+        )
     except Exception as e:  # noqa: BLE001 - re-raised with the token scrubbed and no chained context
         why = _scrub(f"{type(e).__name__}: {e}", token)
         raise HubError(f"push to {plan.repo_id} at {endpoint} failed: {why}") from None
-    echo(f"pushed {len(plan.files)} files to {endpoint.rstrip('/')}/{plan.repo_id}"
-         + (f" (revision {plan.revision})" if plan.revision else ""))
+    echo(
+        f"pushed {len(plan.files)} files to {endpoint.rstrip('/')}/{plan.repo_id}"
+        + (f" (revision {plan.revision})" if plan.revision else "")
+    )
     return plan
 
 

@@ -33,8 +33,10 @@ def read_json(path: Path) -> Dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ExportInputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                               "the file is truncated or was not written by deepspec") from None
+        raise ExportInputError(
+            f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+            "the file is truncated or was not written by deepspec"
+        ) from None
     if not isinstance(data, dict):
         raise ExportInputError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
@@ -69,7 +71,9 @@ def _require_file(path: Path) -> None:
 
 def _corrupt(path: Path, err: Exception) -> ExportInputError:
     size = path.stat().st_size if path.exists() else 0
-    return ExportInputError(f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupted: {err})")
+    return ExportInputError(
+        f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupted: {err})"
+    )
 
 
 def write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
@@ -95,7 +99,9 @@ def check_output_dir(out: Path, overwrite: bool, protected: Tuple[Path, ...] = (
     for p in protected:
         p = p.resolve()
         if out == p or out in p.parents:
-            raise ExportInputError(f"output folder {out} contains the input {p}; choose another export.output_dir")
+            raise ExportInputError(
+                f"output folder {out} contains the input {p}; choose another export.output_dir"
+            )
     if out.exists() and not out.is_dir():
         raise ExportInputError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -23,8 +23,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 # DSparkConfig fields that describe the drafter's architecture and are read back from config.json.
 _ARCH_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-    "head_dim", "rms_norm_eps", "attention_bias",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rms_norm_eps",
+    "attention_bias",
 )
 
 
@@ -59,13 +65,26 @@ def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
 
 
 def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
-    missing = [k for k in ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id") if k not in cfg]
+    missing = [
+        k for k in ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id") if k not in cfg
+    ]
     if missing:
         raise ValueError(f"config.json is not a native DSpark config: missing keys {missing}")
     target = dict(cfg)
-    for k in ("architectures", "num_target_layers", "block_size", "mask_token_id", "target_layer_ids", "num_anchors",
-              "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
-              "sts_temperatures", "drafter_architecture"):
+    for k in (
+        "architectures",
+        "num_target_layers",
+        "block_size",
+        "mask_token_id",
+        "target_layer_ids",
+        "num_anchors",
+        "markov_rank",
+        "markov_head_type",
+        "enable_confidence_head",
+        "confidence_head_with_markov",
+        "sts_temperatures",
+        "drafter_architecture",
+    ):
         target.pop(k, None)
     target["num_hidden_layers"] = cfg["num_target_layers"]
     return DSparkConfig(
@@ -109,11 +128,15 @@ def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str =
     os.close(fd)
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    atomic_write_text(out / "config.json", json.dumps(native_config(drafter.config, dtype), indent=2, sort_keys=True))
+    atomic_write_text(
+        out / "config.json", json.dumps(native_config(drafter.config, dtype), indent=2, sort_keys=True)
+    )
     return out
 
 
-def load_native(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DSparkDrafter:
+def load_native(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> DSparkDrafter:
     p = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (p / name).is_file():
@@ -123,7 +146,9 @@ def load_native(path: str | os.PathLike, device: str | torch.device = "cpu", dty
     state = load_file(str(p / "model.safetensors"))
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{p / 'model.safetensors'}: missing tensors {missing}, unexpected tensors {unexpected}")
+        raise ValueError(
+            f"{p / 'model.safetensors'}: missing tensors {missing}, unexpected tensors {unexpected}"
+        )
     for mod in (drafter.embed_tokens, drafter.lm_head):
         mod.weight.requires_grad_(False)
     return drafter.to(device=device, dtype=dtype).eval()

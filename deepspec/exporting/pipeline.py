@@ -39,8 +39,10 @@ def _preflight(e) -> None:
     if e.push_to_hub or e.dry_run:
         validate_repo_id(e.repo_id)
     if e.push_to_hub and not e.dry_run and resolve_token() is None:
-        raise HubError("export.push_to_hub=true but no Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                       "(checked before any export or upload work)")
+        raise HubError(
+            "export.push_to_hub=true but no Hugging Face token: set HF_TOKEN or run `hf auth login` "
+            "(checked before any export or upload work)"
+        )
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -70,22 +72,32 @@ def _base_model(e, drafter: DSparkDrafter, run_dir: Optional[Path], target_path:
     return str(drafter.config.target_config.get("_name_or_path") or target_path or "")
 
 
-def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Path] = None,
-               eval_result: Any = None, echo: Callable[[str], None] = print,
-               default_overwrite: bool = False) -> ExportResult:
+def run_export(
+    e,
+    drafter: Optional[DSparkDrafter] = None,
+    run_dir: Optional[Path] = None,
+    eval_result: Any = None,
+    echo: Callable[[str], None] = print,
+    default_overwrite: bool = False,
+) -> ExportResult:
     """Run one export as configured by ``e`` (an :class:`deepspec.config.ExportConfig`)."""
     _preflight(e)
     protected = ()
     if drafter is None:
         if not e.checkpoint:
-            raise ExportInputError("export.checkpoint is not set: give a drafter folder or a training output dir")
+            raise ExportInputError(
+                "export.checkpoint is not set: give a drafter folder or a training output dir"
+            )
         src, found_run = resolve_checkpoint(e.checkpoint)
         run_dir = run_dir or found_run
         protected = (src,) + ((found_run,) if found_run else ())
     else:
         src = None
-    out = Path(e.output_dir) if e.output_dir else (
-        Path(run_dir) / "export" / e.format if run_dir else Path(f"{src}-{e.format}"))
+    out = (
+        Path(e.output_dir)
+        if e.output_dir
+        else (Path(run_dir) / "export" / e.format if run_dir else Path(f"{src}-{e.format}"))
+    )
     overwrite = e.overwrite or (default_overwrite and not e.output_dir)
     check_output_dir(out, overwrite, protected)
     if drafter is None:
@@ -98,16 +110,30 @@ def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Pat
     if base_model and (is_hub_id(base_model) or not c.target_config.get("_name_or_path")):
         # Engines resolve the verifier by this name: prefer a hub id, else whatever we know.
         c = dataclasses.replace(c, target_config={**c.target_config, "_name_or_path": base_model})
-    format_config(c, e.format, e.dtype, e.include_sts)  # refuses e.g. a Markov head in dflash, before any write
+    format_config(
+        c, e.format, e.dtype, e.include_sts
+    )  # refuses e.g. a Markov head in dflash, before any write
     with_embed = default_include_embeddings(e.format, e.include_embeddings)
-    target = read_target(target_path, load_head=not with_embed) if target_path else TargetInfo(
-        dict(c.target_config), where="the drafter's recorded target config")
+    target = (
+        read_target(target_path, load_head=not with_embed)
+        if target_path
+        else TargetInfo(dict(c.target_config), where="the drafter's recorded target config")
+    )
 
     extra = {}
     if e.card:
-        readme, plots = build_card(c, e.format, base_model=base_model, repo_id=e.repo_id, license=e.license,
-                                   library_name=e.library_name, dtype=e.dtype, embeddings_included=with_embed,
-                                   run_dir=run_dir, eval_result=eval_result)
+        readme, plots = build_card(
+            c,
+            e.format,
+            base_model=base_model,
+            repo_id=e.repo_id,
+            license=e.license,
+            library_name=e.library_name,
+            dtype=e.dtype,
+            embeddings_included=with_embed,
+            run_dir=run_dir,
+            eval_result=eval_result,
+        )
         extra = {"README.md": readme, **plots}
 
     result = ExportResult(out, e.format)
@@ -117,8 +143,20 @@ def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Pat
         result.report.raise_if_failed()
 
     source = (run_dir or Path(src or "")).name  # a name, not a local path: the record may go public
-    export_drafter(drafter, out, e.format, e.dtype, e.include_embeddings, e.include_sts, overwrite, extra,
-                   protected, source=source, verify=verify if e.check else None, config=c)
+    export_drafter(
+        drafter,
+        out,
+        e.format,
+        e.dtype,
+        e.include_embeddings,
+        e.include_sts,
+        overwrite,
+        extra,
+        protected,
+        source=source,
+        verify=verify if e.check else None,
+        config=c,
+    )
     echo(f"exported {e.format} ({e.dtype}) to {out}")
     if result.report is not None:
         echo(result.report.render())
@@ -127,8 +165,9 @@ def run_export(e, drafter: Optional[DSparkDrafter] = None, run_dir: Optional[Pat
     return result
 
 
-def export_after_training(cfg, drafter: DSparkDrafter, out_dir, eval_result: Any = None,
-                          echo: Callable[[str], None] = print) -> Optional[ExportResult]:
+def export_after_training(
+    cfg, drafter: DSparkDrafter, out_dir, eval_result: Any = None, echo: Callable[[str], None] = print
+) -> Optional[ExportResult]:
     """Called by the trainer (main process only) after the native save and the evaluation.
 
     Exports ``cfg.export.format`` into ``<out_dir>/export/<format>`` (replacing an earlier export of the
@@ -140,8 +179,11 @@ def export_after_training(cfg, drafter: DSparkDrafter, out_dir, eval_result: Any
     if not e.after_training:
         return None
     if getattr(drafter.config, "architecture", "dspark") != "dspark":
-        echo(f"export: skipped, the export formats carry DSpark/DFlash drafters, not "
-             f"{drafter.config.architecture} (its native folder is in {Path(out_dir) / 'drafter'})")
+        echo(
+            f"export: skipped, the export formats carry DSpark/DFlash drafters, not "
+            f"{drafter.config.architecture} (its native folder is in {Path(out_dir) / 'drafter'})"
+        )
         return None
-    return run_export(e, drafter=drafter, run_dir=Path(out_dir), eval_result=eval_result, echo=echo,
-                      default_overwrite=True)
+    return run_export(
+        e, drafter=drafter, run_dir=Path(out_dir), eval_result=eval_result, echo=echo, default_overwrite=True
+    )

@@ -54,8 +54,10 @@ def read_target(path: Union[str, Path], load_head: bool = True) -> TargetInfo:
     """Target config (and, if its weights are local, its embedding and lm_head) from an HF folder."""
     p = Path(path)
     if not p.is_dir():
-        raise ExportInputError(f"--target {p}: not a local folder (the checker reads the target's config.json"
-                               " and, if present, its safetensors weights; it never downloads)")
+        raise ExportInputError(
+            f"--target {p}: not a local folder (the checker reads the target's config.json"
+            " and, if present, its safetensors weights; it never downloads)"
+        )
     cfg = _text_config(read_json(p / "config.json"))
     info = TargetInfo(cfg, where=str(p / "config.json"))
     if not load_head:

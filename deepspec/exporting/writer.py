@@ -14,11 +14,22 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from deepspec.exporting.formats import (
-    EMBED_KEYS, FORMATS, config_from_export, default_include_embeddings, format_config,
+    EMBED_KEYS,
+    FORMATS,
+    config_from_export,
+    default_include_embeddings,
+    format_config,
 )
 from deepspec.exporting.io import (
-    CONFIG_NAME, WEIGHTS_NAME, ExportInputError, check_output_dir, read_json, read_tensors, staged_folder,
-    write_json, write_tensors,
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ExportInputError,
+    check_output_dir,
+    read_json,
+    read_tensors,
+    staged_folder,
+    write_json,
+    write_tensors,
 )
 from deepspec.exporting.native import DTYPES
 from deepspec.models.config import DSparkConfig
@@ -59,7 +70,11 @@ def drafter_outputs(drafter: DSparkDrafter) -> Tuple[torch.Tensor, Optional[torc
 
 
 def probe_ids(vocab_size: int, n: int = 32) -> torch.Tensor:
-    return torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1))[: min(n, vocab_size)].sort().values
+    return (
+        torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1))[: min(n, vocab_size)]
+        .sort()
+        .values
+    )
 
 
 def make_probe(logits: torch.Tensor, conf: Optional[torch.Tensor]) -> Dict:
@@ -109,15 +124,24 @@ def export_drafter(
     out = Path(out_dir)
     check_output_dir(out, overwrite, protected)
 
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in drafter.state_dict().items()
-               if with_embed or k not in EMBED_KEYS}
+    tensors = {
+        k: v.detach().to("cpu", DTYPES[dtype])
+        for k, v in drafter.state_dict().items()
+        if with_embed or k not in EMBED_KEYS
+    }
     logits, conf = drafter_outputs(drafter)
     sidecar = {
-        "format": fmt, "dtype": dtype, "embeddings_included": with_embed,
+        "format": fmt,
+        "dtype": dtype,
+        "embeddings_included": with_embed,
         "sts_included": bool(include_sts and c.sts_temperatures is not None),
-        "target_layer_ids": list(c.target_layer_ids), "num_target_layers": c.num_target_layers,
-        "block_size": c.block_size, "mask_token_id": c.mask_token_id, "vocab_size": c.vocab_size,
-        "source": source, "probe": make_probe(logits, conf),
+        "target_layer_ids": list(c.target_layer_ids),
+        "num_target_layers": c.num_target_layers,
+        "block_size": c.block_size,
+        "mask_token_id": c.mask_token_id,
+        "vocab_size": c.vocab_size,
+        "source": source,
+        "probe": make_probe(logits, conf),
     }
     with staged_folder(out) as stage:
         write_tensors(tensors, stage / WEIGHTS_NAME)
@@ -164,8 +188,14 @@ def load_export(
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
-        raise ExportInputError(f"{p / WEIGHTS_NAME}: missing tensors {missing}, unexpected tensors {unexpected}")
-    bad = [f"{k}: {tuple(v.shape)} != expected {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
+        raise ExportInputError(
+            f"{p / WEIGHTS_NAME}: missing tensors {missing}, unexpected tensors {unexpected}"
+        )
+    bad = [
+        f"{k}: {tuple(v.shape)} != expected {shapes[k]}"
+        for k, v in state.items()
+        if tuple(v.shape) != shapes[k]
+    ]
     if bad:
         raise ExportInputError(f"{p / WEIGHTS_NAME}: wrong tensor shapes: {'; '.join(bad)}")
     drafter = DSparkDrafter(c)
@@ -187,7 +217,9 @@ def resolve_checkpoint(path: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
     if (p / "drafter").is_dir():
         return p / "drafter", p
     if any((p / n).exists() for n in ("config.yaml", "metrics.jsonl", "run_info.json")):
-        raise ExportInputError(f"{p / 'drafter'} not found: the training run in {p} has not finished (no drafter/ yet)")
+        raise ExportInputError(
+            f"{p / 'drafter'} not found: the training run in {p} has not finished (no drafter/ yet)"
+        )
     raise ExportInputError(
         f"export.checkpoint={p} is neither a drafter folder (config.json + model.safetensors) "
         "nor a training output dir (with drafter/)"

@@ -50,8 +50,9 @@ class AttnMask:
 
     def block_mask(self):
         if self._block is None:
-            self._block = create_block_mask(self.mask_mod, self.batch, None, self.q_len, self.kv_len,
-                                            device=self.device)
+            self._block = create_block_mask(
+                self.mask_mod, self.batch, None, self.q_len, self.kv_len, device=self.device
+            )
         return self._block
 
 
@@ -59,8 +60,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "flex" if HAS_FLEX and device.type == "cuda" else "sdpa"
     if impl == "flex" and not HAS_FLEX:
-        raise RuntimeError("model.attn_impl=flex but this torch build has no torch.nn.attention.flex_attention; "
-                           "use attn_impl=sdpa or auto")
+        raise RuntimeError(
+            "model.attn_impl=flex but this torch build has no torch.nn.attention.flex_attention; "
+            "use attn_impl=sdpa or auto"
+        )
     if impl not in ("sdpa", "flex"):
         raise ValueError(f"attn_impl={impl!r}: expected auto, sdpa or flex")
     return impl

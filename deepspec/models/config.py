@@ -69,7 +69,7 @@ class DSparkConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "DSparkConfig":
+    def from_dict(cls, d: Dict[str, Any]) -> DSparkConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -111,15 +111,21 @@ def check_layer_ids(ids: List[int], num_layers: int) -> None:
 
 def validate(c: DSparkConfig) -> None:
     if c.architecture not in ARCHITECTURES:
-        raise ValueError(f"drafter architecture {c.architecture!r} is unknown; expected one of {ARCHITECTURES}")
+        raise ValueError(
+            f"drafter architecture {c.architecture!r} is unknown; expected one of {ARCHITECTURES}"
+        )
     if c.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl={c.attn_impl!r} is unknown; expected one of {ATTN_IMPLS}")
     if c.architecture == "eagle3":
         if c.num_hidden_layers != 1:
-            raise ValueError(f"model.num_layers={c.num_hidden_layers}: the EAGLE-3 drafter has exactly one layer")
+            raise ValueError(
+                f"model.num_layers={c.num_hidden_layers}: the EAGLE-3 drafter has exactly one layer"
+            )
         if c.markov_rank or c.enable_confidence_head:
-            raise ValueError("the EAGLE-3 drafter has no Markov or confidence head (markov_rank=0, "
-                             "enable_confidence_head=false)")
+            raise ValueError(
+                "the EAGLE-3 drafter has no Markov or confidence head (markov_rank=0, "
+                "enable_confidence_head=false)"
+            )
     if c.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"

@@ -57,11 +57,19 @@ def block_attn_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> Att
 
     def mask_mod(bi, _h, q, kv):
         ctx = (kv < ctx_len) & (kv < q_anchor[bi, q])
-        own = (kv >= ctx_len) & (torch.div(kv - ctx_len, block_size, rounding_mode="floor") == q // block_size)
+        own = (kv >= ctx_len) & (
+            torch.div(kv - ctx_len, block_size, rounding_mode="floor") == q // block_size
+        )
         return ctx | own
 
-    return AttnMask(b, a * block_size, ctx_len + a * block_size,
-                    lambda: visibility_mask(anchors, ctx_len, block_size), mask_mod, anchors.device)
+    return AttnMask(
+        b,
+        a * block_size,
+        ctx_len + a * block_size,
+        lambda: visibility_mask(anchors, ctx_len, block_size),
+        mask_mod,
+        anchors.device,
+    )
 
 
 class DSparkDrafter(nn.Module):
@@ -96,7 +104,10 @@ class DSparkDrafter(nn.Module):
 
     def load_target_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
         """Copy the target's embedding and lm_head in and freeze them."""
-        for mod, w, name in ((self.embed_tokens, embed_weight, "embedding"), (self.lm_head, lm_head_weight, "lm_head")):
+        for mod, w, name in (
+            (self.embed_tokens, embed_weight, "embedding"),
+            (self.lm_head, lm_head_weight, "lm_head"),
+        ):
             if tuple(w.shape) != tuple(mod.weight.shape):
                 raise ValueError(
                     f"target {name} has shape {tuple(w.shape)}; drafter expects {tuple(mod.weight.shape)}"
@@ -129,8 +140,12 @@ class DSparkDrafter(nn.Module):
 
     def block_tokens(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
         """[..., ] anchor ids -> [..., γ] = anchor followed by γ-1 MASKs."""
-        masks = torch.full((*anchor_tokens.shape, self.config.block_size - 1), self.config.mask_token_id,
-                           dtype=anchor_tokens.dtype, device=anchor_tokens.device)
+        masks = torch.full(
+            (*anchor_tokens.shape, self.config.block_size - 1),
+            self.config.mask_token_id,
+            dtype=anchor_tokens.dtype,
+            device=anchor_tokens.device,
+        )
         return torch.cat([anchor_tokens.unsqueeze(-1), masks], dim=-1)
 
     # ------------------------------------------------------------------ training

@@ -117,7 +117,6 @@ class Eagle3Drafter(nn.Module):
         c = self.config
         layer = self.layers[0]
         b, length, _ = target_feats.shape
-        a = anchors.shape[1]
         dev = target_feats.device
         f = self.fc(target_feats.to(self.fc.weight.dtype))  # a bf16 target may feed an fp32 drafter
         f = torch.cat([f.new_zeros(b, 1, f.shape[-1]), f], dim=1)  # f[:, i] = fc(feature at i-1), f[:, 0] = 0
@@ -135,7 +134,9 @@ class Eagle3Drafter(nn.Module):
             k_j, v_j = layer.self_attn.project_kv(x2, cos, sin)
             keys.append(k_j)
             values.append(v_j)
-            u = layer(x2, u, cos, sin, torch.cat(keys, 2), torch.cat(values, 2), ttt_mask(anchors, length, j + 1))
+            u = layer(
+                x2, u, cos, sin, torch.cat(keys, 2), torch.cat(values, 2), ttt_mask(anchors, length, j + 1)
+            )
             hs.append(self.norm(u))
             if j + 1 < c.block_size:
                 tok = next_token(j, hs[-1])
@@ -151,7 +152,9 @@ class Eagle3Drafter(nn.Module):
     ) -> BlockOutput:
         """Training-time test over many blocks, teacher-forced on the tokens: slot k reads the true
         x_{k-1} (``prev_tokens`` [B, A, γ], x_0 = anchor) and the drafter's own hidden of slot k-1."""
-        h = self._unroll(target_feats, input_ids, anchors, prev_tokens[:, :, 0], lambda j, _h: prev_tokens[:, :, j + 1])
+        h = self._unroll(
+            target_feats, input_ids, anchors, prev_tokens[:, :, 0], lambda j, _h: prev_tokens[:, :, j + 1]
+        )
         return BlockOutput(logits=self.lm_head(h), confidence_logits=None, hidden=h)
 
     # ------------------------------------------------------------------ inference
@@ -169,12 +172,16 @@ class Eagle3Drafter(nn.Module):
         token. ``context_ids`` [1, n] (or [n]) are the committed tokens at 0..n-1 (required: EAGLE-3
         embeds them); ``forced_tokens`` [γ] replaces sampling (to check against teacher forcing)."""
         if context_ids is None:
-            raise ValueError("the EAGLE-3 drafter needs context_ids (the committed token ids before the anchor)")
+            raise ValueError(
+                "the EAGLE-3 drafter needs context_ids (the committed token ids before the anchor)"
+            )
         dev = target_feats.device
         ctx_ids = torch.as_tensor(context_ids, device=dev).reshape(1, -1)
         n = target_feats.shape[1]
         if ctx_ids.shape[1] != n:
-            raise ValueError(f"context_ids has {ctx_ids.shape[1]} tokens but target_feats covers {n} positions")
+            raise ValueError(
+                f"context_ids has {ctx_ids.shape[1]} tokens but target_feats covers {n} positions"
+            )
         tokens, probs = [], []
 
         def pick(k: int, h: torch.Tensor) -> torch.Tensor:
@@ -189,7 +196,14 @@ class Eagle3Drafter(nn.Module):
             probs.append(q)
             return x.view(1, 1)
 
-        h = self._unroll(target_feats, ctx_ids, torch.tensor([[n]], device=dev),
-                         torch.tensor([[anchor_token]], device=dev), pick)
+        h = self._unroll(
+            target_feats,
+            ctx_ids,
+            torch.tensor([[n]], device=dev),
+            torch.tensor([[anchor_token]], device=dev),
+            pick,
+        )
         pick(self.config.block_size - 1, h[:, :, -1])
-        return Draft(tokens=torch.cat(tokens), probs=torch.stack(probs), confidence=None, confidence_logits=None)
+        return Draft(
+            tokens=torch.cat(tokens), probs=torch.stack(probs), confidence=None, confidence_logits=None
+        )

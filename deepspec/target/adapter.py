@@ -64,9 +64,13 @@ class TargetModel:
 
     @classmethod
     def from_pretrained(
-        cls, path: str, layer_ids: Sequence[int], dtype: str = "float32", device: str | torch.device = "cpu",
+        cls,
+        path: str,
+        layer_ids: Sequence[int],
+        dtype: str = "float32",
+        device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
-    ) -> "TargetModel":
+    ) -> TargetModel:
         from transformers import AutoModelForCausalLM
 
         if dtype not in DTYPES:
@@ -138,7 +142,9 @@ class TargetModel:
             aux=aux,
             final=final,
             logits=out.logits if with_logits else None,
-            past_key_values=(getattr(out, "cache", None) or getattr(out, "past_key_values", None)) if use_cache else None,
+            past_key_values=(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+            if use_cache
+            else None,
         )
 
     __call__ = forward

@@ -259,7 +259,9 @@ def _sample(model, tokenizer, pair: Dict, max_new_tokens: int = 48) -> Dict:
 
     prompt = prompt_ids(tokenizer, _scrub_pair(pair))
     ids = torch.tensor([prompt])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )
     return {"prompt": tokenizer.decode(prompt), "greedy": tokenizer.decode(out[0, len(prompt) :])}
 
 

@@ -102,8 +102,10 @@ def find_checkpoint(resume: str, ckpt_dir: Path) -> Optional[Path]:
         found = list_checkpoints(candidate)
         if found:
             return found[-1].path
-    raise FileNotFoundError(f"train.resume={resume!r}: no checkpoint there (expected a folder with {STATE_FILE}, "
-                            "a checkpoints folder, or a run folder with checkpoints/)")
+    raise FileNotFoundError(
+        f"train.resume={resume!r}: no checkpoint there (expected a folder with {STATE_FILE}, "
+        "a checkpoints folder, or a run folder with checkpoints/)"
+    )
 
 
 # ----------------------------------------------------------------------------- small file helpers
@@ -120,7 +122,9 @@ def _write_json(path: Path, obj) -> None:
     _fsync(path)
 
 
-def _save_tensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
+def _save_tensors(
+    path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
+) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     _fsync(path)
 
@@ -139,7 +143,7 @@ class LazyTensors:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def __enter__(self) -> "LazyTensors":
+    def __enter__(self) -> LazyTensors:
         self._ctx = safe_open(str(self.path), "pt")
         self._f = self._ctx.__enter__()
         self._keys = list(self._f.keys())
@@ -217,7 +221,9 @@ class Checkpointer:
         return self.c.every > 0 and step % self.c.every == 0
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, scheduler, metrics: Optional[dict] = None, skipped_steps: int = 0) -> Path:
+    def save(
+        self, step: int, model, optimizer, scheduler, metrics: Optional[dict] = None, skipped_steps: int = 0
+    ) -> Path:
         acc, cfg = self.acc, self.cfg
         t0 = time.time()
         heldout = self.last_heldout = self.scorer(model) if self.scorer is not None else None  # collective
@@ -231,12 +237,17 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
             _save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT})
             maybe_kill("kill_in_checkpoint", step)
-            _save_tensors(tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)})
+            _save_tensors(
+                tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)}
+            )
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
             for rank, state in enumerate(rng):
                 tensors, meta = rng_tensors(state)
                 _save_tensors(tmp / "rng" / f"rank-{rank:05d}.safetensors", tensors, meta)
-            _write_json(tmp / "drafter_config.json", self.run.drafter_config.to_dict() | {"target_config": "<omitted>"})
+            _write_json(
+                tmp / "drafter_config.json",
+                self.run.drafter_config.to_dict() | {"target_config": "<omitted>"},
+            )
             (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             g = cfg.train.global_batch_size
             n = len(self.run.train_examples)
@@ -247,8 +258,14 @@ class Checkpointer:
                 "total_steps": self.total_steps,
                 "adam_step": adam_step,
                 "skipped_steps": skipped_steps,
-                "data": {"global_step": step, "samples_consumed": step * g, "epoch": (step * g) // max(n, 1),
-                         "global_batch_size": g, "num_train_sequences": n, "seed": cfg.train.seed},
+                "data": {
+                    "global_step": step,
+                    "samples_consumed": step * g,
+                    "epoch": (step * g) // max(n, 1),
+                    "global_batch_size": g,
+                    "num_train_sequences": n,
+                    "seed": cfg.train.seed,
+                },
                 "world_size": acc.num_processes,
                 "engine": dist_utils.engine_kind(acc),
                 "zero_stage": dist_utils.zero_stage(acc),
@@ -257,7 +274,11 @@ class Checkpointer:
                 "target": self.run.target_path,
                 "heldout": heldout,
                 "metrics": metrics or {},
-                "files": {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
+                "files": {
+                    p.relative_to(tmp).as_posix(): p.stat().st_size
+                    for p in sorted(tmp.rglob("*"))
+                    if p.is_file()
+                },
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             _write_json(tmp / STATE_FILE, state)  # written last
@@ -268,8 +289,12 @@ class Checkpointer:
             os.replace(tmp, final)
             _fsync(self.dir)
             prune_checkpoints(self.dir, self.c.keep_last, self.c.keep_best)
-            log.info("checkpoint %s written in %.1fs%s", final, time.time() - t0,
-                     f" (held-out τ estimate {heldout['tau_est']:.3f})" if heldout else "")
+            log.info(
+                "checkpoint %s written in %.1fs%s",
+                final,
+                time.time() - t0,
+                f" (held-out τ estimate {heldout['tau_est']:.3f})" if heldout else "",
+            )
         acc.wait_for_everyone()
         self.last_good = final
         if acc.is_main_process:
@@ -285,9 +310,11 @@ class Checkpointer:
         newer = [c for c in existing if path is None or (c.path != path and c.step >= _step_of(path))]
         if newer and cfg.train.resume != "auto":
             # Retention orders checkpoints by step: mixing in another run's would resume the wrong one later.
-            raise ValueError(f"train.resume={cfg.train.resume} but {self.dir} already holds checkpoints up to "
-                             f"{newer[-1].path.name} from an earlier run; use another train.output_dir / "
-                             "train.checkpoint.dir, delete them, or train.resume=auto to continue that run")
+            raise ValueError(
+                f"train.resume={cfg.train.resume} but {self.dir} already holds checkpoints up to "
+                f"{newer[-1].path.name} from an earlier run; use another train.output_dir / "
+                "train.checkpoint.dir, delete them, or train.resume=auto to continue that run"
+            )
         if path is None:
             if cfg.train.resume not in ("auto", "none"):
                 raise FileNotFoundError(f"train.resume={cfg.train.resume!r}: nothing to resume from")
@@ -317,9 +344,16 @@ class Checkpointer:
         if acc.is_main_process:
             log.info(
                 "resuming from %s: step %d/%d, %d samples consumed (epoch %d); written by %d process(es) with %s%s",
-                path, step, self.total_steps, state["data"]["samples_consumed"], state["data"]["epoch"],
-                state["world_size"], state["engine"],
-                "" if same_world else f"; now {acc.num_processes} process(es): data order, weights, AdamW state and "
+                path,
+                step,
+                self.total_steps,
+                state["data"]["samples_consumed"],
+                state["data"]["epoch"],
+                state["world_size"],
+                state["engine"],
+                ""
+                if same_world
+                else f"; now {acc.num_processes} process(es): data order, weights, AdamW state and "
                 "lr are restored exactly, gradient sums are reduced in a different order (float rounding differs) "
                 "and per-rank RNG streams are re-seeded",
             )
@@ -332,22 +366,41 @@ class Checkpointer:
             raise ValueError(f"{path}: not a deepspec training checkpoint of version <= {VERSION}")
         saved = json.loads((path / "drafter_config.json").read_text())
         now = drafter_fingerprint(self.run.drafter_config)
-        diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-                if k not in _DRAFTER_FREE and saved.get(k) != now.get(k)}
+        diff = {
+            k: (saved.get(k), now.get(k))
+            for k in sorted(set(saved) | set(now))
+            if k not in _DRAFTER_FREE and saved.get(k) != now.get(k)
+        }
         if diff:
-            shown = "; ".join(f"{k}: checkpoint {a!r} vs this run {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-            raise ValueError(f"cannot resume from {path}: it was trained with a different drafter config ({shown}). "
-                             "Use the same model.* settings and target, or train.resume=none to start over")
+            shown = "; ".join(
+                f"{k}: checkpoint {a!r} vs this run {b!r}" for k, a, b in ((k, *v) for k, v in diff.items())
+            )
+            raise ValueError(
+                f"cannot resume from {path}: it was trained with a different drafter config ({shown}). "
+                "Use the same model.* settings and target, or train.resume=none to start over"
+            )
         data = state["data"]
         if data["global_batch_size"] != cfg.train.global_batch_size or data["seed"] != cfg.train.seed:
             raise ValueError(
                 f"cannot resume from {path}: its data order was made with train.global_batch_size="
                 f"{data['global_batch_size']}, train.seed={data['seed']}; this run has {cfg.train.global_batch_size}, "
-                f"{cfg.train.seed}. Keep them (the micro batch and the world size may change)")
+                f"{cfg.train.seed}. Keep them (the micro batch and the world size may change)"
+            )
         n = len(self.run.train_examples)
         if data["num_train_sequences"] != n:
-            log.warning("checkpoint %s was trained on %d sequences, this run has %d: the data order after resuming "
-                        "is not the one the interrupted run would have seen", path, data["num_train_sequences"], n)
+            log.warning(
+                "checkpoint %s was trained on %d sequences, this run has %d: the data order after resuming "
+                "is not the one the interrupted run would have seen",
+                path,
+                data["num_train_sequences"],
+                n,
+            )
         if state["total_steps"] != self.total_steps:
-            log.warning("checkpoint %s planned %d steps, this run plans %d: the lr schedule is recomputed for the new "
-                        "length from step %d on", path, state["total_steps"], self.total_steps, state["step"])
+            log.warning(
+                "checkpoint %s planned %d steps, this run plans %d: the lr schedule is recomputed for the new "
+                "length from step %d on",
+                path,
+                state["total_steps"],
+                self.total_steps,
+                state["step"],
+            )

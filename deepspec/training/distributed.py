@@ -62,8 +62,10 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
         path = str(REPO_ROOT / "configs" / "deepspeed" / f"zero{stage}.json")
         if os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("none", ""):
-            log.warning("inline accelerate DeepSpeed options other than zero_stage are ignored; put offloading "
-                        "into a DeepSpeed json (train.deepspeed_config or deepspeed_config_file)")
+            log.warning(
+                "inline accelerate DeepSpeed options other than zero_stage are ignored; put offloading "
+                "into a DeepSpeed json (train.deepspeed_config or deepspeed_config_file)"
+            )
     p = Path(path)
     if not p.is_file() and not p.is_absolute() and (REPO_ROOT / p).is_file():
         p = REPO_ROOT / p  # the shipped configs, launched from another working directory
@@ -85,7 +87,7 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
             raise ValueError(
                 f"{path}: {key}={have} disagrees with the training config ({value}, from train.global_batch_size="
                 f"{t.global_batch_size}, train.micro_batch_size={t.micro_batch_size}, world size {world_size}, "
-                f"train.grad_clip={t.grad_clip}); set it to \"auto\""
+                f'train.grad_clip={t.grad_clip}); set it to "auto"'
             )
     bf16 = t.mixed_precision == "bf16"
     ds.setdefault("bf16", {})
@@ -95,8 +97,10 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
         raise ValueError(f"{path}: fp16 is not supported; use train.mixed_precision=bf16")
     ds["zero_allow_untested_optimizer"] = True  # our AdamW is torch's own
     if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3 and t.on_nonfinite == "skip":
-        raise ValueError("train.on_nonfinite=skip needs DeepSpeed's overflow check, which ZeRO-3 runs only in fp16; "
-                         f"use train.on_nonfinite=stop with {path}")
+        raise ValueError(
+            "train.on_nonfinite=skip needs DeepSpeed's overflow check, which ZeRO-3 runs only in fp16; "
+            f"use train.on_nonfinite=stop with {path}"
+        )
     return ds
 
 
@@ -118,7 +122,9 @@ def make_accelerator(cfg, strategy: str, accum: int) -> Accelerator:
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
     elif strategy == "fsdp":
         if not cuda:
-            raise ValueError("train.strategy=fsdp needs CUDA (accelerate runs FSDP on GPUs only); on CPU use ddp or deepspeed")
+            raise ValueError(
+                "train.strategy=fsdp needs CUDA (accelerate runs FSDP on GPUs only); on CPU use ddp or deepspeed"
+            )
         if not _env_flag("ACCELERATE_USE_FSDP"):
             from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -141,7 +147,11 @@ def make_accelerator(cfg, strategy: str, accum: int) -> Accelerator:
     )
     if acc.num_processes != world:
         raise RuntimeError(f"accelerate sees {acc.num_processes} processes but the launcher started {world}")
-    if strategy == "ddp" and world > 1 and acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if (
+        strategy == "ddp"
+        and world > 1
+        and acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    ):
         raise ValueError(f"train.strategy=ddp but the launcher configured {acc.distributed_type}")
     return acc
 

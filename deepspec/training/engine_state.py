@@ -35,14 +35,25 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _ds_utils():
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
 
-    return safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param, safe_set_full_optimizer_state
+    return (
+        safe_get_full_fp32_param,
+        safe_get_full_optimizer_state,
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+    )
 
 
 def _ds_managed(acc: Accelerator, p) -> bool:
-    return acc.distributed_type == DistributedType.DEEPSPEED and (hasattr(p, "ds_id") or hasattr(p, "_hp_mapping"))
+    return acc.distributed_type == DistributedType.DEEPSPEED and (
+        hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+    )
 
 
 def full_weights(acc: Accelerator, model) -> Dict[str, torch.Tensor]:
@@ -147,7 +158,7 @@ def _ds_set(acc: Accelerator, p, full: torch.Tensor, key, public_setter) -> None
     z3 = p._z3_optimizer
     part, group = z3._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
     n, rank = part.numel(), z3._get_param_partition_rank(p)
-    chunk = full.flatten()[rank * n:(rank + 1) * n]
+    chunk = full.flatten()[rank * n : (rank + 1) * n]
     part.data[: chunk.numel()].copy_(chunk.to(part.device, part.dtype))
     if z3._swappable_optimizer_subgroup(group):
         z3._optimizer_states_and_gradient_swap_out(group)
@@ -171,7 +182,9 @@ def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return full.to(p.device, p.dtype).clone()
 
 
-def load_full_optimizer_state(acc: Accelerator, model, optimizer, tensors: Dict[str, torch.Tensor], step: int) -> None:
+def load_full_optimizer_state(
+    acc: Accelerator, model, optimizer, tensors: Dict[str, torch.Tensor], step: int
+) -> None:
     """Install AdamW moments (full, by name) and the step count into whichever optimizer the engine runs."""
     named = named_trainable(acc, model)
     expected = {f"{k}.{n}" for n, _ in named for k in ADAM_KEYS}
@@ -184,8 +197,11 @@ def load_full_optimizer_state(acc: Accelerator, model, optimizer, tensors: Dict[
         # partitions so the per-parameter fragments can be linked and filled.
         # ZeRO-3 swaps each sub-group's partition into the optimizer's param group only while stepping,
         # so its partitions are listed from the ZeRO optimizer itself.
-        flats = (getattr(zopt, "fp32_partitioned_groups_flat", None) or getattr(zopt, "single_partition_of_fp32_groups", None)
-                 or [f for group in inner.param_groups for f in group["params"]])
+        flats = (
+            getattr(zopt, "fp32_partitioned_groups_flat", None)
+            or getattr(zopt, "single_partition_of_fp32_groups", None)
+            or [f for group in inner.param_groups for f in group["params"]]
+        )
         for flat in flats:
             st = inner.state[flat]
             st["step"] = torch.tensor(float(step), dtype=torch.float32)
@@ -232,6 +248,8 @@ def final_drafter(acc: Accelerator, run, model):
     missing, unexpected = drafter.load_state_dict(weights, strict=False)
     frozen = {n for n, p in drafter.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:
-        raise RuntimeError(f"gathered weights do not fit the drafter: missing {sorted(set(missing) - frozen)}, "
-                           f"unexpected {sorted(unexpected)}")
+        raise RuntimeError(
+            f"gathered weights do not fit the drafter: missing {sorted(set(missing) - frozen)}, "
+            f"unexpected {sorted(unexpected)}"
+        )
     return drafter.to(acc.device)

@@ -47,8 +47,13 @@ class HeldoutScorer:
         for start in range(0, len(self.examples), m):
             chunk = self.examples[start : start + m]
             keys = [(0, start + k) for k in range(len(chunk))]
-            batch = collate(chunk, keys, cfg.data.num_anchors, cfg.train.seed + HELDOUT_ANCHOR_SEED_OFFSET,
-                            self.run.pad_id).to(self.acc.device)
+            batch = collate(
+                chunk,
+                keys,
+                cfg.data.num_anchors,
+                cfg.train.seed + HELDOUT_ANCHOR_SEED_OFFSET,
+                self.run.pad_id,
+            ).to(self.acc.device)
             with bf16_autocast(self.acc, cfg.train.mixed_precision):
                 feats = self.run.online_features(batch)  # never the cache: it holds training sequences
                 out = micro_step(self.run, model, batch, torch.ones((), device=self.acc.device), feats)

@@ -30,8 +30,10 @@ _GROUPS = {"tokens_per_s": "perf", "peak_mem_gb": "perf", "step_time_s": "perf",
 def scrub_secrets(obj):
     """A copy of a nested dict/list with credential-like keys (hub/API tokens, passwords) redacted."""
     if isinstance(obj, dict):
-        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and obj[k] not in (None, "") else scrub_secrets(v))
-                for k, v in obj.items()}
+        return {
+            k: ("<redacted>" if _SECRET_KEY.search(str(k)) and obj[k] not in (None, "") else scrub_secrets(v))
+            for k, v in obj.items()
+        }
     if isinstance(obj, list):
         return [scrub_secrets(v) for v in obj]
     return obj
@@ -51,7 +53,7 @@ def _fmt_time(s: float) -> str:
 
 def _tag(name: str) -> str:
     if name.startswith("heldout_"):
-        return "heldout/" + name[len("heldout_"):]
+        return "heldout/" + name[len("heldout_") :]
     return f"{_GROUPS.get(name, 'train')}/{name}"
 
 
@@ -64,8 +66,13 @@ class RunLogger:
         self.t0 = time.time()
         self.tb = None
         self.wandb = None
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not (self.main and cfg.train.progress_bar))
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (self.main and cfg.train.progress_bar),
+        )
         if not self.main:
             return
         _trim_jsonl(self.jsonl, start_step)
@@ -100,8 +107,17 @@ class RunLogger:
             self.wandb.log({_tag(k): v for k, v in numeric.items()}, step=step)
         if step % self.console_every == 0 or step == self.total:
             parts = [f"step {step}/{self.total}"]
-            for k, fmt in (("loss", ".4f"), ("ce", ".3f"), ("tau_est", ".3f"), ("accept@1", ".3f"), ("lr", ".2e"),
-                           ("grad_norm", ".3f"), ("tokens_per_s", ",.0f"), ("peak_mem_gb", ".2f"), ("heldout_tau_est", ".3f")):
+            for k, fmt in (
+                ("loss", ".4f"),
+                ("ce", ".3f"),
+                ("tau_est", ".3f"),
+                ("accept@1", ".3f"),
+                ("lr", ".2e"),
+                ("grad_norm", ".3f"),
+                ("tokens_per_s", ",.0f"),
+                ("peak_mem_gb", ".2f"),
+                ("heldout_tau_est", ".3f"),
+            ):
                 if isinstance(metrics.get(k), (int, float)):
                     parts.append(f"{k} {metrics[k]:{fmt}}")
             parts.append(f"eta {_fmt_time(self.eta(step))}" if step < self.total else "done")
@@ -141,7 +157,11 @@ def _start_wandb(cfg, out_dir: Path):
     wdir = Path(cfg.logging.wandb_dir)
     wdir.mkdir(parents=True, exist_ok=True)
     # Keep wandb's scratch files with the run (not in the home folder) unless the user chose otherwise.
-    for var, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for var, sub in (
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         os.environ.setdefault(var, str(wdir / "wandb" / sub))
     id_file = out_dir / "wandb_run_id.txt"  # a resumed run continues the same W&B run
     run_id = id_file.read_text().strip() if id_file.is_file() else None

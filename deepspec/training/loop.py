@@ -40,7 +40,15 @@ def rank_micro_batches(run: RunSetup, step: int, accum: int, rank: int) -> List[
     out = []
     for j in range(accum):
         chunk = mine[j * m : (j + 1) * m]
-        out.append(collate([run.train_examples[i] for _, i in chunk], chunk, cfg.data.num_anchors, cfg.train.seed, run.pad_id))
+        out.append(
+            collate(
+                [run.train_examples[i] for _, i in chunk],
+                chunk,
+                cfg.data.num_anchors,
+                cfg.train.seed,
+                run.pad_id,
+            )
+        )
     return out
 
 
@@ -57,7 +65,9 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
     dc = run.drafter_config
     # online: target forward; data.source=cache: read from disk; or given (held-out scoring)
     feats = features if features is not None else run.features(batch)
-    targets = block_targets(batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size)
+    targets = block_targets(
+        batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size
+    )
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
     tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)
     return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
@@ -66,9 +76,13 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
 def summarise(sums: Dict[str, torch.Tensor], cfg) -> Dict[str, float]:
     w = max(float(sums["weight"]), 1e-9)
     m = {
-        "loss": (cfg.loss.ce_weight * float(sums["ce"]) + cfg.loss.l1_weight * float(sums["l1"])
-                 + cfg.loss.confidence_weight * float(sums["bce"])
-                 + cfg.loss.soft_ce_weight * float(sums.get("soft_ce", 0.0))) / w,
+        "loss": (
+            cfg.loss.ce_weight * float(sums["ce"])
+            + cfg.loss.l1_weight * float(sums["l1"])
+            + cfg.loss.confidence_weight * float(sums["bce"])
+            + cfg.loss.soft_ce_weight * float(sums.get("soft_ce", 0.0))
+        )
+        / w,
         "ce": float(sums["ce"]) / w,
         "l1": float(sums["l1"]) / w,
         "bce": float(sums["bce"]) / w,
@@ -105,7 +119,9 @@ def train(cfg) -> Path:
     optimizer = build_optimizer(model.trainable_parameters(), cfg.train)
     scheduler = build_scheduler(optimizer, steps, cfg.train)
     model, optimizer = acc.prepare(model, optimizer)
-    ckpt = Checkpointer(cfg, acc, run, steps, scorer=HeldoutScorer(run, acc, cfg.train.checkpoint.heldout_sequences))
+    ckpt = Checkpointer(
+        cfg, acc, run, steps, scorer=HeldoutScorer(run, acc, cfg.train.checkpoint.heldout_sequences)
+    )
     start = ckpt.resume(model, optimizer, scheduler)  # 0 unless a checkpoint is restored
     guard = NonFiniteGuard(cfg, acc, ckpt)
     logger = RunLogger(cfg, acc, out_dir, steps, start)
@@ -119,13 +135,18 @@ def train(cfg) -> Path:
         # Each micro-step loss is its local weighted sum over the weight sum of the *global* batch,
         # known before any backward. The engines then average gradients over ranks and divide each
         # micro-step by `accum`; the denominator undoes both, so the update is Σ_all / W_global exactly.
-        weight = acc.reduce(local_weight_sum(batches, run.drafter_config.block_size, cfg.loss.decay_gamma).to(acc.device), "sum")
+        weight = acc.reduce(
+            local_weight_sum(batches, run.drafter_config.block_size, cfg.loss.decay_gamma).to(acc.device),
+            "sum",
+        )
         denom = weight.clamp(min=1e-6) / (acc.num_processes * accum)
         sums: Dict[str, torch.Tensor] = {}
         bad = False
         for j, batch in enumerate(batches):
-            with dist_utils.grad_sync(acc, model, sync=j == len(batches) - 1), \
-                    dist_utils.bf16_autocast(acc, cfg.train.mixed_precision):
+            with (
+                dist_utils.grad_sync(acc, model, sync=j == len(batches) - 1),
+                dist_utils.bf16_autocast(acc, cfg.train.mixed_precision),
+            ):
                 out = micro_step(run, model, batch, denom)
                 bad = guard.check(out.loss, step, j) or bad  # the same answer on every rank
                 loss = guard.replacement(out.loss, model) if bad else out.loss
@@ -138,7 +159,9 @@ def train(cfg) -> Path:
             guard.skipped_step(step)
             grad_norm = None
         else:
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+            grad_norm = acc.clip_grad_norm_(
+                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            )
             optimizer.step()
         lr = scheduler.get_last_lr()[0]  # the lr this step used
         scheduler.step()
@@ -148,14 +171,22 @@ def train(cfg) -> Path:
         if done % cfg.train.log_every == 0 or done == steps:
             reduced = {k: acc.reduce(v.to(acc.device), "sum") for k, v in sums.items()}
             n_tok = float(acc.reduce(torch.tensor([float(tokens)], device=acc.device), "sum").item())
-            mem = float(acc.reduce(torch.tensor([peak_memory_gb(acc.device)], device=acc.device), "max").item())
+            mem = float(
+                acc.reduce(torch.tensor([peak_memory_gb(acc.device)], device=acc.device), "max").item()
+            )
             last = {} if bad else summarise(reduced, cfg)
-            last.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
-                        tokens_per_s=n_tok / max(time.time() - t_log, 1e-9), peak_mem_gb=mem,
-                        skipped_steps=guard.skipped)
+            last.update(
+                lr=lr,
+                grad_norm=float(grad_norm) if grad_norm is not None else None,
+                tokens_per_s=n_tok / max(time.time() - t_log, 1e-9),
+                peak_mem_gb=mem,
+                skipped_steps=guard.skipped,
+            )
             logger.log(done, last)
             t_log, tokens = time.time(), 0
-        logger.advance({"loss": f"{last['loss']:.3f}", "tau": f"{last['tau_est']:.2f}"} if "loss" in last else None)
+        logger.advance(
+            {"loss": f"{last['loss']:.3f}", "tau": f"{last['tau_est']:.2f}"} if "loss" in last else None
+        )
         if ckpt.due(done):
             ckpt.save(done, model, optimizer, scheduler, metrics=last, skipped_steps=guard.skipped)
             if ckpt.last_heldout:
@@ -164,8 +195,13 @@ def train(cfg) -> Path:
 
     acc.wait_for_everyone()
     drafter = engine_state.final_drafter(acc, run, model)  # full fp32 weights, gathered from any engine
-    result: Dict[str, object] = {"train_steps": steps, "resumed_from_step": start, "skipped_steps": guard.skipped,
-                                 "train_time_s": time.time() - t0, "final_metrics": last}
+    result: Dict[str, object] = {
+        "train_steps": steps,
+        "resumed_from_step": start,
+        "skipped_steps": guard.skipped,
+        "train_time_s": time.time() - t0,
+        "final_metrics": last,
+    }
     if acc.is_main_process:
         save_native(drafter, out_dir / "drafter")
         if cfg.eval.enabled:

@@ -42,8 +42,10 @@ class NonFiniteGuard:
         if self.policy == "skip" and self.kind == "deepspeed":
             zopt = acc.deepspeed_engine_wrapped.engine.optimizer
             if dist_utils.zero_stage(acc) == 3 or not hasattr(zopt, "check_grad_overflow"):
-                raise ValueError("train.on_nonfinite=skip needs DeepSpeed's overflow check, which ZeRO-3 runs only "
-                                 "in fp16; use train.on_nonfinite=stop with ZeRO-3")
+                raise ValueError(
+                    "train.on_nonfinite=skip needs DeepSpeed's overflow check, which ZeRO-3 runs only "
+                    "in fp16; use train.on_nonfinite=stop with ZeRO-3"
+                )
             zopt.check_grad_overflow = True  # drop a step whose gradients are not finite
 
     def _where(self) -> str:
@@ -59,7 +61,8 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"non-finite loss at step {step + 1} (micro-batch {micro}"
                 f"{', this rank' if local_bad else ', another rank'}); stopped before the update. {self._where()}. "
-                "Resume with train.resume=auto after lowering train.lr, or set train.on_nonfinite=skip")
+                "Resume with train.resume=auto after lowering train.lr, or set train.on_nonfinite=skip"
+            )
         return bad
 
     def replacement(self, loss: torch.Tensor, model):
@@ -75,5 +78,7 @@ class NonFiniteGuard:
         if self.acc.is_main_process:
             log.warning("non-finite loss at step %d: update skipped (%d so far)", step + 1, self.skipped)
         if self.skipped > self.max_skips:
-            raise NonFiniteLossError(f"{self.skipped} steps with a non-finite loss (train.max_skipped_steps="
-                                     f"{self.max_skips}); last at step {step + 1}. {self._where()}")
+            raise NonFiniteLossError(
+                f"{self.skipped} steps with a non-finite loss (train.max_skipped_steps="
+                f"{self.max_skips}); last at step {step + 1}. {self._where()}"
+            )

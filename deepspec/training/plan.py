@@ -16,15 +16,19 @@ from omegaconf import OmegaConf
 def validate(cfg) -> None:
     """Values the schema cannot check (Hydra already rejected unknown keys and wrong types)."""
     t = cfg.train
-    choices = {"train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
-               "train.mixed_precision": (t.mixed_precision, ("no", "bf16"))}
+    choices = {
+        "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
+        "train.mixed_precision": (t.mixed_precision, ("no", "bf16")),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: expected one of {allowed}")
     c = t.checkpoint
     if c.every < 0 or c.keep_last < 1 or c.heldout_sequences < 0:
-        raise ValueError(f"train.checkpoint: every={c.every} (>= 0), keep_last={c.keep_last} (>= 1) and "
-                         f"heldout_sequences={c.heldout_sequences} (>= 0)")
+        raise ValueError(
+            f"train.checkpoint: every={c.every} (>= 0), keep_last={c.keep_last} (>= 1) and "
+            f"heldout_sequences={c.heldout_sequences} (>= 0)"
+        )
     if not t.resume:
         raise ValueError("train.resume is empty: use auto, none, or a checkpoint / run folder")
     if t.log_every < 1:
@@ -85,7 +89,8 @@ def describe_plan(cfg) -> str:
         warm = max(1, int(round(t.warmup_ratio * steps))) if t.warmup_ratio > 0 else 0
         epochs = steps * g / n if n else None
         lines += [
-            f"  optimizer steps   : {steps:,}" + (f" ({epochs:.2f} epochs)" if epochs else "")
+            f"  optimizer steps   : {steps:,}"
+            + (f" ({epochs:.2f} epochs)" if epochs else "")
             + f", warm-up {warm:,}, then cosine to {t.min_lr_ratio} x lr {t.lr}",
             f"  micro-steps/rank  : {steps * accum:,} ({accum} per step)",
             f"  tokens            : <= {steps * g * ml:,} ({steps:,} x {g} x data.max_length {ml}; padded upper bound)",
@@ -93,9 +98,13 @@ def describe_plan(cfg) -> str:
             f"{cfg.data.num_anchors}) of block_size {cfg.model.block_size}",
         ]
         c = t.checkpoint
-        n_ck = (steps // c.every if c.every > 0 else 0) + (1 if c.save_final and (c.every <= 0 or steps % c.every) else 0)
-        lines.append(f"  checkpoints       : {n_ck} to {c.dir} (every {c.every or 'end only'}; keep last {c.keep_last}"
-                     f"{' + best held-out τ' if c.keep_best else ''}); resume={t.resume}")
+        n_ck = (steps // c.every if c.every > 0 else 0) + (
+            1 if c.save_final and (c.every <= 0 or steps % c.every) else 0
+        )
+        lines.append(
+            f"  checkpoints       : {n_ck} to {c.dir} (every {c.every or 'end only'}; keep last {c.keep_last}"
+            f"{' + best held-out τ' if c.keep_best else ''}); resume={t.resume}"
+        )
     lines.append(f"  outputs           : {t.output_dir}")
     return "\n".join(lines)
 

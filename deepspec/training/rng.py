@@ -19,7 +19,10 @@ def capture_rng() -> dict:
         import numpy as np
 
         name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (torch.from_numpy(keys.astype("int64")), json.dumps([name, int(pos), int(has_gauss), float(cached)]))
+        state["numpy"] = (
+            torch.from_numpy(keys.astype("int64")),
+            json.dumps([name, int(pos), int(has_gauss), float(cached)]),
+        )
     except ImportError:
         pass
     return state

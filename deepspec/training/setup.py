@@ -83,7 +83,9 @@ def load_records(cfg) -> dict:
         from deepspec.data.cache import CacheReader
 
         if not cfg.data.cache_dir:
-            raise ValueError("data.source=cache needs data.cache_dir (a folder written by deepspec/collect.py)")
+            raise ValueError(
+                "data.source=cache needs data.cache_dir (a folder written by deepspec/collect.py)"
+            )
         return {"train": [], "heldout": CacheReader(cfg.data.cache_dir, verify=False).heldout_records()}
     raise ValueError(f"data.source={cfg.data.source!r} is unknown; expected 'tiny_chat', 'chat' or 'cache'")
 
@@ -104,11 +106,17 @@ def tokenize_records(records: List[dict], tokenizer, max_length: int, template_k
         if anchor_candidates(torch.tensor(mask)).numel() > 0:
             out.append(Example(ids, mask))
     if unstable:
-        log.warning("skipped %d of %d records the chat template cannot mask (e.g. %s)",
-                    len(unstable), len(records), unstable[0])
+        log.warning(
+            "skipped %d of %d records the chat template cannot mask (e.g. %s)",
+            len(unstable),
+            len(records),
+            unstable[0],
+        )
         if len(unstable) > 0.05 * len(records):
-            raise ValueError(f"{len(unstable)} of {len(records)} records cannot be masked under the chat "
-                             f"template (first: {unstable[0]}); fix the template or the data")
+            raise ValueError(
+                f"{len(unstable)} of {len(records)} records cannot be masked under the chat "
+                f"template (first: {unstable[0]}); fix the template or the data"
+            )
     return out
 
 
@@ -120,7 +128,9 @@ def train_examples(cfg, tokenizer, records: List[dict]) -> List[Example]:
         records = records[: cfg.data.max_train_samples]
     examples = tokenize_records(records, tokenizer, cfg.data.max_length, template_kwargs_of(cfg.data))
     if not examples:
-        raise ValueError("no training sequence has an answer token to anchor on (check the data and loss masks)")
+        raise ValueError(
+            "no training sequence has an answer token to anchor on (check the data and loss masks)"
+        )
     return examples
 
 
@@ -160,14 +170,35 @@ def build_run(cfg, accelerator) -> RunSetup:
         eval_records = heldout_records[: cfg.eval.num_prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if accelerator.is_main_process:
-        info = {"target": path, "drafter": dc.to_dict() | {"target_config": "<omitted>"},
-                "train_sequences": len(examples), "eval_prompts": len(eval_records),
-                "trainable_params": sum(p.numel() for p in drafter.trainable_parameters())}
+        info = {
+            "target": path,
+            "drafter": dc.to_dict() | {"target_config": "<omitted>"},
+            "train_sequences": len(examples),
+            "eval_prompts": len(eval_records),
+            "trainable_params": sum(p.numel() for p in drafter.trainable_parameters()),
+        }
         atomic_write_text(out_dir / "run_info.json", json.dumps(info, indent=2))
-        log.info("target %s | drafter layers=%s ids=%s | %d train sequences", path, dc.num_hidden_layers,
-                 dc.target_layer_ids, len(examples))
-    return RunSetup(cfg, out_dir, path, tokenizer, target, drafter, dc, examples, eval_records, pad,
-                    heldout_records, feature_source)
+        log.info(
+            "target %s | drafter layers=%s ids=%s | %d train sequences",
+            path,
+            dc.num_hidden_layers,
+            dc.target_layer_ids,
+            len(examples),
+        )
+    return RunSetup(
+        cfg,
+        out_dir,
+        path,
+        tokenizer,
+        target,
+        drafter,
+        dc,
+        examples,
+        eval_records,
+        pad,
+        heldout_records,
+        feature_source,
+    )
 
 
 def maybe_compile(drafter, train_cfg) -> None:
@@ -185,5 +216,12 @@ def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
     prompts = [prompt_ids(run.tokenizer, r["messages"], tkw) for r in run.eval_records]
     # the same name evaluate.py gives this split, so plots and tables of both line up
     name = "tiny" if run.cfg.data.source == "tiny_chat" else "heldout"
-    return evaluate(run.target, drafter, prompts, run.cfg.eval, end_of_turn_ids(run.tokenizer), out_dir=out_dir,
-                    dataset_name=name)
+    return evaluate(
+        run.target,
+        drafter,
+        prompts,
+        run.cfg.eval,
+        end_of_turn_ids(run.tokenizer),
+        out_dir=out_dir,
+        dataset_name=name,
+    )
