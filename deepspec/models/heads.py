@@ -25,13 +25,12 @@ class MarkovHead(nn.Module):
         self.rank = r
         self.markov_w1 = nn.Embedding(c.vocab_size, r)
         self.markov_w2 = nn.Linear(r, c.vocab_size, bias=False)
+        # Names and shapes as DeepSpec's own heads load them (docs/families.md, "Markov heads").
         if self.kind == "gated":
-            self.gate = nn.Linear(h + r, r)
+            self.gate_proj = nn.Linear(h + r, r)
         elif self.kind == "rnn":
-            # GRU-style cell over [s_{k-1}; W1[x_{k-1}]; h_k]
-            self.gates = nn.Linear(2 * r + h, 2 * r)
-            self.candidate = nn.Linear(2 * r + h, r)
-            self.out_proj = nn.Linear(r, r)
+            # One joint projection of [s_{k-1}; W1[x_{k-1}]; h_k] into gate, candidate and output parts.
+            self.joint_proj = nn.Linear(2 * r + h, 3 * r)
 
     def init_state(self, n: int, device, dtype) -> Optional[torch.Tensor]:
         return torch.zeros(n, self.rank, device=device, dtype=dtype) if self.kind == "rnn" else None
@@ -44,13 +43,13 @@ class MarkovHead(nn.Module):
         if self.kind == "vanilla":
             z = e
         elif self.kind == "gated":
-            z = torch.sigmoid(self.gate(torch.cat([h, e], dim=-1))) * e
+            z = torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e
         else:
-            inp = torch.cat([state, e, h], dim=-1)
-            update, reset = torch.sigmoid(self.gates(inp)).chunk(2, dim=-1)
-            cand = torch.tanh(self.candidate(torch.cat([reset * state, e, h], dim=-1)))
-            state = (1 - update) * cand + update * state
-            z = torch.tanh(self.out_proj(state))
+            a, b, o = self.joint_proj(torch.cat([state, e, h], dim=-1)).chunk(3, dim=-1)
+            g = torch.sigmoid(a)
+            state = g * state + (1 - g) * torch.tanh(b)
+            # The bias reads the projection's output part, not the new state.
+            z = torch.tanh(o)
         return self.markov_w2(z), e, state
 
     def forward(self, prev: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +59,7 @@ class MarkovHead(nn.Module):
             if self.kind == "vanilla":
                 z = e
             else:
-                z = torch.sigmoid(self.gate(torch.cat([h, e], dim=-1))) * e
+                z = torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e
             return self.markov_w2(z), e
         state = self.init_state(prev.shape[0], h.device, h.dtype)
         biases, feats = [], []
