@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 
 from deepspec.config import TinyTargetConfig
 from deepspec.data.chat import tokenize_conversation
-from deepspec.data.tiny_chat import chat_pairs
+from deepspec.data.tiny_chat import chat_pairs, check_pairs
 from deepspec.target.corpus import HELDOUT, TRAIN, CorpusFile, corpus_digest, corpus_root, load_corpus
 
-BUILD_VERSION = 1  # bump when this recipe changes, so old cached targets are not reused
+BUILD_VERSION = 2  # bump when this recipe changes, so old cached targets are not reused
 ENDOFTEXT, MASK, IM_START, IM_END = "<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, MASK, IM_START, IM_END]  # ids 0, 1, 2, 3
 CHAT_TEMPLATE = (
@@ -265,7 +265,14 @@ def _sample(model, tokenizer, pair: Dict, max_new_tokens: int = 48) -> Dict:
     return {"prompt": tokenizer.decode(prompt), "greedy": tokenizer.decode(out[0, len(prompt) :])}
 
 
-def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, bf16: bool, log) -> Dict:
+def _run_build(
+    cfg: TinyTargetConfig,
+    files: List[CorpusFile],
+    pairs: Dict[str, List[Dict]],
+    out_dir: Path,
+    bf16: bool,
+    log,
+) -> Dict:
     t0 = time.time()
     train_files = [f for f in files if f.split == TRAIN]
     heldout_files = [f for f in files if f.split == HELDOUT]
@@ -278,7 +285,7 @@ def _run_build(cfg: TinyTargetConfig, files: List[CorpusFile], out_dir: Path, bf
     order = torch.randperm(len(train_files), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     train_texts = [_scrub(train_files[i].text) for i in order]
     tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
-    train_pairs, heldout_pairs = chat_pairs(files, TRAIN), chat_pairs(files, HELDOUT)
+    train_pairs, heldout_pairs = pairs[TRAIN], pairs[HELDOUT]
     pair_order = torch.randperm(len(train_pairs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     raw = _stream(tokenizer, train_texts)
     chat = _stream(tokenizer, [_render_chat(_scrub_pair(train_pairs[i])) for i in pair_order])
@@ -353,11 +360,14 @@ def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
         log(f"tiny target: reusing {final}")
         return final
 
+    # Cut the chat data first: a corpus that gives none stops here, not after the whole build.
+    pairs = {split: chat_pairs(files, split) for split in (TRAIN, HELDOUT)}
+    check_pairs(cfg, {k: len(v) for k, v in pairs.items()})
     log(f"tiny target: building {final.name} from {corpus_root(cfg.corpus_dir)} ({len(files)} files)")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
-        report = _run_build(cfg, files, tmp, bf16, log)
+        report = _run_build(cfg, files, pairs, tmp, bf16, log)
         payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION}
         payload.update(report)
         (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
