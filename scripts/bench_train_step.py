@@ -5,7 +5,7 @@
 
 Two scopes, each with ``loss.impl=reference`` (full fp32 log-softmax/softmax of draft and target over
 the vocabulary for every block slot, kept by autograd: SPEC §3 read literally) and ``loss.impl=lean``
-(deepspec/lean_loss.py: chunked over slots, recomputed in backward; the default), and in the step
+(deepspec/losses/vocab_terms.py: chunked over slots, recomputed in backward; the default), and in the step
 scope also ``lean_lazy`` (lean + ``loss.lazy_target_logits=true``):
 
 * ``loss``: forward + backward of the DSpark loss (0.1·CE + 0.9·L1 + BCE) on given draft logits

@@ -11,8 +11,8 @@ import torch
 
 from deepspec.config import LossConfig
 from deepspec.data.anchors import BlockTargets
-from deepspec.lean_loss import HeadLogits, auto_chunk_rows, block_row_stats, reference_row_stats
 from deepspec.losses import dspark_loss, target_logits, weighted_valid
+from deepspec.losses.vocab_terms import HeadLogits, auto_chunk_rows, block_row_stats, reference_row_stats
 
 B, A, G, V = 2, 3, 5, 97
 

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from train_fixtures import (
     assert_same_tensors,
     ckpt,
@@ -16,6 +17,7 @@ from train_fixtures import (
     micro_overrides,
     state,
     tail,  # noqa: F401
+    tiny_cache,  # noqa: F401 - a fixture, requested by name
     train_here,
 )
 
@@ -163,6 +165,59 @@ def test_resume_refuses_other_data_order_truncated_files_and_mixing_runs(one_ste
 
 
 # ----------------------------------------------------------------------------- NaN / inf loss
+# train_step with stand-ins (tests/step_standins.py): the policy itself, in milliseconds.
+def test_nonfinite_stop_raises_before_any_update_naming_step_micro_batch_and_checkpoint():
+    from step_standins import micro, step_parts, theta
+
+    from deepspec.training.loop import train_step
+    from deepspec.training.nonfinite import NonFiniteLossError
+
+    parts = step_parts(
+        optimizer="adamw", policy="stop", last_good="/runs/x/checkpoints/step-00000002", accum=2
+    )
+    with pytest.raises(NonFiniteLossError) as e:
+        train_step(parts, 2, [micro([1.0], [1.0]), micro([2.0], [1.0], nan=True)])
+    assert "non-finite loss at step 3 (micro-batch 1, this rank)" in str(e.value)
+    assert "last good checkpoint: /runs/x/checkpoints/step-00000002" in str(e.value)
+    assert theta(parts) == 1.0 and not parts.optimizer.state and parts.scheduler.last_epoch == 0
+
+
+def test_nonfinite_skip_drops_the_update_keeps_the_schedule_and_stops_past_the_limit():
+    from step_standins import micro, step_parts, theta
+
+    from deepspec.training.loop import train_step
+    from deepspec.training.nonfinite import NonFiniteLossError
+
+    parts = step_parts(optimizer="adamw", policy="skip", max_skips=1, accum=2)
+    good = [micro([1.0], [1.0]), micro([2.0], [1.0])]
+    assert not train_step(parts, 0, good).skipped
+    after_first = theta(parts)
+    adam_state = {k: v.clone() for k, v in parts.optimizer.state[parts.model.weight].items()}
+    r = train_step(parts, 1, [micro([1.0], [1.0], nan=True), micro([2.0], [1.0])])
+    assert r.skipped and r.grad_norm is None and parts.guard.skipped == 1
+    assert theta(parts) == after_first and parts.model.weight.grad is None
+    for k, v in parts.optimizer.state[parts.model.weight].items():
+        assert torch.equal(v, adam_state[k]), k  # AdamW moments and step count untouched
+    assert parts.scheduler.last_epoch == 2  # the schedule moved on with the data
+    assert not train_step(parts, 2, good).skipped and theta(parts) != after_first
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"2 steps with a non-finite loss \(train.max_skipped_steps=1\); last at step 4",
+    ):
+        train_step(parts, 3, [micro([1.0], [1.0]), micro([2.0], [1.0], nan=True)])
+
+
+def test_fault_injected_nan_goes_through_the_same_policy(monkeypatch):
+    from step_standins import micro, step_parts
+
+    from deepspec.training.loop import train_step
+
+    monkeypatch.setenv("DEEPSPEC_FAULTS", "nan_loss@2")  # the loss of step 2 (1-based) becomes NaN
+    parts = step_parts(policy="skip")
+    assert [train_step(parts, s, [micro([1.0], [1.0])]).skipped for s in range(3)] == [False, True, False]
+
+
+# The same policy end to end: fault injection in a real run (stop: resume; skip: checkpoints).
 @pytest.mark.slow
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tiny_cache, tmp_path, monkeypatch):
     from deepspec.training.nonfinite import NonFiniteLossError

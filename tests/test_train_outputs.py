@@ -91,7 +91,7 @@ def test_outputs_go_where_the_config_says_with_tensorboard_and_offline_wandb(tin
 
 
 def test_secrets_never_reach_the_logged_config():
-    from deepspec.training.logging import scrub_secrets
+    from deepspec.training.metrics_log import scrub_secrets
 
     cfg = {
         "regen": {"api_key": "sk-123", "urls": ["http://x"]},

@@ -31,7 +31,8 @@ class ExportResult:
     push: Optional[PushPlan] = None
 
 
-def _preflight(e) -> None:
+def check_export_settings(e) -> None:
+    """The refusals that need no model: unknown format or dtype, bad repo id, missing Hub token."""
     if e.format not in FORMATS:
         raise ValueError(f"export.format={e.format!r} is unknown; expected one of {FORMATS}")
     if e.dtype not in EXPORT_DTYPES:
@@ -81,7 +82,7 @@ def run_export(
     default_overwrite: bool = False,
 ) -> ExportResult:
     """Run one export as configured by ``e`` (an :class:`deepspec.config.ExportConfig`)."""
-    _preflight(e)
+    check_export_settings(e)
     protected = ()
     if drafter is None:
         if not e.checkpoint:

@@ -28,6 +28,7 @@ from deepspec.config import TinyTargetConfig
 from deepspec.data.chat import tokenize_conversation
 from deepspec.data.tiny_chat import chat_pairs, check_pairs
 from deepspec.target.corpus import HELDOUT, TRAIN, CorpusFile, corpus_digest, corpus_root, load_corpus
+from deepspec.training.optim import warmup_cosine
 
 BUILD_VERSION = 2  # bump when this recipe changes, so old cached targets are not reused
 ENDOFTEXT, MASK, IM_START, IM_END = "<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"
@@ -133,13 +134,6 @@ def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.T
     return stream[idx]
 
 
-def _lr_at(step: int, cfg: TinyTargetConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.train_steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 def _build_model(cfg: TinyTargetConfig, tokenizer):
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -188,7 +182,7 @@ def _train(model, cfg: TinyTargetConfig, raw, chat, bf16: bool) -> Dict:
     bar = tqdm(range(cfg.train_steps), desc="tiny target", dynamic_ncols=True)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, cfg)
+            group["lr"] = warmup_cosine(step, cfg.train_steps, cfg.warmup_steps, min_ratio=0.1, peak=cfg.lr)
         # Raw rows start anywhere; chat rows start at a conversation, as prompts do at inference.
         raw_off = torch.randint(0, max(1, raw_ids.numel() - length), (n_raw,), generator=gen)
         rows = [_windows(raw_ids, raw_off, length)]

@@ -37,7 +37,8 @@ class HeldoutScorer:
     def __call__(self, model) -> Optional[Dict[str, float]]:
         if not self.examples:
             return None
-        from deepspec.training.loop import micro_step, summarise
+        from deepspec.losses import summarise
+        from deepspec.training.loop import micro_step
 
         cfg = self.run.cfg
         was_training = model.training
@@ -60,5 +61,5 @@ class HeldoutScorer:
             for k, v in out.sums.items():
                 sums[k] = sums.get(k, 0) + v.float()
         model.train(was_training)
-        s = summarise(sums, cfg)
+        s = summarise(sums, cfg.loss)
         return {"tau_est": s["tau_est"], "loss": s["loss"], "sequences": len(self.examples)}

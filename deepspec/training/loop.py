@@ -1,17 +1,26 @@
 """Online distillation: the frozen target computes features per batch, the drafter learns from them.
 
-Read top to bottom: set up (launch mode, run, optimizer, resume) -> for each optimizer step:
-micro-batches (target forward, drafter forward, loss, backward) -> clip, step, log, checkpoint ->
-export -> evaluate. Launch modes live in distributed.py, checkpoints in checkpoint.py, metric sinks
-in logging.py, the NaN/inf policy in nonfinite.py (docs/training.md).
+:func:`train` reads top to bottom:
+
+1. :func:`preflight`: every check that needs no model and writes nothing, returning the plan.
+2. launch (:func:`launch`: accelerator, seeds) and :func:`setup` (run, optimizer, resume).
+3. for each optimizer step, :func:`train_step` (micro-batches: target features, drafter forward,
+   loss, backward; then clip and step), then the hooks: :class:`MetricsHook` and
+   :func:`checkpoint_hook`.
+4. :func:`finish_run`: final weights, evaluation, export, summary.
+
+Launch modes live in distributed.py, checkpoints in checkpoint.py, metric sinks in metrics_log.py,
+the NaN/inf policy in nonfinite.py (docs/training.md).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -19,12 +28,13 @@ from accelerate.utils import set_seed
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
 from deepspec.exporting.native import atomic_write_text, save_native
-from deepspec.losses import dspark_loss, target_logits
+from deepspec.exporting.pipeline import check_export_settings
+from deepspec.losses import LossOutput, dspark_loss, summarise, target_logits
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.checkpoint import Checkpointer
 from deepspec.training.heldout import HeldoutScorer
-from deepspec.training.logging import RunLogger, peak_memory_gb
+from deepspec.training.metrics_log import RunLogger, peak_memory_gb
 from deepspec.training.nonfinite import NonFiniteGuard
 from deepspec.training.optim import build_optimizer, build_scheduler
 from deepspec.training.plan import dry_run, plan_batches, total_steps, validate
@@ -73,47 +83,69 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
     return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
 
 
-def summarise(sums: Dict[str, torch.Tensor], cfg) -> Dict[str, float]:
-    w = max(float(sums["weight"]), 1e-9)
-    m = {
-        "loss": (
-            cfg.loss.ce_weight * float(sums["ce"])
-            + cfg.loss.l1_weight * float(sums["l1"])
-            + cfg.loss.confidence_weight * float(sums["bce"])
-            + cfg.loss.soft_ce_weight * float(sums.get("soft_ce", 0.0))
-        )
-        / w,
-        "ce": float(sums["ce"]) / w,
-        "l1": float(sums["l1"]) / w,
-        "bce": float(sums["bce"]) / w,
-        "tau_est": float(sums["tau"]) / max(float(sums["full_blocks"]), 1.0),
-    }
-    acc = (sums["accept_k"] / sums["valid_k"].clamp(min=1)).tolist()
-    for k, a in enumerate(acc, start=1):
-        m[f"accept@{k}"] = a
-    if "conf_abs_err" in sums:
-        m["conf_abs_err"] = float(sums["conf_abs_err"]) / max(float(sums["valid_k"].sum()), 1.0)
-    return m
+# ----------------------------------------------------------------------------- pre-flight and setup
+@dataclass
+class TrainPlan:
+    """What :func:`preflight` decided, before any model is loaded or any file written."""
+
+    strategy: str  # single | ddp | deepspeed | fsdp
+    world_size: int
+    accum: int  # micro-batches per rank per optimizer step
 
 
-def train(cfg) -> Path:
-    if cfg.export.after_training and not cfg.train.dry_run:
-        from deepspec.exporting.pipeline import _preflight
-
-        _preflight(cfg.export)  # a bad repo id or a missing Hub token fails now, not after training
-    if cfg.train.dry_run:
-        dry_run(cfg)
-        return Path(cfg.train.output_dir)
+def preflight(cfg) -> TrainPlan:
+    """Every check that needs no model, run before anything is written: a run that fails one leaves
+    no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
+    if cfg.export.after_training:
+        check_export_settings(
+            cfg.export
+        )  # a bad repo id or a missing Hub token fails now, not after training
     validate(cfg)
     strategy = dist_utils.resolve_strategy(cfg)
-    accum = plan_batches(cfg, dist_utils.launcher_world_size())  # fails before anything is loaded
-    acc = dist_utils.make_accelerator(cfg, strategy, accum)
+    world = dist_utils.launcher_world_size()
+    return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))
+
+
+def launch(cfg, plan: TrainPlan):
+    acc = dist_utils.make_accelerator(cfg, plan.strategy, plan.accum)
     set_seed(cfg.train.seed, device_specific=True)  # python / numpy / torch RNGs, offset by rank
+    return acc
+
+
+@dataclass
+class StepParts:
+    """What one optimizer step touches. :func:`setup` builds it from a run; a test can build it from
+    stand-ins (any ``acc`` with accelerate's reduce / backward / clip_grad_norm_ / no_sync / autocast)."""
+
+    acc: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    guard: NonFiniteGuard
+    loss: Callable[[torch.nn.Module, Batch, torch.Tensor], LossOutput]  # (model, micro-batch, denominator)
+    weight_sum: Callable[[List[Batch]], torch.Tensor]  # this rank's Σ w_k·valid over the step's micro-batches
+    grad_clip: float  # <= 0: no clipping
+    mixed_precision: str
+
+
+@dataclass
+class Training:
+    """A set-up run: everything the step loop and the hooks use."""
+
+    cfg: Any
+    run: RunSetup
+    parts: StepParts
+    ckpt: Checkpointer
+    logger: RunLogger
+    steps: int  # total optimizer steps
+    start: int  # first step to run (> 0 after a resume)
+    accum: int
+
+
+def setup(cfg, acc, plan: TrainPlan) -> Training:
     with dist_utils.frozen_target_outside_deepspeed():
         run = build_run(cfg, acc)
-    out_dir = run.out_dir
     steps = total_steps(cfg, len(run.train_examples))
-
     # Only the drafter is prepared (wrapped / sharded); the frozen target stays a plain module.
     model = run.drafter
     optimizer = build_optimizer(model.trainable_parameters(), cfg.train)
@@ -123,86 +155,125 @@ def train(cfg) -> Path:
         cfg, acc, run, steps, scorer=HeldoutScorer(run, acc, cfg.train.checkpoint.heldout_sequences)
     )
     start = ckpt.resume(model, optimizer, scheduler)  # 0 unless a checkpoint is restored
-    guard = NonFiniteGuard(cfg, acc, ckpt)
-    logger = RunLogger(cfg, acc, out_dir, steps, start)
+    block_size, gamma = run.drafter_config.block_size, cfg.loss.decay_gamma
+    parts = StepParts(
+        acc=acc,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        guard=NonFiniteGuard(cfg, acc, ckpt),
+        loss=functools.partial(micro_step, run),
+        weight_sum=lambda batches: local_weight_sum(batches, block_size, gamma),
+        grad_clip=cfg.train.grad_clip,
+        mixed_precision=cfg.train.mixed_precision,
+    )
+    logger = RunLogger(cfg, acc, run.out_dir, steps, start)
+    return Training(cfg, run, parts, ckpt, logger, steps, start, plan.accum)
 
-    t0 = time.time()
-    t_log, tokens = time.time(), 0
-    last: Dict[str, float] = {}
-    for step in range(start, steps):
-        model.train()
-        batches = [b.to(acc.device) for b in rank_micro_batches(run, step, accum, acc.process_index)]
-        # Each micro-step loss is its local weighted sum over the weight sum of the *global* batch,
-        # known before any backward. The engines then average gradients over ranks and divide each
-        # micro-step by `accum`; the denominator undoes both, so the update is Σ_all / W_global exactly.
-        weight = acc.reduce(
-            local_weight_sum(batches, run.drafter_config.block_size, cfg.loss.decay_gamma).to(acc.device),
-            "sum",
-        )
-        denom = weight.clamp(min=1e-6) / (acc.num_processes * accum)
-        sums: Dict[str, torch.Tensor] = {}
-        bad = False
-        for j, batch in enumerate(batches):
-            with (
-                dist_utils.grad_sync(acc, model, sync=j == len(batches) - 1),
-                dist_utils.bf16_autocast(acc, cfg.train.mixed_precision),
-            ):
-                out = micro_step(run, model, batch, denom)
-                bad = guard.check(out.loss, step, j) or bad  # the same answer on every rank
-                loss = guard.replacement(out.loss, model) if bad else out.loss
-                if loss is not None:
-                    acc.backward(loss)
-            for k, v in out.sums.items():
-                sums[k] = sums.get(k, 0) + v
-            tokens += int(batch.attention_mask.sum())
-        if bad:
-            guard.skipped_step(step)
-            grad_norm = None
-        else:
-            grad_norm = acc.clip_grad_norm_(
-                model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            )
-            optimizer.step()
-        lr = scheduler.get_last_lr()[0]  # the lr this step used
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == steps:
-            reduced = {k: acc.reduce(v.to(acc.device), "sum") for k, v in sums.items()}
-            n_tok = float(acc.reduce(torch.tensor([float(tokens)], device=acc.device), "sum").item())
+# ----------------------------------------------------------------------------- one optimizer step
+@dataclass
+class StepResult:
+    sums: Dict[str, torch.Tensor]  # this rank's loss sums over the step's micro-batches (not reduced)
+    tokens: int  # this rank's non-padding tokens
+    skipped: bool  # a non-finite loss dropped the update (train.on_nonfinite=skip)
+    grad_norm: Optional[torch.Tensor]  # before clipping; None when skipped
+    lr: float  # the lr this step used
+
+
+def train_step(parts: StepParts, step: int, batches: List[Batch]) -> StepResult:
+    """Optimizer step ``step`` (0-based) over this rank's micro-batches, already on the device."""
+    acc, model, guard = parts.acc, parts.model, parts.guard
+    model.train()
+    # Each micro-step loss is its local weighted sum over the weight sum of the *global* batch,
+    # known before any backward. The engines then average gradients over ranks and divide each
+    # micro-step by the accumulation count; the denominator undoes both, so the update is
+    # Σ_all / W_global exactly.
+    weight = acc.reduce(parts.weight_sum(batches).to(acc.device), "sum")
+    denom = weight.clamp(min=1e-6) / (acc.num_processes * len(batches))
+    sums: Dict[str, torch.Tensor] = {}
+    tokens, bad = 0, False
+    for j, batch in enumerate(batches):
+        with (
+            dist_utils.grad_sync(acc, model, sync=j == len(batches) - 1),
+            dist_utils.bf16_autocast(acc, parts.mixed_precision),
+        ):
+            out = parts.loss(model, batch, denom)
+            bad = guard.check(out.loss, step, j) or bad  # the same answer on every rank
+            loss = guard.replacement(out.loss, model) if bad else out.loss
+            if loss is not None:
+                acc.backward(loss)
+        for k, v in out.sums.items():
+            sums[k] = sums.get(k, 0) + v
+        tokens += int(batch.attention_mask.sum())
+    grad_norm = None
+    if bad:
+        guard.skipped_step(step)
+    else:
+        clip = parts.grad_clip if parts.grad_clip > 0 else float("inf")
+        grad_norm = acc.clip_grad_norm_(model.parameters(), clip)
+        parts.optimizer.step()
+    lr = parts.scheduler.get_last_lr()[0]
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return StepResult(sums=sums, tokens=tokens, skipped=bad, grad_norm=grad_norm, lr=lr)
+
+
+# ----------------------------------------------------------------------------- hooks after a step
+class MetricsHook:
+    """Every ``train.log_every`` steps (and at the last): reduce the step's sums over ranks, write the
+    metrics (metrics_log.py); after every step: advance the progress bar."""
+
+    def __init__(self, t: Training) -> None:
+        self.t = t
+        self.last: Dict[str, Any] = {}  # the metrics of the latest logged step
+        self.t_log, self.tokens = time.time(), 0
+
+    def __call__(self, done: int, r: StepResult) -> None:
+        t, acc = self.t, self.t.parts.acc
+        self.tokens += r.tokens
+        if done % t.cfg.train.log_every == 0 or done == t.steps:
+            reduced = {k: acc.reduce(v.to(acc.device), "sum") for k, v in r.sums.items()}
+            n_tok = float(acc.reduce(torch.tensor([float(self.tokens)], device=acc.device), "sum").item())
             mem = float(
                 acc.reduce(torch.tensor([peak_memory_gb(acc.device)], device=acc.device), "max").item()
             )
-            last = {} if bad else summarise(reduced, cfg)
+            last = {} if r.skipped else summarise(reduced, t.cfg.loss)
             last.update(
-                lr=lr,
-                grad_norm=float(grad_norm) if grad_norm is not None else None,
-                tokens_per_s=n_tok / max(time.time() - t_log, 1e-9),
+                lr=r.lr,
+                grad_norm=float(r.grad_norm) if r.grad_norm is not None else None,
+                tokens_per_s=n_tok / max(time.time() - self.t_log, 1e-9),
                 peak_mem_gb=mem,
-                skipped_steps=guard.skipped,
+                skipped_steps=t.parts.guard.skipped,
             )
-            logger.log(done, last)
-            t_log, tokens = time.time(), 0
-        logger.advance(
+            self.last = last
+            t.logger.log(done, last)
+            self.t_log, self.tokens = time.time(), 0
+        last = self.last
+        t.logger.advance(
             {"loss": f"{last['loss']:.3f}", "tau": f"{last['tau_est']:.2f}"} if "loss" in last else None
         )
-        if ckpt.due(done):
-            ckpt.save(done, model, optimizer, scheduler, metrics=last, skipped_steps=guard.skipped)
-            if ckpt.last_heldout:
-                logger.log(done, {f"heldout_{k}": v for k, v in ckpt.last_heldout.items()})
-    logger.close()
 
+
+def checkpoint_hook(t: Training, done: int, metrics: Dict[str, Any]) -> None:
+    if not t.ckpt.due(done):
+        return
+    p = t.parts
+    t.ckpt.save(done, p.model, p.optimizer, p.scheduler, metrics=metrics, skipped_steps=p.guard.skipped)
+    if t.ckpt.last_heldout:
+        t.logger.log(done, {f"heldout_{k}": v for k, v in t.ckpt.last_heldout.items()})
+
+
+# ----------------------------------------------------------------------------- the run
+def finish_run(cfg, acc, run: RunSetup, model, summary: Dict[str, Any]) -> Path:
+    """After the last step, on every rank: gather the final weights; the main process saves them
+    (``<out>/drafter``), evaluates, exports and writes ``train_summary.json`` (``summary`` plus the
+    evaluation and export results)."""
     acc.wait_for_everyone()
     drafter = engine_state.final_drafter(acc, run, model)  # full fp32 weights, gathered from any engine
-    result: Dict[str, object] = {
-        "train_steps": steps,
-        "resumed_from_step": start,
-        "skipped_steps": guard.skipped,
-        "train_time_s": time.time() - t0,
-        "final_metrics": last,
-    }
+    out_dir = run.out_dir
     if acc.is_main_process:
+        result = dict(summary)
         save_native(drafter, out_dir / "drafter")
         if cfg.eval.enabled:
             from deepspec.training.setup import run_eval
@@ -216,3 +287,28 @@ def train(cfg) -> Path:
         atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))
     acc.wait_for_everyone()
     return out_dir
+
+
+def train(cfg) -> Path:
+    if cfg.train.dry_run:
+        dry_run(cfg)
+        return Path(cfg.train.output_dir)
+    plan = preflight(cfg)  # fails before anything is loaded or written
+    acc = launch(cfg, plan)
+    t = setup(cfg, acc, plan)
+    metrics = MetricsHook(t)
+    t0 = time.time()
+    for step in range(t.start, t.steps):
+        batches = [b.to(acc.device) for b in rank_micro_batches(t.run, step, t.accum, acc.process_index)]
+        result = train_step(t.parts, step, batches)
+        metrics(step + 1, result)
+        checkpoint_hook(t, step + 1, metrics.last)
+    t.logger.close()
+    summary = {
+        "train_steps": t.steps,
+        "resumed_from_step": t.start,
+        "skipped_steps": t.parts.guard.skipped,
+        "train_time_s": time.time() - t0,
+        "final_metrics": metrics.last,
+    }
+    return finish_run(cfg, acc, t.run, t.parts.model, summary)

@@ -68,6 +68,7 @@ def _count_records(cfg) -> tuple[Optional[int], str]:
 
 def describe_plan(cfg) -> str:
     from deepspec.training.distributed import launcher_world_size, resolve_strategy
+    from deepspec.training.optim import warmup_steps
 
     t = cfg.train
     validate(cfg)
@@ -86,7 +87,7 @@ def describe_plan(cfg) -> str:
     if steps is None:
         lines.append(f"  optimizer steps   : ceil({t.epochs} epochs x N / {g}) once N is known")
     else:
-        warm = max(1, int(round(t.warmup_ratio * steps))) if t.warmup_ratio > 0 else 0
+        warm = warmup_steps(steps, t.warmup_ratio)
         epochs = steps * g / n if n else None
         lines += [
             f"  optimizer steps   : {steps:,}"

@@ -1,8 +1,9 @@
-"""DSpark loss (SPEC §3): 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised.
+"""The training objective: 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised
+(docs/method.md, losses), and the sums the training metrics are read from.
 
 The same function trains every drafter: DFlash sets only the CE weight, EAGLE-3 only the soft-CE
 weight (configs/model/*.yaml). The per-slot full-vocabulary terms are computed by
-:mod:`deepspec.lean_loss` (chunked, never holding fp32 probabilities of the whole batch).
+:mod:`deepspec.losses.vocab_terms` (chunked, never holding fp32 probabilities of the whole batch).
 
 Every term is a *sum* over valid slots of w_k·term, divided by ``denominator``: the sum of w_k·valid
 over the whole global batch (all ranks, all micro-batches of the step). The caller computes that
@@ -12,13 +13,13 @@ sum before the first backward so the update does not depend on how the batch was
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 
 from deepspec.data.anchors import BlockTargets, slot_weights
-from deepspec.lean_loss import HeadLogits, block_row_stats, reference_row_stats
+from deepspec.losses.vocab_terms import HeadLogits, block_row_stats, reference_row_stats
 
 
 @dataclass
@@ -32,7 +33,7 @@ def target_logits(
 ):
     """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V].
 
-    ``lazy=True`` returns a :class:`~deepspec.lean_loss.HeadLogits` instead: the gathered hiddens and
+    ``lazy=True`` returns a :class:`~deepspec.losses.vocab_terms.HeadLogits` instead: the gathered hiddens and
     the lm_head weight, from which the lean loss computes the logits a chunk at a time (the literal
     loss materialises them). Either way the values are those of ``lm_head`` (bias-free).
     """
@@ -46,6 +47,19 @@ def target_logits(
         return HeadLogits(h.detach().to(cd), lm_head.weight.detach().to(cd))
     with torch.no_grad():
         return lm_head(h.to(lm_head.weight.dtype))
+
+
+def mix(terms: Dict[str, Any], loss_cfg):
+    """The weighted sum of the loss terms (tensors or floats keyed ce, l1, bce, soft_ce): the loss that
+    is backpropagated and the one that is logged. A term whose weight is 0 is left out, so a drafter
+    without a confidence head or soft CE adds nothing for them."""
+    total = loss_cfg.ce_weight * terms["ce"] + loss_cfg.l1_weight * terms["l1"]
+    soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
+    if soft_w:
+        total = total + soft_w * terms.get("soft_ce", 0.0)
+    if loss_cfg.confidence_weight:
+        total = total + loss_cfg.confidence_weight * terms["bce"]
+    return total
 
 
 def weighted_valid(valid: torch.Tensor, decay_gamma: float) -> torch.Tensor:
@@ -63,7 +77,7 @@ def dspark_loss(
     """draft_logits/tgt_logits [B, A, γ, V] (tgt_logits may be lazy: ``target_logits(..., lazy=True)``);
     confidence_logits [B, A, γ] or None.
 
-    ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/lean_loss.py)
+    ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/losses/vocab_terms.py)
     or "reference" (the literal full-vocabulary version); both give the same values and gradients.
     ``loss_cfg.soft_ce_weight`` adds the soft CE to the target's distribution (the EAGLE-3 loss).
     """
@@ -90,18 +104,10 @@ def dspark_loss(
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")
     ce_s, l1_s, sce_s = (w * ce).sum(), (w * l1).sum(), (w * sce).sum()
     bce_s = (w * bce).sum() if confidence_logits is not None else zero
-    total = loss_cfg.ce_weight * ce_s + loss_cfg.l1_weight * l1_s
-    if soft_w:
-        total = total + soft_w * sce_s
-    if confidence_logits is not None and loss_cfg.confidence_weight:
-        total = total + loss_cfg.confidence_weight * bce_s
-    sums = {
-        "ce": ce_s.detach(),
-        "l1": l1_s.detach(),
-        "bce": bce_s.detach(),
-        "soft_ce": sce_s.detach(),
-        "weight": w.sum().detach(),
-    }
+    terms = {"ce": ce_s, "l1": l1_s, "bce": bce_s, "soft_ce": sce_s}
+    total = mix(terms, loss_cfg)
+    sums = {k: v.detach() for k, v in terms.items()}
+    sums["weight"] = w.sum().detach()
     sums.update(acceptance_sums(accept, targets.valid, confidence_logits))
     return LossOutput(loss=total / denominator, sums=sums)
 
@@ -124,3 +130,22 @@ def acceptance_sums(accept: torch.Tensor, valid: torch.Tensor, confidence_logits
         err = (torch.sigmoid(confidence_logits.float()) - accept).abs()
         out["conf_abs_err"] = (err * valid).sum().detach()
     return out
+
+
+def summarise(sums: Dict[str, torch.Tensor], loss_cfg) -> Dict[str, float]:
+    """Training metrics from loss sums reduced over ranks and micro-batches: the loss and its terms
+    per unit of slot weight, the τ estimate, accept-rate@k and the confidence head's mean error."""
+    w = max(float(sums["weight"]), 1e-9)
+    m = {
+        "loss": mix({k: float(sums.get(k, 0.0)) for k in ("ce", "l1", "bce", "soft_ce")}, loss_cfg) / w,
+        "ce": float(sums["ce"]) / w,
+        "l1": float(sums["l1"]) / w,
+        "bce": float(sums["bce"]) / w,
+        "tau_est": float(sums["tau"]) / max(float(sums["full_blocks"]), 1.0),
+    }
+    acc = (sums["accept_k"] / sums["valid_k"].clamp(min=1)).tolist()
+    for k, a in enumerate(acc, start=1):
+        m[f"accept@{k}"] = a
+    if "conf_abs_err" in sums:
+        m["conf_abs_err"] = float(sums["conf_abs_err"]) / max(float(sums["valid_k"].sum()), 1.0)
+    return m
