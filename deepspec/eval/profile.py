@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 
 from deepspec.eval.scheduler import SPSCurve
-from deepspec.eval.spec_decode import _now
+from deepspec.eval.spec_decode import device_clock
 
 
 def default_token_counts(block: int, max_concurrency: int) -> List[int]:
@@ -81,9 +81,9 @@ def profile_sps(
     best = {b: math.inf for b in sizes}
     for i in range(repeats + 1):  # pass 0 is an untimed warm-up
         for b, (cache, ids, per_row) in setups.items():
-            t0 = _now(dev)
+            t0 = device_clock(dev)
             target(ids, past_key_values=cache, use_cache=True, with_logits=True)
-            t1 = _now(dev)
+            t1 = device_clock(dev)
             cache.crop(-per_row)
             if i:
                 best[b] = min(best[b], t1 - t0)

@@ -60,7 +60,8 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy)")
 
 
-def _now(device: torch.device) -> float:
+def device_clock(device: torch.device) -> float:
+    """Wall-clock seconds (time.perf_counter) once the device has run its queued work."""
     # Asynchronous devices must finish queued work before a wall-clock reading means anything.
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -193,13 +194,13 @@ def speculative_generate(
     dev = target.device
     feat_dtype = drafter.fc.weight.dtype if hasattr(drafter, "fc") else None
 
-    t0 = _now(dev)
+    t0 = device_clock(dev)
     cache, feats, logits = _prefill(target, prompt_ids)
     feats = feats.to(feat_dtype) if feat_dtype is not None else feats
     anchor = _sample(distribution(logits, temperature), temperature, generator)
     tokens = [anchor]
     stopped = anchor in stops
-    t_prefill = _now(dev)
+    t_prefill = device_clock(dev)
 
     # Committed ids before the anchor (positions 0..n-1, what feats covers), for drafters that embed
     # the context tokens and say so (EAGLE-3: uses_context_ids); DSpark reads only the features.
@@ -207,11 +208,11 @@ def speculative_generate(
     context = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
     rounds: List[RoundRecord] = []
     while not stopped and len(tokens) < max_new_tokens:
-        t_a = _now(dev)
+        t_a = device_clock(dev)
         d = drafter.draft(
             feats, anchor, temperature, generator, **({"context_ids": context} if wants_ids else {})
         )
-        t_b = _now(dev)
+        t_b = device_clock(dev)
         ell = gamma if verify_len is None else int(verify_len(len(rounds), d))
         if not 0 <= ell <= gamma:
             raise ValueError(f"verify_len returned {ell}; must be in [0, block_size={gamma}]")
@@ -225,7 +226,7 @@ def speculative_generate(
             cache.crop(-(ell - accepted))
         feats = torch.cat([feats, out.aux[:, : accepted + 1].to(feats.dtype)], dim=1)
         context = torch.cat([context, block[:, : accepted + 1]], dim=1)
-        t_c = _now(dev)
+        t_c = device_clock(dev)
 
         committed, stopped = _finish(tokens, drafts[:accepted].tolist() + [nxt], max_new_tokens, stops)
         anchor = nxt
@@ -234,7 +235,7 @@ def speculative_generate(
         rounds.append(
             RoundRecord(gamma, ell, accepted, mask, committed, conf, conf_logits, t_b - t_a, t_c - t_b)
         )
-    return GenerationResult(tokens, rounds, t_prefill - t0, _now(dev) - t_prefill, stopped)
+    return GenerationResult(tokens, rounds, t_prefill - t0, device_clock(dev) - t_prefill, stopped)
 
 
 @torch.no_grad()
@@ -252,12 +253,12 @@ def target_generate(
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     stops = set(int(s) for s in stop_ids)
     dev = target.device
-    t0 = _now(dev)
+    t0 = device_clock(dev)
     cache, _, logits = _prefill(target, prompt_ids)
     tokens = [_sample(distribution(logits, temperature), temperature, generator)]
-    t_prefill = _now(dev)
+    t_prefill = device_clock(dev)
     while tokens[-1] not in stops and len(tokens) < max_new_tokens:
         ids = torch.tensor([[tokens[-1]]], device=dev)
         logits = target(ids, past_key_values=cache, use_cache=True, with_logits=True).logits[0, -1]
         tokens.append(_sample(distribution(logits, temperature), temperature, generator))
-    return GenerationResult(tokens, [], t_prefill - t0, _now(dev) - t_prefill, tokens[-1] in stops)
+    return GenerationResult(tokens, [], t_prefill - t0, device_clock(dev) - t_prefill, tokens[-1] in stops)

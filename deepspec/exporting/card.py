@@ -200,10 +200,10 @@ def build_card(
     run_cfg = summary = None
     plots: Dict[str, Path] = {}
     if run_dir is not None:
-        run_cfg = _load(run_dir / "config.yaml", yaml_file=True)
-        summary = _load(run_dir / "train_summary.json")
+        run_cfg = read_run_file(run_dir / "config.yaml")
+        summary = read_run_file(run_dir / "train_summary.json")
         if eval_result is None:
-            eval_result = _load(run_dir / "eval.json")
+            eval_result = read_run_file(run_dir / "eval.json")
         if (run_dir / "eval.json").exists() or eval_result is not None:
             for png in sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png")):
                 plots[f"plots/{png.name}"] = png
@@ -297,11 +297,14 @@ def serving_section(fmt: str, kind: str, base_model: str, where: str, gamma: int
     return "\n".join(out) + "\n"
 
 
-def _load(path: Path, yaml_file: bool = False) -> Optional[Dict[str, Any]]:
+def read_run_file(path: Path) -> Optional[Dict[str, Any]]:
+    """A run folder's side file (config.yaml, train_summary.json, run_info.json, eval.json): its
+    contents, or None when it is missing or unreadable."""
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text()) if yaml_file else json.loads(path.read_text())
+        text = path.read_text()
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError):
         return None  # a broken side file loses its card section; the weights are what matters
     return data if isinstance(data, (dict, list)) else None

@@ -8,12 +8,11 @@ fails it never appears at ``output_dir``.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from deepspec.exporting.card import build_card, is_hub_id
+from deepspec.exporting.card import build_card, is_hub_id, read_run_file
 from deepspec.exporting.check import check_export
 from deepspec.exporting.formats import FORMATS, default_include_embeddings, format_config
 from deepspec.exporting.hub import HubError, PushPlan, push_folder, resolve_token, validate_repo_id
@@ -46,17 +45,10 @@ def check_export_settings(e) -> None:
         )
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None
-
-
 def _target_path(e, run_dir: Optional[Path]) -> Optional[str]:
     if e.target:
         return e.target
-    info = _read_json(run_dir / "run_info.json") if run_dir else None
+    info = read_run_file(run_dir / "run_info.json") if run_dir else None
     t = (info or {}).get("target")
     return t if t and Path(t).is_dir() else None
 
@@ -64,9 +56,7 @@ def _target_path(e, run_dir: Optional[Path]) -> Optional[str]:
 def _base_model(e, drafter: DSparkDrafter, run_dir: Optional[Path], target_path: Optional[str]) -> str:
     if e.base_model:
         return e.base_model
-    from deepspec.exporting.card import _load
-
-    run_cfg = _load(run_dir / "config.yaml", yaml_file=True) if run_dir else None
+    run_cfg = read_run_file(run_dir / "config.yaml") if run_dir else None
     name = ((run_cfg or {}).get("target") or {}).get("name_or_path") if isinstance(run_cfg, dict) else None
     if name and name != "tiny":
         return str(name)
