@@ -1,7 +1,8 @@
-"""Shared fixtures: the micro tiny target (built once per session into a temporary cache)."""
+"""Shared fixtures: the micro tiny targets (built once per session into a temporary cache)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -61,3 +62,23 @@ def micro_target(tmp_path_factory):
         torch.set_num_threads(n)
     overrides = [f"target.tiny.{k}={v}" for k, v in MICRO_TARGET.items()] + [f"target.tiny.cache_dir={cache}"]
     return path, cfg, overrides
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """Folder holding the built micro target of the training tests (``train_fixtures.MICRO_TARGET``);
+    DEEPSPEC_TEST_TINY_CACHE reuses one across sessions."""
+    import torch
+    from train_fixtures import MICRO_TARGET as TRAIN_MICRO_TARGET
+
+    from deepspec.config import TinyTargetConfig
+    from deepspec.target.tiny import build_tiny_target
+
+    d = Path(os.environ.get("DEEPSPEC_TEST_TINY_CACHE") or tmp_path_factory.getbasetemp() / "tiny-cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_tiny_target(TinyTargetConfig(**TRAIN_MICRO_TARGET, cache_dir=str(d)))
+    finally:
+        torch.set_num_threads(threads)
+    return d

@@ -18,7 +18,6 @@ from train_fixtures import (
     state,
     tail,
     tensors,  # noqa: F401
-    tiny_cache,  # noqa: F401 - a fixture, requested by name
     train_here,
 )
 

@@ -14,7 +14,6 @@ from train_fixtures import (
     micro_overrides,
     state,
     tail,  # noqa: F401
-    tiny_cache,  # noqa: F401 - a fixture, requested by name
     train_here,
 )
 
@@ -70,7 +69,7 @@ def test_checkpoint_write_killed_midway_leaves_previous_usable(uninterrupted, ti
     out = tmp_path / "run"
     r = launch(micro_overrides(tiny_cache, out) + RUN, env={"DEEPSPEC_FAULTS": "kill_in_checkpoint@4"})
     assert r.returncode == -signal.SIGKILL, tail(r)
-    partial = out / "checkpoints" / ".tmp-step-00000004"
+    (partial,) = (out / "checkpoints").glob(".step-00000004.staging-*")
     assert (partial / "model.safetensors").is_file() and not (partial / "trainer_state.json").exists()
     assert not ckpt(out, 4).exists()
     assert [c.step for c in list_checkpoints(out / "checkpoints")] == [2]
@@ -103,4 +102,4 @@ def test_retention_keeps_last_k_plus_best(tmp_path):
     assert find_checkpoint("none", tmp_path) is None
     prune_checkpoints(tmp_path, keep_last=1, keep_best=False)
     assert [c.step for c in list_checkpoints(tmp_path)] == [50]
-    assert not list(tmp_path.glob(".trash-*"))
+    assert not list(tmp_path.glob(".*"))  # nothing renamed aside is left

@@ -17,7 +17,6 @@ from train_fixtures import (
     micro_overrides,
     state,
     tail,  # noqa: F401
-    tiny_cache,  # noqa: F401 - a fixture, requested by name
     train_here,
 )
 

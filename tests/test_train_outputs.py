@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_fixtures import compose, launch, micro_overrides, tail, tiny_cache  # noqa: F401
+from train_fixtures import compose, launch, micro_overrides, tail  # noqa: F401
 
 SPEC_METRICS = [
     "loss",

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,30 +45,6 @@ def micro_overrides(cache_dir: Path, out_dir: Path) -> List[str]:
         "train.checkpoint.heldout_sequences=2",
         "logging.tensorboard=false",
     ]
-
-
-_BUILT: Dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """Folder holding the built micro target (DEEPSPEC_TEST_TINY_CACHE reuses one across sessions).
-    Each test module imports this fixture, which pytest treats as one fixture per module: the module
-    global makes sure the target is still built once per session."""
-    from deepspec.config import TinyTargetConfig
-    from deepspec.target.tiny import build_tiny_target
-
-    if "dir" in _BUILT:
-        return _BUILT["dir"]
-    d = Path(os.environ.get("DEEPSPEC_TEST_TINY_CACHE") or tmp_path_factory.getbasetemp() / "tiny-cache")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        build_tiny_target(TinyTargetConfig(**MICRO_TARGET, cache_dir=str(d)))
-    finally:
-        torch.set_num_threads(threads)
-    _BUILT["dir"] = d
-    return d
 
 
 def compose(overrides: List[str]):

@@ -25,13 +25,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from deepspec import atomic
 
 FORMAT = "deepspec-target-cache"
 VERSION = 1
@@ -147,19 +148,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -170,23 +158,14 @@ def sidecar_path(cache_dir: Path, k: int) -> Path:
 
 def write_shard(cache_dir: Path, k: int, tensors: Dict[str, torch.Tensor], info: dict) -> dict:
     """Write shard k atomically (temp file, fsync, rename), then its sidecar; returns the sidecar."""
-    from safetensors.torch import save_file
-
     final = cache_dir / shard_name(k)
-    tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
     # One metadata key: safetensors writes a metadata map in no fixed order, and shards must be
     # byte-identical from run to run (resume, checksums).
-    save_file(
-        tensors,
-        str(tmp),
-        metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})},
+    atomic.write_tensors(
+        final, tensors, metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})}
     )
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, final)
     side = {**info, "file": final.name, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
-    atomic_write_json(sidecar_path(cache_dir, k), side)
+    atomic.write_json(sidecar_path(cache_dir, k), side, sort_keys=True)
     return side
 
 

@@ -18,6 +18,7 @@ from typing import Dict, List
 
 import torch
 
+from deepspec import atomic
 from deepspec.data.batching import Example
 from deepspec.data.cache import (
     FORMAT,
@@ -26,7 +27,6 @@ from deepspec.data.cache import (
     PLAN,
     VERSION,
     CacheError,
-    atomic_write_json,
     encode_features,
     finished_shard,
     format_bytes,
@@ -122,14 +122,10 @@ def _prepare_dir(cache_dir: Path, plan: dict, ccfg, heldout: List[dict]) -> None
                 "or set collect.overwrite=true"
             )
         _clear(cache_dir)
-    for p in cache_dir.glob(".*.tmp-*"):
-        p.unlink()  # half-written files of a killed run: never valid, never read
+    atomic.remove_stale(cache_dir)  # half-written files of a killed run: never valid, never read
     man_p.unlink(missing_ok=True)  # the cache is complete again only once every shard is verified
-    atomic_write_json(plan_p, plan)
-    with open(cache_dir / (HELDOUT + ".tmp"), "w", encoding="utf-8") as f:
-        for r in heldout:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "where"}, ensure_ascii=False) + "\n")
-    (cache_dir / (HELDOUT + ".tmp")).replace(cache_dir / HELDOUT)
+    atomic.write_json(plan_p, plan, sort_keys=True)
+    atomic.write_jsonl(cache_dir / HELDOUT, ({k: v for k, v in r.items() if k != "where"} for r in heldout))
 
 
 def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
@@ -285,7 +281,7 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
             "total_bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
         }
-        atomic_write_json(cache_dir / MANIFEST, manifest)
+        atomic.write_json(cache_dir / MANIFEST, manifest, sort_keys=True)
         print(
             f"cache written: {cache_dir} ({num_shards} shards, {format_bytes(manifest['total_bytes'])}, "
             f"{manifest['total_bytes'] / max(n_tok, 1):.1f} bytes/token)",

@@ -407,15 +407,3 @@ def load_chat_splits(data_cfg) -> Dict[str, List[dict]]:
     if not records:
         raise DataError(f"{data_cfg.path}: no usable conversation")
     return split_records(records, data_cfg.heldout_fraction, data_cfg.split_seed, data_cfg.heldout_max)
-
-
-def write_jsonl(path, records: Iterable[dict]) -> None:
-    """Atomic jsonl write (temporary file, fsync, rename); drops the internal ``where`` key."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({k: v for k, v in r.items() if k != "where"}, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

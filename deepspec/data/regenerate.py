@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from deepspec import atomic
+
 log = logging.getLogger("deepspec")
 
 META_SUFFIX = ".meta.json"
@@ -313,7 +315,7 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
             )
         log.info("resuming %s: %d of %d samples already done", out, len(done), len(jobs))
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_json(meta_path, {**meta, "complete": False})
+    atomic.write_json(meta_path, {**meta, "complete": False}, sort_keys=True)
 
     sink = OrderedSink(out, err)
     bar = tqdm(total=len(jobs), initial=len(done), desc="regenerate", disable=not progress_bar)
@@ -355,7 +357,7 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
         "new_errors": sink.errors,
         "skipped_input_records": stats.num_skipped,
     }
-    _atomic_json(meta_path, {**meta, "complete": True})
+    atomic.write_json(meta_path, {**meta, "complete": True}, sort_keys=True)
     log.info("regenerate: %s", counts)
     return counts
 
@@ -375,12 +377,6 @@ def _local_backend(cfg, sampling: Sampling, tkw: Mapping, thinking: bool):
     model = model.to(_device(cfg.regen.device)).eval()
     torch.manual_seed(cfg.regen.seed)  # nothing should draw from it; per-row generators do the sampling
     return LocalBackend(model, tok, sampling, cfg.regen.max_new_tokens, cfg.regen.seed, tkw, thinking)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def __getattr__(name):  # the backends and their helpers, importable from here too

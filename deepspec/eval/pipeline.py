@@ -15,6 +15,8 @@ from typing import Dict, Optional
 import torch
 from omegaconf import OmegaConf
 
+from deepspec import atomic
+
 log = logging.getLogger("deepspec")
 
 
@@ -70,7 +72,6 @@ def run_evaluation(cfg) -> Dict:
     from deepspec.data.chat import end_of_turn_ids
     from deepspec.eval.datasets import dataset_labels, load_prompt_texts, select, tokenize_prompts
     from deepspec.eval.loading import check_inputs, load_models
-    from deepspec.eval.report import atomic_write_json
     from deepspec.eval.runner import evaluate_datasets
     from deepspec.eval.scheduler import SPSCurve
 
@@ -93,7 +94,7 @@ def run_evaluation(cfg) -> Dict:
     drafter_dir = inputs["drafter_dir"]
     out_dir = Path(e.output_dir) if e.output_dir else default_output_dir(drafter_dir, inputs["from_run_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     report = evaluate_datasets(
         target,
@@ -121,6 +122,6 @@ def run_evaluation(cfg) -> Dict:
             "drafter_dir": str(drafter_dir),
         }
         log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
-    atomic_write_json(str(out_dir / "eval.json"), report)
+    atomic.write_json(out_dir / "eval.json", report)
     print(f"eval.json written to {out_dir}")
     return report

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Dict
+
+from deepspec import atomic
 
 
 def finite_or_none(obj):
@@ -19,18 +20,9 @@ def finite_or_none(obj):
     return obj
 
 
-def atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def write_rounds(path: str, runs) -> None:
     """One JSON line per recorded round, so a run can be re-analysed without decoding again."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic.atomic_open(path) as f:
         for name, temp, run in runs:
             for i, rounds in enumerate(run.rounds_by_prompt):
                 for r in rounds:
@@ -51,7 +43,6 @@ def write_rounds(path: str, runs) -> None:
                         )
                         + "\n"
                     )
-    os.replace(tmp, path)
 
 
 def format_table(report: Dict) -> str:

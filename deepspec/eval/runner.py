@@ -17,8 +17,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from deepspec import atomic
 from deepspec.eval import metrics
-from deepspec.eval.report import atomic_write_json, finite_or_none, format_table, write_rounds
+from deepspec.eval.report import finite_or_none, format_table, write_rounds
 from deepspec.eval.spec_decode import speculative_generate, target_generate
 
 
@@ -245,7 +246,7 @@ def evaluate_datasets(
     report = finite_or_none(report)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_write_json(os.path.join(out_dir, "eval.json"), report)
+        atomic.write_json(os.path.join(out_dir, "eval.json"), report)
         write_rounds(os.path.join(out_dir, "rounds.jsonl"), runs)
         if getattr(cfg, "plots", False):
             from deepspec.eval.plots import write_plots

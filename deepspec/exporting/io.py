@@ -1,4 +1,4 @@
-"""Careful file I/O for exports: reads that name the broken file, writes that never leave half a folder.
+"""Careful file reads for exports: every failure names the broken file (writes: ``deepspec.atomic``).
 
 Every reader here turns a low-level failure (bad JSON, truncated safetensors, a missing file) into an
 :class:`ExportInputError` naming the file and what was expected, because the usual cause is an
@@ -8,16 +8,12 @@ unfinished training run or an interrupted copy, and the user needs to know which
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -76,23 +72,6 @@ def _corrupt(path: Path, err: Exception) -> ExportInputError:
     )
 
 
-def write_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(obj: Dict[str, Any], path: Path) -> None:
-    from deepspec.exporting.native import atomic_write_text
-
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def check_output_dir(out: Path, overwrite: bool, protected: Tuple[Path, ...] = ()) -> None:
     """Refuse a non-empty output folder unless overwriting, and never one that holds an input."""
     out = out.resolve()
@@ -108,36 +87,3 @@ def check_output_dir(out: Path, overwrite: bool, protected: Tuple[Path, ...] = (
         raise ExportInputError(
             f"output folder {out} exists and is not empty; pass export.overwrite=true to replace it"
         )
-
-
-@contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty sibling folder to fill; on success it replaces ``out`` in one rename.
-
-    A crash or an exception leaves ``out`` as it was (a reader never sees half an export).
-    """
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
-    try:
-        yield stage
-        _share(stage)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-        os.replace(stage, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
-
-
-def _share(folder: Path) -> None:
-    """mkstemp/mkdtemp create owner-only files; an export is meant to be read by others (umask applies)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from deepspec import atomic
 from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig
 from deepspec.models.drafter import DSparkDrafter
@@ -109,14 +109,6 @@ def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
     )
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
     """Write config.json + model.safetensors into ``out_dir`` (each file atomically)."""
     if dtype not in DTYPES:
@@ -124,13 +116,8 @@ def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in drafter.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".model.safetensors.")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    atomic_write_text(
-        out / "config.json", json.dumps(native_config(drafter.config, dtype), indent=2, sort_keys=True)
-    )
+    atomic.write_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    atomic.write_json(out / "config.json", native_config(drafter.config, dtype), sort_keys=True)
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
+from deepspec import atomic
 from deepspec.exporting.formats import (
     EMBED_KEYS,
     FORMATS,
@@ -27,9 +28,6 @@ from deepspec.exporting.io import (
     check_output_dir,
     read_json,
     read_tensors,
-    staged_folder,
-    write_json,
-    write_tensors,
 )
 from deepspec.exporting.native import DTYPES
 from deepspec.models.config import DSparkConfig
@@ -143,10 +141,10 @@ def export_drafter(
         "source": source,
         "probe": make_probe(logits, conf),
     }
-    with staged_folder(out) as stage:
-        write_tensors(tensors, stage / WEIGHTS_NAME)
-        write_json(config, stage / CONFIG_NAME)
-        write_json(sidecar, stage / SIDECAR_NAME)
+    with atomic.staged_dir(out.resolve()) as stage:
+        atomic.write_tensors(stage / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        atomic.write_json(stage / CONFIG_NAME, config, sort_keys=True)
+        atomic.write_json(stage / SIDECAR_NAME, sidecar, sort_keys=True)
         for name, content in (extra_files or {}).items():
             dest = stage / name
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,8 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from deepspec import atomic
 from deepspec.config import TinyTargetConfig
 from deepspec.data.chat import tokenize_conversation
 from deepspec.data.tiny_chat import chat_pairs, check_pairs
@@ -358,24 +357,20 @@ def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
     pairs = {split: chat_pairs(files, split) for split in (TRAIN, HELDOUT)}
     check_pairs(cfg, {k: len(v) for k, v in pairs.items()})
     log(f"tiny target: building {final.name} from {corpus_root(cfg.corpus_dir)} ({len(files)} files)")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    if final.exists() and not (final / COMPLETE_MARKER).is_file():
+        shutil.rmtree(final)  # left by an older, interrupted writer: never valid
     try:
-        report = _run_build(cfg, files, pairs, tmp, bf16, log)
-        payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION}
-        payload.update(report)
-        (tmp / REPORT_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        if final.exists() and not (final / COMPLETE_MARKER).is_file():
-            shutil.rmtree(final)  # left by an older, interrupted writer: never valid
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():
-                raise  # not a concurrent build that finished first
-            log(f"tiny target: another build finished first; using {final}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic.staged_dir(final, replace=False) as tmp:
+            report = _run_build(cfg, files, pairs, tmp, bf16, log)
+            payload = {"config": dataclasses.asdict(cfg), "key": final.name, "build_version": BUILD_VERSION}
+            payload.update(report)
+            atomic.write_json(tmp / REPORT_FILE, payload)
+            atomic.write_text(tmp / COMPLETE_MARKER, "ok\n")
+    except OSError:
+        if not (final / COMPLETE_MARKER).is_file():
+            raise  # not a concurrent build that finished first
+        log(f"tiny target: another build finished first; using {final}")
+        report = json.loads((final / REPORT_FILE).read_text())
     log(
         f"tiny target: held-out text loss {report['heldout_text_loss']:.3f} "
         f"(ppl {report['heldout_text_ppl']:.2f}), chat loss {report['heldout_chat_loss']:.3f} "

@@ -12,9 +12,10 @@ Layout of ``train.checkpoint.dir`` (default ``<output_dir>/checkpoints``)::
       trainer_state.json     step, data position, AdamW step, world size, engine, held-out τ, metrics
     index.json               latest / best / kept checkpoints (informational)
 
-A checkpoint is written into ``.tmp-step-XXXXXXXX`` and renamed into place only when complete, so a
-directory named ``step-*`` is always whole; pruning renames to ``.trash-*`` before deleting. The frozen
-embedding and lm_head are not stored: they are copies of the target's and are restored from it.
+A checkpoint is written into a ``.step-XXXXXXXX.staging-*`` folder and renamed into place only when
+complete (``deepspec.atomic.staged_dir``), so a directory named ``step-*`` is always whole; pruning
+renames a checkpoint aside before deleting it. The frozen embedding and lm_head are not stored: they
+are copies of the target's and are restored from it.
 Everything is read back with safetensors or json; nothing is unpickled.
 """
 
@@ -22,19 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from deepspec import atomic
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.faults import maybe_kill
@@ -108,34 +107,6 @@ def find_checkpoint(resume: str, ckpt_dir: Path) -> Optional[Path]:
     )
 
 
-# ----------------------------------------------------------------------------- small file helpers
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    _fsync(path)
-
-
-def _save_tensors(
-    path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None
-) -> None:
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    _fsync(path)
-
-
-def _remove(path: Path) -> None:
-    """Rename out of the way first, so a half-deleted checkpoint never looks complete."""
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
 class LazyTensors:
     """A safetensors file as a read-only mapping that loads one tensor at a time (every rank reads the
     checkpoint; none of them should hold all of it at once)."""
@@ -174,7 +145,7 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_best: bool) -> dict:
         keep.add(best.path)
     for c in found:
         if c.path not in keep:
-            _remove(c.path)
+            atomic.remove_dir(c.path)
     kept = [c for c in found if c.path in keep]
     index = {
         "latest": kept[-1].path.name if kept else None,
@@ -182,9 +153,7 @@ def prune_checkpoints(ckpt_dir: Path, keep_last: int, keep_best: bool) -> dict:
         "best_metric": "heldout tau_est (from c*, higher is better)",
         "checkpoints": [{"name": c.path.name, "step": c.step, "heldout_tau": c.heldout_tau} for c in kept],
     }
-    tmp = ckpt_dir / ".index.json.tmp"
-    _write_json(tmp, index)
-    os.replace(tmp, ckpt_dir / "index.json")
+    atomic.write_json(ckpt_dir / "index.json", index, sort_keys=True)
     return index
 
 
@@ -205,11 +174,9 @@ class Checkpointer:
         self.last_heldout: Optional[dict] = None
         if acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob(".tmp-*"):
-                log.warning("removing an incomplete checkpoint left by an interrupted write: %s", stale)
-                shutil.rmtree(stale, ignore_errors=True)
-            for stale in self.dir.glob(".trash-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            for stale in atomic.remove_stale(self.dir):
+                if ".staging-" in stale.name:
+                    log.warning("removed an incomplete checkpoint left by an interrupted write: %s", stale)
         acc.wait_for_everyone()
         found = list_checkpoints(self.dir)
         self.last_good = found[-1].path if found else None
@@ -232,62 +199,55 @@ class Checkpointer:
         rng = dist_utils.gather_objects(acc, capture_rng())
         final = self.dir / step_dir_name(step)
         if acc.is_main_process:
-            tmp = self.dir / f".tmp-{final.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "rng").mkdir(parents=True)
-            _save_tensors(tmp / "model.safetensors", weights, {"format": FORMAT})
-            maybe_kill("kill_in_checkpoint", step)
-            _save_tensors(
-                tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)}
-            )
-            _write_json(tmp / "scheduler.json", scheduler.state_dict())
-            for rank, state in enumerate(rng):
-                tensors, meta = rng_tensors(state)
-                _save_tensors(tmp / "rng" / f"rank-{rank:05d}.safetensors", tensors, meta)
-            _write_json(
-                tmp / "drafter_config.json",
-                self.run.drafter_config.to_dict() | {"target_config": "<omitted>"},
-            )
-            (tmp / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            g = cfg.train.global_batch_size
-            n = len(self.run.train_examples)
-            state = {
-                "format": FORMAT,
-                "version": VERSION,
-                "step": step,
-                "total_steps": self.total_steps,
-                "adam_step": adam_step,
-                "skipped_steps": skipped_steps,
-                "data": {
-                    "global_step": step,
-                    "samples_consumed": step * g,
-                    "epoch": (step * g) // max(n, 1),
-                    "global_batch_size": g,
-                    "num_train_sequences": n,
-                    "seed": cfg.train.seed,
-                },
-                "world_size": acc.num_processes,
-                "engine": dist_utils.engine_kind(acc),
-                "zero_stage": dist_utils.zero_stage(acc),
-                "mixed_precision": cfg.train.mixed_precision,
-                "drafter": drafter_fingerprint(self.run.drafter_config),
-                "target": self.run.target_path,
-                "heldout": heldout,
-                "metrics": metrics or {},
-                "files": {
-                    p.relative_to(tmp).as_posix(): p.stat().st_size
-                    for p in sorted(tmp.rglob("*"))
-                    if p.is_file()
-                },
-                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            _write_json(tmp / STATE_FILE, state)  # written last
-            _fsync(tmp / "rng")
-            _fsync(tmp)
-            if final.exists():  # a checkpoint of the same step from an earlier attempt
-                _remove(final)
-            os.replace(tmp, final)
-            _fsync(self.dir)
+            with atomic.staged_dir(final) as tmp:  # replaces a same-step checkpoint of an earlier attempt
+                atomic.write_tensors(tmp / "model.safetensors", weights, {"format": FORMAT})
+                maybe_kill("kill_in_checkpoint", step)
+                atomic.write_tensors(
+                    tmp / "optimizer.safetensors", moments, {"format": FORMAT, "adam_step": str(adam_step)}
+                )
+                atomic.write_json(tmp / "scheduler.json", scheduler.state_dict(), sort_keys=True)
+                for rank, state in enumerate(rng):
+                    tensors, meta = rng_tensors(state)
+                    atomic.write_tensors(tmp / "rng" / f"rank-{rank:05d}.safetensors", tensors, meta)
+                atomic.write_json(
+                    tmp / "drafter_config.json",
+                    self.run.drafter_config.to_dict() | {"target_config": "<omitted>"},
+                    sort_keys=True,
+                )
+                atomic.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                g = cfg.train.global_batch_size
+                n = len(self.run.train_examples)
+                state = {
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "step": step,
+                    "total_steps": self.total_steps,
+                    "adam_step": adam_step,
+                    "skipped_steps": skipped_steps,
+                    "data": {
+                        "global_step": step,
+                        "samples_consumed": step * g,
+                        "epoch": (step * g) // max(n, 1),
+                        "global_batch_size": g,
+                        "num_train_sequences": n,
+                        "seed": cfg.train.seed,
+                    },
+                    "world_size": acc.num_processes,
+                    "engine": dist_utils.engine_kind(acc),
+                    "zero_stage": dist_utils.zero_stage(acc),
+                    "mixed_precision": cfg.train.mixed_precision,
+                    "drafter": drafter_fingerprint(self.run.drafter_config),
+                    "target": self.run.target_path,
+                    "heldout": heldout,
+                    "metrics": metrics or {},
+                    "files": {
+                        p.relative_to(tmp).as_posix(): p.stat().st_size
+                        for p in sorted(tmp.rglob("*"))
+                        if p.is_file()
+                    },
+                    "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                atomic.write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last
             prune_checkpoints(self.dir, self.c.keep_last, self.c.keep_best)
             log.info(
                 "checkpoint %s written in %.1fs%s",

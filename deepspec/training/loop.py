@@ -16,7 +16,6 @@ the NaN/inf policy in nonfinite.py (docs/training.md).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,10 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from accelerate.utils import set_seed
 
+from deepspec import atomic
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
-from deepspec.exporting.native import atomic_write_text, save_native
+from deepspec.exporting.native import save_native
 from deepspec.exporting.pipeline import check_export_settings
 from deepspec.losses import LossOutput, dspark_loss, summarise, target_logits
 from deepspec.training import distributed as dist_utils
@@ -284,7 +284,7 @@ def finish_run(cfg, acc, run: RunSetup, model, summary: Dict[str, Any]) -> Path:
         exported = export_after_training(cfg, drafter, out_dir, result.get("eval"))
         if exported is not None:
             result["export"] = str(exported.output_dir)
-        atomic_write_text(out_dir / "train_summary.json", json.dumps(result, indent=2))
+        atomic.write_json(out_dir / "train_summary.json", result)
     acc.wait_for_everyone()
     return out_dir
 

@@ -20,6 +20,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from deepspec import atomic
+
 log = logging.getLogger("deepspec")
 
 _SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd|credentials?)$", re.IGNORECASE)
@@ -146,9 +148,7 @@ def _trim_jsonl(path: Path, keep_through: int) -> None:
                 kept.append(line)
         except ValueError:
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(k + "\n" for k in kept))
 
 
 def _start_wandb(cfg, out_dir: Path):

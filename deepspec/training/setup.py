@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,9 @@ from typing import Callable, List, Optional
 import torch
 from omegaconf import OmegaConf
 
+from deepspec import atomic
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
-from deepspec.exporting.native import atomic_write_text
 from deepspec.models import build_drafter
 from deepspec.models.config import DSparkConfig, resolve_drafter_config
 from deepspec.models.drafter import DSparkDrafter
@@ -140,7 +139,7 @@ def build_run(cfg, accelerator) -> RunSetup:
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     path = resolve_target_path(cfg, accelerator)
     trc = cfg.target.trust_remote_code
@@ -177,7 +176,7 @@ def build_run(cfg, accelerator) -> RunSetup:
             "eval_prompts": len(eval_records),
             "trainable_params": sum(p.numel() for p in drafter.trainable_parameters()),
         }
-        atomic_write_text(out_dir / "run_info.json", json.dumps(info, indent=2))
+        atomic.write_json(out_dir / "run_info.json", info)
         log.info(
             "target %s | drafter layers=%s ids=%s | %d train sequences",
             path,
