@@ -8,23 +8,12 @@ in training). Prints the size estimate first; rerunning an interrupted collectio
 Exit status 0 on success, 1 on an error a user can act on.
 """
 
-import os
 import sys
 
-# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
-_here = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _here:
-    sys.path.pop(0)
-
-import hydra  # noqa: E402
-
-from deepspec.config import register_configs  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
-register_configs()
+from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="collect")
+@hydra_entry("collect")
 def main(cfg) -> None:
     import logging
 

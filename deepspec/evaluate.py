@@ -11,23 +11,10 @@ then calibration (STS), the threshold sweep and the scheduler simulation; writes
         target.name_or_path=Qwen/Qwen3-4B
 """
 
-import os
-import sys
-
-# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
-_here = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _here:
-    sys.path.pop(0)
-
-import hydra  # noqa: E402
-
-from deepspec.config import register_configs  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
-register_configs()
+from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@hydra_entry("evaluate")
 def main(cfg) -> None:
     import logging
 

@@ -9,20 +9,9 @@ the check form is a plain command line, since it takes a folder and not a config
 Exit status: 0 on success, 1 when the check fails or the input is refused (message on stderr).
 """
 
-import os
 import sys
 
-# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
-_here = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _here:
-    sys.path.pop(0)
-
-import hydra  # noqa: E402
-
-from deepspec.config import register_configs  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
-register_configs()
+from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py
 
 
 def _user_errors():
@@ -56,7 +45,7 @@ def check_main(argv) -> int:
     return 0 if report.ok else 1
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra_entry("export")
 def export_main(cfg) -> None:
     from deepspec.exporting.pipeline import run_export
 
@@ -67,7 +56,11 @@ def export_main(cfg) -> None:
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "check":
         sys.exit(check_main(sys.argv[2:]))
     export_main()
+
+
+if __name__ == "__main__":
+    main()

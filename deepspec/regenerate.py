@@ -8,24 +8,13 @@ Hydra (configs/regenerate.yaml, the training config tree): sampling settings com
 short for regen.resume=true. Exit status 0 on success, 1 on an error a user can act on.
 """
 
-import os
 import sys
 
-# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
-_here = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _here:
-    sys.path.pop(0)
-
-import hydra  # noqa: E402
-
-from deepspec.config import register_configs  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
-register_configs()
+from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="regenerate")
-def main(cfg) -> None:
+@hydra_entry("regenerate")
+def regenerate_main(cfg) -> None:
     import logging
 
     from deepspec.data.prompts import DataError
@@ -43,6 +32,10 @@ def _translate_flags(argv):
     return [("regen.resume=true" if a == "--resume" else a) for a in argv]
 
 
-if __name__ == "__main__":
+def main() -> None:
     sys.argv = _translate_flags(sys.argv)
+    regenerate_main()
+
+
+if __name__ == "__main__":
     main()

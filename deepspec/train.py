@@ -4,23 +4,10 @@ Hydra composes configs/train.yaml with a recipe and validates every key against 
 deepspec/config.py, so an unknown or mistyped override stops here with the key's name.
 """
 
-import os
-import sys
-
-# Run as a script, this file's folder would shadow top-level modules named like ours (data, eval...).
-_here = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _here:
-    sys.path.pop(0)
-
-import hydra  # noqa: E402
-
-from deepspec.config import register_configs  # noqa: E402
-
-CONFIG_DIR = os.path.join(os.path.dirname(_here), "configs")
-register_configs()
+from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_entry("train")
 def main(cfg) -> None:
     import logging
 
