@@ -99,11 +99,11 @@ class Workload:
 
     def _build_step(self, g, dev):
         from deepspec.models import build_drafter
-        from deepspec.models.config import DSparkConfig
+        from deepspec.models.config import DrafterSpec
 
         a = self.args
         h = a.hidden
-        c = DSparkConfig(
+        c = DrafterSpec(
             model_type="qwen3",
             vocab_size=a.vocab,
             hidden_size=h,
@@ -115,7 +115,7 @@ class Workload:
             rope_theta=1e6,
             attention_bias=False,
             use_qk_norm=True,
-            num_hidden_layers=2,
+            num_layers=2,
             num_target_layers=6,
             target_hidden_size=h,
             target_layer_ids=[1, 2, 3],

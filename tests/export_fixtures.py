@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from deepspec.config import DrafterConfig
 from deepspec.models.config import resolve_drafter_config
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models.parallel import ParallelDrafter
 
 V = 128
 MASK = V - 1
@@ -32,13 +32,13 @@ def tiny_target(family: str = "qwen3", layers: int = 6, vocab: int = V, seed: in
 
 def tiny_drafter(
     target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0, sts=None
-) -> DSparkDrafter:
+) -> ParallelDrafter:
     dc = DrafterConfig(
         kind=kind, num_layers=2, block_size=4, markov_rank=16, markov_head_type=markov, num_target_features=3
     )
     cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
     cfg.sts_temperatures = sts
-    d = DSparkDrafter(cfg)
+    d = ParallelDrafter(cfg)
     d.init_weights(std=0.1, seed=seed)
     d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     if d.markov_head is not None:

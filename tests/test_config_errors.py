@@ -10,7 +10,7 @@ import pytest
 from transformers import LlamaConfig, Qwen3Config
 
 from deepspec.config import DrafterConfig
-from deepspec.models.config import DSparkConfig, default_target_layer_ids, resolve_drafter_config
+from deepspec.models.config import DrafterSpec, default_target_layer_ids, resolve_drafter_config
 from deepspec.training.optim import lr_factor
 
 V = 64
@@ -28,7 +28,7 @@ def qwen3_dict(layers: int = 6) -> dict:
     ).to_dict()
 
 
-def resolve(layers: int = 6, mask: int = V - 1, **kw) -> DSparkConfig:
+def resolve(layers: int = 6, mask: int = V - 1, **kw) -> DrafterSpec:
     return resolve_drafter_config(DrafterConfig(**kw), qwen3_dict(layers), mask_token_id=mask)
 
 
@@ -93,7 +93,7 @@ def test_resolve_fills_target_facts():
     c = resolve_drafter_config(DrafterConfig(), llama, mask_token_id=3)
     assert c.model_type == "llama" and not c.use_qk_norm and c.target_layer_ids == [1, 2]
     # to_dict / from_dict round trip.
-    assert DSparkConfig.from_dict(c.to_dict()) == c
+    assert DrafterSpec.from_dict(c.to_dict()) == c
 
 
 # ----------------------------------------------------------------------------- 9. errors
@@ -168,7 +168,25 @@ def test_direct_config_validation():
     with pytest.raises(ValueError, match="sts_temperatures has 2 entries; expected block_size=7"):
         dataclasses.replace(good, sts_temperatures=[1.0, 1.0])
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
-        DSparkConfig.from_dict({**good.to_dict(), "bogus": 1})
+        DrafterSpec.from_dict({**good.to_dict(), "bogus": 1})
+
+
+def test_spec_uses_the_user_words_and_reads_the_old_key_names():
+    c = resolve(6, kind="eagle3", num_layers=1)
+    d = c.to_dict()
+    assert d["kind"] == "eagle3" and d["num_layers"] == 1
+    assert "architecture" not in d and "num_hidden_layers" not in d
+    old = {k: v for k, v in d.items() if k not in ("kind", "num_layers")}
+    assert DrafterSpec.from_dict({**old, "architecture": "eagle3", "num_hidden_layers": 1}) == c
+    # DFlash was stored as architecture=dspark with both heads off; it reads back as kind=dflash.
+    dflash = resolve(6, kind="dflash")
+    old = {k: v for k, v in dflash.to_dict().items() if k not in ("kind", "num_layers")}
+    back = DrafterSpec.from_dict({**old, "architecture": "dspark", "num_hidden_layers": 2})
+    assert back == dflash and back.kind == "dflash"
+    # A dspark with both heads turned off is a DFlash drafter, whichever word built it.
+    assert resolve(6, markov_rank=0, enable_confidence_head=False).kind == "dflash"
+    with pytest.raises(ValueError, match="model.kind=dflash: this drafter has no Markov or confidence head"):
+        dataclasses.replace(dflash, markov_rank=8)
 
 
 # ----------------------------------------------------------------------------- 10. lr schedule

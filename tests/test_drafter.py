@@ -16,8 +16,9 @@ from deepspec.config import DrafterConfig, LossConfig
 from deepspec.data.anchors import block_targets
 from deepspec.exporting.native import load_native, save_native
 from deepspec.losses import dspark_loss, target_logits, weighted_valid
-from deepspec.models.config import resolve_drafter_config
-from deepspec.models.drafter import DSparkDrafter, visibility_mask
+from deepspec.models import DRAFTER_CLASSES, Drafter, Eagle3Drafter, build_drafter
+from deepspec.models.config import KINDS, resolve_drafter_config
+from deepspec.models.parallel import ParallelDrafter, visibility_mask
 from deepspec.target.adapter import TargetModel
 
 V = 96
@@ -54,7 +55,7 @@ def tiny_drafter(
     std: float = 0.1,
     layer_ids="auto",
     confidence: bool = True,
-) -> DSparkDrafter:
+) -> ParallelDrafter:
     dc = DrafterConfig(
         num_layers=2,
         block_size=block_size,
@@ -64,7 +65,7 @@ def tiny_drafter(
         enable_confidence_head=confidence,
     )
     cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
-    d = DSparkDrafter(cfg)
+    d = build_drafter(cfg)
     d.init_weights(std=std, seed=seed)
     d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     if d.markov_head is not None:
@@ -359,6 +360,17 @@ def test_bf16_target_feeds_fp32_drafter_without_autocast():
     assert draft.tokens.shape[-1] == 4
 
 
+def test_build_drafter_gives_each_kind_its_class():
+    assert set(DRAFTER_CLASSES) == set(KINDS)
+    target = tiny_target("qwen3", layers=6)
+    for kind, cls in (("dspark", ParallelDrafter), ("dflash", ParallelDrafter), ("eagle3", Eagle3Drafter)):
+        dc = DrafterConfig(kind=kind, num_layers=1, block_size=4, markov_rank=8)
+        spec = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
+        d = build_drafter(spec)
+        assert type(d) is cls and isinstance(d, Drafter) and d.config.kind == kind
+        assert (d.markov_head is None) == (kind != "dspark")
+
+
 # ----------------------------------------------------------------------------- 11. native export
 
 SPEC7_KEYS = (
@@ -403,7 +415,7 @@ def test_native_round_trip_float32(tmp_path, family, markov):
         "markov_rank",
         "markov_head_type",
         "enable_confidence_head",
-        "num_hidden_layers",
+        "num_layers",
         "num_target_layers",
         "use_qk_norm",
         "rope_theta",

@@ -4,6 +4,7 @@ and config composition. Every target is a tiny randomly initialised Qwen3 (no do
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -60,7 +61,7 @@ def eagle(
     )
     c = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
     d = build_drafter(c)
-    assert isinstance(d, Eagle3Drafter) and c.architecture == "eagle3"
+    assert isinstance(d, Eagle3Drafter) and c.kind == "eagle3"
     d.init_weights(std=std, seed=seed)
     d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     return d.eval()
@@ -284,7 +285,14 @@ def test_native_round_trip(tmp_path):
     d = eagle(t)
     save_native(d, tmp_path / "drafter", dtype="float32")
     back = load_native(tmp_path / "drafter")
-    assert isinstance(back, Eagle3Drafter) and back.config.architecture == "eagle3"
+    assert isinstance(back, Eagle3Drafter) and back.config.kind == "eagle3"
+    # Native folders written before drafter_kind said drafter_architecture; they load the same drafter.
+    f = tmp_path / "drafter" / "config.json"
+    raw = json.loads(f.read_text())
+    assert raw["drafter_kind"] == "eagle3" and raw["num_hidden_layers"] == 1
+    raw["drafter_architecture"] = raw.pop("drafter_kind")
+    f.write_text(json.dumps(raw))
+    assert load_native(tmp_path / "drafter").config == back.config
     ids, anchors = batch()
     feats = TargetModel(t, LAYER_IDS)(ids).aux
     tg = block_targets(ids, torch.ones_like(ids), anchors, torch.ones_like(anchors), 4)
@@ -317,7 +325,7 @@ def test_hydra_model_eagle3_composes():
     c = resolve_drafter_config(
         cfg.model, {**hf_target().config.to_dict(), "num_hidden_layers": 6}, mask_token_id=MASK
     )
-    assert c.architecture == "eagle3" and c.target_layer_ids == [1, 2, 3]
+    assert c.kind == "eagle3" and c.target_layer_ids == [1, 2, 3]
 
 
 def test_flex_attention_matches_sdpa_on_cpu():

@@ -18,7 +18,7 @@ from deepspec.eval.scheduler import SPSCurve, causal_verify_len
 from deepspec.eval.spec_decode import RoundRecord, verify
 from deepspec.exporting.native import load_native, save_native
 from deepspec.models.config import resolve_drafter_config
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models.parallel import ParallelDrafter
 
 SPECIAL = ["<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"]
 WORDS = ["[UNK]", "user", "assistant"] + [f"w{i}" for i in range(25)]  # 4 + 28 = 32 ids
@@ -62,7 +62,7 @@ def save_drafter(target, path, mask="auto", seed=1, hidden_config=None, markov_r
         tc,
         mask_token_id=1,
     )
-    d = DSparkDrafter(dc)
+    d = ParallelDrafter(dc)
     d.init_weights(std=0.1, seed=seed)
     if hidden_config is None:
         d.load_target_head(target.embed_tokens.weight, target.lm_head.weight)

@@ -19,7 +19,7 @@ from deepspec.exporting.formats import FormatError
 from deepspec.exporting.io import ExportInputError
 from deepspec.exporting.native import save_native
 from deepspec.exporting.writer import drafter_outputs, export_drafter, load_export, resolve_checkpoint
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models.parallel import ParallelDrafter
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["native", "speculators", "dflash"]
@@ -45,7 +45,7 @@ def _bf16_twin(d, keep=()):
     """The drafter with its exported weights rounded through bf16: what a bf16 export must reproduce exactly.
 
     ``keep``: tensors not in the export (taken from the fp32 target when loading)."""
-    twin = DSparkDrafter(d.config)
+    twin = ParallelDrafter(d.config)
     twin.load_state_dict(
         {k: v if k in keep else v.to(torch.bfloat16).float() for k, v in d.state_dict().items()}
     )

@@ -13,7 +13,7 @@ from deepspec.data.anchors import anchor_candidates, block_targets, sample_ancho
 from deepspec.data.batching import Example, collate
 from deepspec.losses import dspark_loss, target_logits, weighted_valid
 from deepspec.models.config import resolve_drafter_config
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models.parallel import ParallelDrafter
 from deepspec.target.adapter import TargetModel
 
 V = 80
@@ -36,10 +36,10 @@ def tiny_target(seed: int = 0):
     return Qwen3ForCausalLM(cfg).eval()
 
 
-def tiny_drafter(target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0) -> DSparkDrafter:
+def tiny_drafter(target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0) -> ParallelDrafter:
     dc = DrafterConfig(kind=kind, num_layers=1, block_size=G, markov_rank=8, markov_head_type=markov)
     cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
-    d = DSparkDrafter(cfg)
+    d = ParallelDrafter(cfg)
     d.init_weights(std=0.1, seed=seed)
     d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
     if d.markov_head is not None:

@@ -17,7 +17,7 @@ from deepspec.eval.scheduler import (
     schedule_global,
     threshold_lengths,
 )
-from deepspec.models.drafter import Draft
+from deepspec.models.base import Draft
 
 
 def affine_sps(t0, t1):

@@ -17,8 +17,9 @@ from deepspec.config import DrafterConfig, EvalConfig
 from deepspec.eval import metrics, spec_decode
 from deepspec.eval.runner import evaluate
 from deepspec.eval.spec_decode import RoundRecord, speculative_generate, target_generate, verify
+from deepspec.models.base import Draft
 from deepspec.models.config import resolve_drafter_config
-from deepspec.models.drafter import Draft, DSparkDrafter
+from deepspec.models.parallel import ParallelDrafter
 from deepspec.target.adapter import TargetModel
 
 LAYER_IDS = [0, 1, 2]
@@ -47,7 +48,7 @@ def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4) -> Target
 
 def make_drafter(
     target, markov_rank=8, head_type="vanilla", block_size=3, seed=1, std=0.1, w2_std=0.3, target_config=None
-) -> DSparkDrafter:
+) -> ParallelDrafter:
     tc = (target_config or target.config).to_dict()
     dc = resolve_drafter_config(
         DrafterConfig(
@@ -60,7 +61,7 @@ def make_drafter(
         tc,
         mask_token_id=tc["vocab_size"] - 1,
     )
-    d = DSparkDrafter(dc)
+    d = ParallelDrafter(dc)
     d.init_weights(std=std, seed=seed)
     if target_config is None:
         d.load_target_head(target.embed_tokens.weight, target.lm_head.weight)

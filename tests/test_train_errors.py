@@ -131,7 +131,7 @@ def one_step(tiny_cache, tmp_path_factory):
     "override, shown",
     [
         ("model.markov_rank=8", "markov_rank: checkpoint 16 vs this run 8"),
-        ("model.num_layers=1", "num_hidden_layers: checkpoint 2 vs this run 1"),
+        ("model.num_layers=1", "num_layers: checkpoint 2 vs this run 1"),
         ("model=dflash", "markov_rank: checkpoint 16 vs this run 0"),
     ],
 )
@@ -161,6 +161,32 @@ def test_resume_refuses_other_data_order_truncated_files_and_mixing_runs(one_ste
         train_here(micro_overrides(tiny_cache, one_step) + ["train.resume=none", "train.max_steps=2"])
     with pytest.raises(FileNotFoundError, match="no checkpoint there"):
         train_here(micro_overrides(tiny_cache, tmp_path / "c") + [f"train.resume={tmp_path / 'nothing'}"])
+
+
+@pytest.mark.slow
+def test_resume_reads_a_checkpoint_written_before_the_drafter_key_rename(one_step, tiny_cache, tmp_path):
+    """drafter_config.json of older checkpoints says architecture/num_hidden_layers for kind/num_layers."""
+    out = tmp_path / "legacy"
+    shutil.copytree(ckpt(one_step, 1), ckpt(out, 1))
+    f = ckpt(out, 1) / "drafter_config.json"
+    saved = json.loads(f.read_text())
+    saved["architecture"], saved["num_hidden_layers"] = "dspark", saved.pop("num_layers")
+    del saved["kind"]
+
+    def write_old(spec: dict) -> None:
+        f.write_text(json.dumps(spec))
+        trainer = ckpt(out, 1) / "trainer_state.json"  # it records each file's size
+        st = json.loads(trainer.read_text())
+        st["files"]["drafter_config.json"] = f.stat().st_size
+        trainer.write_text(json.dumps(st))
+
+    write_old(saved)
+    train_here(micro_overrides(tiny_cache, out) + ["train.max_steps=2"])
+    assert state(out, 2)["adam_step"] == 2
+    saved["num_hidden_layers"] = 1  # an old key with a different value is still a different drafter
+    write_old(saved)
+    with pytest.raises(ValueError, match="num_layers: checkpoint 1 vs this run 2"):
+        train_here(micro_overrides(tiny_cache, tmp_path / "other") + [f"train.resume={ckpt(out, 1)}"])
 
 
 # ----------------------------------------------------------------------------- NaN / inf loss

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from deepspec.models.config import DSparkConfig
+from deepspec.models.config import DrafterSpec
 
 
 def resolve_drafter_dir(path: str) -> Tuple[Path, bool]:
@@ -34,7 +34,7 @@ def _text_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def check_against_target_config(
-    dc: DSparkConfig, target_config: Dict[str, Any], tokenizer=None, target_name: str = "target"
+    dc: DrafterSpec, target_config: Dict[str, Any], tokenizer=None, target_name: str = "target"
 ) -> None:
     """The drafter's facts against the target's HF config (and tokenizer), before loading weights."""
     t = _text_config(dict(target_config))

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from deepspec.models.drafter import distribution
+from deepspec.models.base import distribution
 
 
 @dataclass

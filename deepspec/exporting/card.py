@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from deepspec.exporting.formats import SAMPLE_FROM_ANCHOR, drafter_kind
-from deepspec.models.config import DSparkConfig
+from deepspec.exporting.formats import SAMPLE_FROM_ANCHOR
+from deepspec.models.config import DrafterSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SOURCES = {
@@ -184,7 +184,7 @@ def training_section(run_cfg: Optional[Dict[str, Any]], summary: Optional[Dict[s
 
 # --------------------------------------------------------------------------- the card
 def build_card(
-    c: DSparkConfig,
+    c: DrafterSpec,
     fmt: str,
     *,
     base_model: str,
@@ -207,7 +207,7 @@ def build_card(
         if (run_dir / "eval.json").exists() or eval_result is not None:
             for png in sorted(run_dir.glob("*.png")) + sorted((run_dir / "plots").glob("*.png")):
                 plots[f"plots/{png.name}"] = png
-    kind = drafter_kind(c)
+    kind = c.kind
     meta: Dict[str, Any] = {}
     if is_hub_id(base_model):
         meta["base_model"] = base_model
@@ -239,7 +239,7 @@ def build_card(
         "",
         f"A speculative-decoding drafter trained with deepspec. Given the anchor token and the target's hidden "
         f"states from layers {list(c.target_layer_ids)}, it proposes {c.block_size} tokens in one parallel "
-        f"pass of {c.num_hidden_layers} layer(s)" + (", with " + " and ".join(heads) if heads else "") + ". "
+        f"pass of {c.num_layers} layer(s)" + (", with " + " and ".join(heads) if heads else "") + ". "
         "The target verifies them, so outputs are distributed exactly as the target's own.",
         "",
         f"Format: **{fmt}** ({dtype} safetensors"

@@ -17,7 +17,7 @@ from deepspec.exporting.formats import EMBED_KEYS, SAMPLE_FROM_ANCHOR, config_fr
 from deepspec.exporting.io import CONFIG_NAME, WEIGHTS_NAME, ExportInputError, read_json, tensor_header
 from deepspec.exporting.target_info import TargetInfo, as_target
 from deepspec.exporting.writer import SIDECAR_NAME, drafter_outputs, load_export, probe_ids, tolerance
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models import Drafter, build_drafter
 
 _ST_DTYPES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}
 REQUIRED = {
@@ -94,7 +94,7 @@ class CheckReport:
 def check_export(
     path: Union[str, Path],
     target: Any = None,
-    reference: Union[None, str, Path, DSparkDrafter] = None,
+    reference: Union[None, str, Path, Drafter] = None,
     display_path: Union[None, str, Path] = None,
 ) -> CheckReport:
     """Check ``path`` (any of the three formats), optionally against a target and a reference drafter."""
@@ -284,7 +284,7 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
         rep.errors.append(str(e).replace(str(rep.root), str(rep.path)))
         return
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in DSparkDrafter(c).state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in build_drafter(c).state_dict().items()}
     has_embed = [k for k in EMBED_KEYS if k in header]
     if rep.format == "dflash":
         for k in has_embed:
@@ -331,7 +331,7 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
         )
 
 
-def _check_logits(rep, c, sidecar, reference: Optional[DSparkDrafter], tgt: Optional[TargetInfo]) -> None:
+def _check_logits(rep, c, sidecar, reference: Optional[Drafter], tgt: Optional[TargetInfo]) -> None:
     if reference is None and (sidecar is None or "probe" not in sidecar):
         rep.warnings.append("logits not checked: no reference drafter and no probe in " + SIDECAR_NAME)
         return

@@ -1,6 +1,6 @@
-"""The three checkpoint formats of SPEC §7, each one pair of mapping functions to/from DSparkConfig.
+"""The three checkpoint formats of SPEC §7, each one pair of mapping functions to/from DrafterSpec.
 
-Layer ids, mask id, block size and the head settings live only in :class:`DSparkConfig`; each
+Layer ids, mask id, block size and the head settings live only in :class:`DrafterSpec`; each
 format's config.json is *derived* from it here, and read back into it here, so they cannot drift.
 Tensor names are the drafter's own ``state_dict`` names in every format; formats differ only in
 which tensors they carry (the z-lab format and "embeddings omitted" exports drop the frozen
@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from deepspec.exporting.io import ExportInputError
 from deepspec.exporting.native import config_from_native, native_config
-from deepspec.models.config import DSparkConfig
+from deepspec.models.config import DrafterSpec
 
 FORMATS = ("native", "speculators", "dflash")
 EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
@@ -67,11 +67,6 @@ class FormatError(ValueError):
     """The drafter cannot be written in the requested format (e.g. a Markov head in z-lab DFlash)."""
 
 
-def drafter_kind(c: DSparkConfig) -> str:
-    """'dflash' for the plain parallel backbone (no Markov, no confidence head), else 'dspark'."""
-    return "dflash" if not c.markov_enabled and not c.enable_confidence_head else "dspark"
-
-
 def rope_theta_of(d: Dict[str, Any]) -> float:
     if d.get("rope_theta") is not None:
         return float(d["rope_theta"])
@@ -79,11 +74,11 @@ def rope_theta_of(d: Dict[str, Any]) -> float:
     return float(rp.get("rope_theta", 10000.0)) if isinstance(rp, dict) else 10000.0
 
 
-def verifier_name(c: DSparkConfig) -> str:
+def verifier_name(c: DrafterSpec) -> str:
     return str(c.target_config.get("_name_or_path") or "")
 
 
-def verifier_architectures(c: DSparkConfig) -> List[str]:
+def verifier_architectures(c: DrafterSpec) -> List[str]:
     archs = c.target_config.get("architectures")
     if archs:
         return list(archs)
@@ -97,7 +92,7 @@ def verifier_architectures(c: DSparkConfig) -> List[str]:
     ]
 
 
-def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+def transformer_layer_config(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
     """A complete qwen3/llama HF config dict describing the drafter's own decoder layers."""
     from transformers import CONFIG_MAPPING
 
@@ -107,7 +102,7 @@ def transformer_layer_config(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
     base.update({k: getattr(c, k) for k in _ARCH})
     base.update(
         model_type=c.model_type,
-        num_hidden_layers=c.num_hidden_layers,
+        num_hidden_layers=c.num_layers,
         rope_parameters=rope,
         tie_word_embeddings=False,
     )
@@ -138,7 +133,7 @@ def _arch_from_layer(d: Dict[str, Any], where: str) -> Dict[str, Any]:
         rope_theta=rope_theta_of(d),
         attention_bias=bool(d.get("attention_bias", False)),
         use_qk_norm=model_type == "qwen3",
-        num_hidden_layers=int(d.get("num_hidden_layers", 1)),
+        num_layers=int(d.get("num_hidden_layers", 1)),
     )
 
 
@@ -149,11 +144,11 @@ def _require(cfg: Dict[str, Any], keys, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- native
-def to_native(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+def to_native(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
     return native_config(c, dtype)
 
 
-def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DrafterSpec:
     _require(
         cfg,
         (
@@ -178,8 +173,8 @@ def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig
 
 
 # --------------------------------------------------------------------------- vLLM speculators
-def to_speculators(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
-    kind = drafter_kind(c)
+def to_speculators(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
+    kind = c.kind
     cfg: Dict[str, Any] = {
         "architectures": ["DSparkSpeculator" if kind == "dspark" else "DFlashSpeculator"],
         "speculators_model_type": kind,
@@ -211,7 +206,7 @@ def to_speculators(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
     return cfg
 
 
-def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DrafterSpec:
     _require(
         cfg, ("transformer_layer_config", "aux_hidden_state_layer_ids", "mask_token_id", "block_size"), where
     )
@@ -228,7 +223,7 @@ def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DSparkC
         "_name_or_path": verifier.get("name_or_path", ""),
         "architectures": verifier.get("architectures"),
     }
-    return DSparkConfig(
+    return DrafterSpec(
         **arch,
         num_target_layers=n_target,
         target_hidden_size=target_hidden,
@@ -245,7 +240,7 @@ def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> DSparkC
 
 
 # --------------------------------------------------------------------------- z-lab DFlash
-def to_dflash(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
+def to_dflash(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
     heads = [
         name
         for name, on in (
@@ -277,7 +272,7 @@ def to_dflash(c: DSparkConfig, dtype: str) -> Dict[str, Any]:
     return cfg
 
 
-def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DrafterSpec:
     _require(cfg, ("dflash_config", "num_target_layers"), where)
     dc = cfg["dflash_config"]
     _require(dc, ("mask_token_id", "target_layer_ids", "block_size"), f"{where}: dflash_config")
@@ -286,7 +281,7 @@ def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig
         k: v for k, v in cfg.items() if k not in ("dflash_config", "architectures", "sample_from_anchor")
     }
     target["num_hidden_layers"] = int(cfg["num_target_layers"])
-    return DSparkConfig(
+    return DrafterSpec(
         **arch,
         num_target_layers=int(cfg["num_target_layers"]),
         target_hidden_size=arch["hidden_size"],
@@ -300,25 +295,25 @@ def from_dflash(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig
 
 
 # --------------------------------------------------------------------------- registry
-TO_CONFIG: Dict[str, Callable[[DSparkConfig, str], Dict[str, Any]]] = {
+TO_CONFIG: Dict[str, Callable[[DrafterSpec, str], Dict[str, Any]]] = {
     "native": to_native,
     "speculators": to_speculators,
     "dflash": to_dflash,
 }
-FROM_CONFIG: Dict[str, Callable[..., DSparkConfig]] = {
+FROM_CONFIG: Dict[str, Callable[..., DrafterSpec]] = {
     "native": from_native,
     "speculators": from_speculators,
     "dflash": from_dflash,
 }
 
 
-def format_config(c: DSparkConfig, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
+def format_config(c: DrafterSpec, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
     if fmt not in TO_CONFIG:
         raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
-    if getattr(c, "architecture", "dspark") != "dspark":
+    if c.kind == "eagle3":
         raise FormatError(
             f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "
-            f"{c.architecture} (a benchmark baseline, kept only in the run's native drafter/ folder)"
+            f"{c.kind} (a benchmark baseline, kept only in the run's native drafter/ folder)"
         )
     if not include_sts:
         c = dataclasses.replace(c, sts_temperatures=None)
@@ -338,7 +333,7 @@ def detect_format(cfg: Dict[str, Any], where: str = "config.json") -> str:
     )
 
 
-def config_from_export(cfg: Dict[str, Any], where: str = "config.json") -> DSparkConfig:
+def config_from_export(cfg: Dict[str, Any], where: str = "config.json") -> DrafterSpec:
     fmt = detect_format(cfg, where)
     try:
         return FROM_CONFIG[fmt](cfg, where)

@@ -15,13 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from deepspec import atomic
-from deepspec.models import build_drafter
-from deepspec.models.config import DSparkConfig
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models import Drafter, build_drafter
+from deepspec.models.config import DrafterSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
-# DSparkConfig fields that describe the drafter's architecture and are read back from config.json.
+# DrafterSpec fields (same names in config.json) that describe the drafter's architecture and are read back from config.json.
 _ARCH_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -34,12 +33,15 @@ _ARCH_KEYS = (
 )
 
 
-def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
+def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
+    """The native config.json: HF names where HF has one (``num_hidden_layers`` = the drafter's own
+    layers), ``drafter_kind`` for the spec's ``kind``. :func:`config_from_native` is its inverse."""
     cfg = dict(c.target_config)
     cfg.update(
         architectures=["Qwen3DSparkModel"],
         model_type=c.model_type,
-        num_hidden_layers=c.num_hidden_layers,
+        num_hidden_layers=c.num_layers,
+        drafter_kind=c.kind,
         num_target_layers=c.num_target_layers,
         block_size=c.block_size,
         mask_token_id=c.mask_token_id,
@@ -54,8 +56,8 @@ def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
         dtype=dtype,  # transformers 5 reads `dtype`; the target's own value would be stale here
         rope_theta=c.rope_theta,
     )
-    if c.architecture != "dspark":  # the EAGLE-3 baseline: same folder layout, its own architecture tag
-        cfg.update(architectures=["DeepSpecEagle3Model"], drafter_architecture=c.architecture)
+    if c.kind == "eagle3":  # the EAGLE-3 baseline: same folder layout, its own architecture tag
+        cfg.update(architectures=["DeepSpecEagle3Model"])
     cfg.pop("layer_types", None)  # the target's per-layer list has the target's length, not the drafter's
     for k in _ARCH_KEYS:
         cfg[k] = getattr(c, k)
@@ -64,7 +66,7 @@ def native_config(c: DSparkConfig, dtype: str = "bfloat16") -> Dict[str, Any]:
     return cfg
 
 
-def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
+def config_from_native(cfg: Dict[str, Any]) -> DrafterSpec:
     missing = [
         k for k in ("num_target_layers", "target_layer_ids", "block_size", "mask_token_id") if k not in cfg
     ]
@@ -83,16 +85,17 @@ def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
         "enable_confidence_head",
         "confidence_head_with_markov",
         "sts_temperatures",
+        "drafter_kind",
         "drafter_architecture",
     ):
         target.pop(k, None)
     target["num_hidden_layers"] = cfg["num_target_layers"]
-    return DSparkConfig(
+    return DrafterSpec(
         model_type=cfg.get("model_type", "qwen3"),
         **{k: cfg[k] for k in _ARCH_KEYS},
         rope_theta=float(cfg.get("rope_theta", 10000.0)),
         use_qk_norm=cfg.get("model_type", "qwen3") == "qwen3",
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_layers=int(cfg["num_hidden_layers"]),
         num_target_layers=int(cfg["num_target_layers"]),
         target_hidden_size=int(cfg["hidden_size"]),
         target_layer_ids=[int(i) for i in cfg["target_layer_ids"]],
@@ -104,12 +107,13 @@ def config_from_native(cfg: Dict[str, Any]) -> DSparkConfig:
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
         sts_temperatures=cfg.get("sts_temperatures"),
-        architecture=cfg.get("drafter_architecture", "dspark"),
+        # drafter_architecture: the key's name in exports written before drafter_kind (dspark|eagle3).
+        kind=cfg.get("drafter_kind", cfg.get("drafter_architecture", "dspark")),
         target_config=target,
     )
 
 
-def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
+def save_native(drafter: Drafter, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
     """Write config.json + model.safetensors into ``out_dir`` (each file atomically)."""
     if dtype not in DTYPES:
         raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(DTYPES)}")
@@ -123,7 +127,7 @@ def save_native(drafter: DSparkDrafter, out_dir: str | os.PathLike, dtype: str =
 
 def load_native(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> DSparkDrafter:
+) -> Drafter:
     p = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (p / name).is_file():
@@ -136,6 +140,5 @@ def load_native(
         raise ValueError(
             f"{p / 'model.safetensors'}: missing tensors {missing}, unexpected tensors {unexpected}"
         )
-    for mod in (drafter.embed_tokens, drafter.lm_head):
-        mod.weight.requires_grad_(False)
+    drafter.freeze_target_head()
     return drafter.to(device=device, dtype=dtype).eval()

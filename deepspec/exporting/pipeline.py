@@ -19,7 +19,7 @@ from deepspec.exporting.hub import HubError, PushPlan, push_folder, resolve_toke
 from deepspec.exporting.io import ExportInputError, check_output_dir
 from deepspec.exporting.target_info import TargetInfo, read_target
 from deepspec.exporting.writer import EXPORT_DTYPES, export_drafter, load_export, resolve_checkpoint
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models import Drafter
 
 
 @dataclass
@@ -53,7 +53,7 @@ def _target_path(e, run_dir: Optional[Path]) -> Optional[str]:
     return t if t and Path(t).is_dir() else None
 
 
-def _base_model(e, drafter: DSparkDrafter, run_dir: Optional[Path], target_path: Optional[str]) -> str:
+def _base_model(e, drafter: Drafter, run_dir: Optional[Path], target_path: Optional[str]) -> str:
     if e.base_model:
         return e.base_model
     run_cfg = read_run_file(run_dir / "config.yaml") if run_dir else None
@@ -65,7 +65,7 @@ def _base_model(e, drafter: DSparkDrafter, run_dir: Optional[Path], target_path:
 
 def run_export(
     e,
-    drafter: Optional[DSparkDrafter] = None,
+    drafter: Optional[Drafter] = None,
     run_dir: Optional[Path] = None,
     eval_result: Any = None,
     echo: Callable[[str], None] = print,
@@ -157,7 +157,7 @@ def run_export(
 
 
 def export_after_training(
-    cfg, drafter: DSparkDrafter, out_dir, eval_result: Any = None, echo: Callable[[str], None] = print
+    cfg, drafter: Drafter, out_dir, eval_result: Any = None, echo: Callable[[str], None] = print
 ) -> Optional[ExportResult]:
     """Called by the trainer (main process only) after the native save and the evaluation.
 
@@ -169,10 +169,10 @@ def export_after_training(
     e = getattr(cfg, "export", None) or ExportConfig()
     if not e.after_training:
         return None
-    if getattr(drafter.config, "architecture", "dspark") != "dspark":
+    if drafter.config.kind == "eagle3":
         echo(
             f"export: skipped, the export formats carry DSpark/DFlash drafters, not "
-            f"{drafter.config.architecture} (its native folder is in {Path(out_dir) / 'drafter'})"
+            f"{drafter.config.kind} (its native folder is in {Path(out_dir) / 'drafter'})"
         )
         return None
     return run_export(

@@ -1,4 +1,4 @@
-"""Write a drafter in any of the three formats, and load any of them back into a DSparkDrafter.
+"""Write a drafter in any of the three formats, and load any of them back into a :class:`Drafter`.
 
 Each export also carries ``deepspec_export.json``: what was written (format, dtype, whether the
 embeddings were included), the drafter's *native* layer ids, and a logits probe of the original
@@ -30,15 +30,15 @@ from deepspec.exporting.io import (
     read_tensors,
 )
 from deepspec.exporting.native import DTYPES
-from deepspec.models.config import DSparkConfig
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models import Drafter, build_drafter
+from deepspec.models.config import DrafterSpec
 
 SIDECAR_NAME = "deepspec_export.json"
 EXPORT_DTYPES = ("bfloat16", "float32")
 
 
 # --------------------------------------------------------------------------- fixed-input probe
-def fixed_input(c: DSparkConfig, seed: int = 0, ctx_len: int = 12):
+def fixed_input(c: DrafterSpec, seed: int = 0, ctx_len: int = 12):
     """A deterministic batch (features, ids, anchors, previous tokens) any loader can rebuild from config."""
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(1, ctx_len, c.num_features * c.target_hidden_size, generator=g)
@@ -50,14 +50,14 @@ def fixed_input(c: DSparkConfig, seed: int = 0, ctx_len: int = 12):
 
 
 @torch.no_grad()
-def drafter_outputs(drafter: DSparkDrafter) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def drafter_outputs(drafter: Drafter) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """fp32 logits [2, γ, V] and confidence logits [2, γ] (or None) on the fixed input."""
     p = next(drafter.parameters())
     if p.dtype == torch.float32 and p.device.type == "cpu":
         d = drafter
     else:
         # A CPU fp32 twin: the probe must not depend on the device or the training precision.
-        d = DSparkDrafter(drafter.config)
+        d = build_drafter(drafter.config)
         d.load_state_dict({k: v.detach().to("cpu", torch.float32) for k, v in drafter.state_dict().items()})
     was_training = d.training
     d.eval()
@@ -95,7 +95,7 @@ def tolerance(dtype: str, scale: float) -> float:
 
 # --------------------------------------------------------------------------- write
 def export_drafter(
-    drafter: DSparkDrafter,
+    drafter: Drafter,
     out_dir: Union[str, Path],
     fmt: str,
     dtype: str = "bfloat16",
@@ -106,7 +106,7 @@ def export_drafter(
     protected: Tuple[Path, ...] = (),
     source: str = "",
     verify: Optional[Callable[[Path], None]] = None,
-    config: Optional[DSparkConfig] = None,
+    config: Optional[DrafterSpec] = None,
 ) -> Path:
     """Write ``drafter`` as ``fmt`` into ``out_dir`` atomically; ``verify(stage)`` runs before it appears.
 
@@ -158,7 +158,7 @@ def export_drafter(
 
 
 # --------------------------------------------------------------------------- read
-def read_export_config(path: Union[str, Path]) -> Tuple[DSparkConfig, Dict]:
+def read_export_config(path: Union[str, Path]) -> Tuple[DrafterSpec, Dict]:
     p = Path(path)
     raw = read_json(p / CONFIG_NAME)
     return config_from_export(raw, str(p / CONFIG_NAME)), raw
@@ -169,13 +169,13 @@ def load_export(
     target_embed: Optional[torch.Tensor] = None,
     target_lm_head: Optional[torch.Tensor] = None,
     dtype: torch.dtype = torch.float32,
-) -> DSparkDrafter:
+) -> Drafter:
     """Load a native, speculators or z-lab DFlash folder. Omitted embedding/lm_head come from the target."""
     p = Path(path)
     c, _ = read_export_config(p)
     state = read_tensors(p / WEIGHTS_NAME)
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in DSparkDrafter(c).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in build_drafter(c).state_dict().items()}
     if not any(k in state for k in EMBED_KEYS):
         if target_embed is None or target_lm_head is None:
             raise ExportInputError(
@@ -196,10 +196,9 @@ def load_export(
     ]
     if bad:
         raise ExportInputError(f"{p / WEIGHTS_NAME}: wrong tensor shapes: {'; '.join(bad)}")
-    drafter = DSparkDrafter(c)
+    drafter = build_drafter(c)
     drafter.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
-    for mod in (drafter.embed_tokens, drafter.lm_head):
-        mod.weight.requires_grad_(False)
+    drafter.freeze_target_head()
     return drafter.to(dtype).eval()
 
 

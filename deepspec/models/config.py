@@ -1,8 +1,10 @@
 """The one in-memory description of a drafter.
 
-Layer ids, mask id and block size are resolved here once from the user's DrafterConfig and the
-target's HF config; the model, the trainer, the evaluator and every export format read them
-from a :class:`DSparkConfig` and nowhere else.
+Layer ids, mask id and block size are resolved here once from the user's ``model:`` section
+(:class:`deepspec.config.DrafterConfig`) and the target's HF config; the model, the trainer, the
+evaluator and every export format read them from a :class:`DrafterSpec` and nowhere else. Its
+drafter fields use the user's words (``kind``, ``num_layers``, ...); each export format maps them to
+its own keys in one function (deepspec/exporting/formats.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from typing import Any, Dict, List, Optional
 
 SUPPORTED_FAMILIES = ("qwen3", "llama", "qwen2", "mistral")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
-# "dspark": the parallel block drafter (DFlash when the Markov and confidence heads are off);
-# "eagle3": the EAGLE-3 baseline, one autoregressive layer (deepspec/models/eagle3.py).
-ARCHITECTURES = ("dspark", "eagle3")
+# "dspark": the parallel block drafter with its Markov and/or confidence head; "dflash": the same
+# drafter with both heads off; "eagle3": the EAGLE-3 baseline, one autoregressive layer
+# (deepspec/models/eagle3.py). deepspec.models.build_drafter maps each kind to its class.
+KINDS = ("dspark", "dflash", "eagle3")
+# Keys that drafter_config.json files written before the rename used, and their names now.
+LEGACY_KEYS = {"architecture": "kind", "num_hidden_layers": "num_layers"}
 ATTN_IMPLS = ("auto", "sdpa", "flex")
 
 
 @dataclass
-class DSparkConfig:
+class DrafterSpec:
     # Architecture of the drafter layers (copied from the target's family).
     model_type: str
     vocab_size: int
@@ -34,7 +39,7 @@ class DSparkConfig:
     attention_bias: bool
     use_qk_norm: bool
     # Drafter-specific facts.
-    num_hidden_layers: int
+    num_layers: int
     num_target_layers: int
     target_hidden_size: int
     target_layer_ids: List[int]
@@ -45,7 +50,7 @@ class DSparkConfig:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
-    architecture: str = "dspark"  # dspark (DFlash with both heads off) | eagle3
+    kind: str = "dspark"  # one of KINDS; a dspark with both heads off is stored as dflash
     # Attention kernel: sdpa (explicit boolean mask), flex (CUDA flex attention), auto = flex on CUDA
     # when importable, else sdpa. A runtime choice: it never changes the numbers beyond rounding.
     attn_impl: str = "auto"
@@ -55,6 +60,10 @@ class DSparkConfig:
     target_config: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The kind names what the drafter is: the parallel drafter without either head is DFlash,
+        # whichever word built it, so exports read back to an equal spec.
+        if self.kind == "dspark" and not self.markov_rank and not self.enable_confidence_head:
+            self.kind = "dflash"
         validate(self)
 
     @property
@@ -69,12 +78,22 @@ class DSparkConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> DSparkConfig:
+    def from_dict(cls, d: Dict[str, Any]) -> DrafterSpec:
+        d = upgrade_spec_dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"DSparkConfig: unknown keys {unknown}")
+            raise ValueError(f"drafter spec: unknown keys {unknown}")
         return cls(**d)
+
+
+def upgrade_spec_dict(d: Dict[str, Any]) -> Dict[str, Any]:
+    """A spec dict with the key names of :data:`LEGACY_KEYS` renamed (drafter_config.json files of
+    checkpoints written before the rename), else ``d`` unchanged."""
+    out = {LEGACY_KEYS.get(k, k): v for k, v in d.items()}
+    if out.get("kind") == "dspark" and not out.get("markov_rank") and not out.get("enable_confidence_head"):
+        out["kind"] = "dflash"
+    return out
 
 
 def default_target_layer_ids(num_layers: int, n: int = 5) -> List[int]:
@@ -109,31 +128,26 @@ def check_layer_ids(ids: List[int], num_layers: int) -> None:
         )
 
 
-def validate(c: DSparkConfig) -> None:
-    if c.architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"drafter architecture {c.architecture!r} is unknown; expected one of {ARCHITECTURES}"
-        )
+def validate(c: DrafterSpec) -> None:
+    if c.kind not in KINDS:
+        raise ValueError(f"model.kind={c.kind!r} is unknown; expected one of {KINDS}")
     if c.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"model.attn_impl={c.attn_impl!r} is unknown; expected one of {ATTN_IMPLS}")
-    if c.architecture == "eagle3":
-        if c.num_hidden_layers != 1:
-            raise ValueError(
-                f"model.num_layers={c.num_hidden_layers}: the EAGLE-3 drafter has exactly one layer"
-            )
-        if c.markov_rank or c.enable_confidence_head:
-            raise ValueError(
-                "the EAGLE-3 drafter has no Markov or confidence head (markov_rank=0, "
-                "enable_confidence_head=false)"
-            )
+    if c.kind == "eagle3" and c.num_layers != 1:
+        raise ValueError(f"model.num_layers={c.num_layers}: the EAGLE-3 drafter has exactly one layer")
+    if c.kind in ("dflash", "eagle3") and (c.markov_rank or c.enable_confidence_head):
+        raise ValueError(
+            f"model.kind={c.kind}: this drafter has no Markov or confidence head (markov_rank=0, "
+            "enable_confidence_head=false)"
+        )
     if c.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
         )
     if c.block_size < 2:
         raise ValueError(f"model.block_size={c.block_size}: must be >= 2 (anchor + at least one draft)")
-    if c.num_hidden_layers < 1:
-        raise ValueError(f"model.num_layers={c.num_hidden_layers}: must be >= 1")
+    if c.num_layers < 1:
+        raise ValueError(f"model.num_layers={c.num_layers}: must be >= 1")
     if c.markov_head_type not in MARKOV_HEAD_TYPES:
         raise ValueError(
             f"model.markov_head_type={c.markov_head_type!r} is unknown; expected one of {MARKOV_HEAD_TYPES}"
@@ -159,8 +173,8 @@ def _get(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
 
 def resolve_drafter_config(
     drafter_cfg: Any, target_config: Dict[str, Any], mask_token_id: Optional[int] = None
-) -> DSparkConfig:
-    """Turn a user DrafterConfig (with 'auto' values) plus a target HF config dict into a DSparkConfig.
+) -> DrafterSpec:
+    """Turn a user DrafterConfig (with 'auto' values) plus a target HF config dict into a DrafterSpec.
 
     ``mask_token_id`` is the tokenizer's mask id, used when the config says 'auto'.
     """
@@ -189,13 +203,13 @@ def resolve_drafter_config(
         mask = mask_token_id
 
     kind = drafter_cfg.kind
-    if kind not in ("dspark", "dflash", "eagle3"):
+    if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is unknown; expected 'dspark', 'dflash' or 'eagle3'")
     dflash = kind in ("dflash", "eagle3")  # neither has the Markov or the confidence head
     hidden = int(t["hidden_size"])
     heads = int(t["num_attention_heads"])
     model_type = t.get("model_type", "qwen3")
-    return DSparkConfig(
+    return DrafterSpec(
         model_type=model_type,
         vocab_size=int(t["vocab_size"]),
         hidden_size=hidden,
@@ -207,7 +221,7 @@ def resolve_drafter_config(
         rope_theta=float(_rope_theta(t)),
         attention_bias=bool(_get(t, "attention_bias", False)),
         use_qk_norm=model_type == "qwen3",
-        num_hidden_layers=int(drafter_cfg.num_layers),
+        num_layers=int(drafter_cfg.num_layers),
         num_target_layers=num_target_layers,
         target_hidden_size=hidden,
         target_layer_ids=ids,
@@ -217,7 +231,7 @@ def resolve_drafter_config(
         markov_head_type=str(drafter_cfg.markov_head_type),
         enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
         confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
-        architecture="eagle3" if kind == "eagle3" else "dspark",
+        kind=kind,
         attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),
         target_config=dict(target_config),
     )

@@ -18,9 +18,8 @@ via Training-Time Test"), in this toolkit's terms:
   distribution with step weights 0.8^(k-1) (configs/model/eagle3.yaml).
 
 So training (``forward``) and inference (``draft``) run one routine, :meth:`Eagle3Drafter._unroll`.
-It exposes the same ``forward(...) -> BlockOutput`` / ``draft(...) -> Draft`` interface as the DSpark
-drafter, so the training loop, the loss and the evaluator treat it like any drafter; ``draft`` needs
-the committed token ids (``context_ids``), which the evaluator passes to drafters that declare
+It is a :class:`~deepspec.models.base.Drafter` like the parallel drafter, so the training loop, the
+loss and the evaluator treat it like any drafter; ``draft`` needs the committed token ids (``context_ids``), which the evaluator passes to drafters that declare
 ``uses_context_ids``.
 """
 
@@ -32,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from deepspec.models.attention import AttnMask, attend
-from deepspec.models.config import DSparkConfig
-from deepspec.models.drafter import BlockOutput, Draft, DSparkDrafter, distribution
+from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
+from deepspec.models.config import DrafterSpec
 from deepspec.models.layers import MLP, Attention, RMSNorm, apply_rope, rope_cos_sin
 
 
@@ -58,7 +57,7 @@ def ttt_mask(anchors: torch.Tensor, ctx_len: int, num_slots: int) -> AttnMask:
 
 
 class Eagle3Layer(nn.Module):
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         h = c.hidden_size
         self.hidden_norm = RMSNorm(h, c.rms_norm_eps)
@@ -84,12 +83,12 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Eagle3Drafter(nn.Module):
-    uses_context_ids = True  # draft() needs the committed token ids (the evaluator passes them)
+class Eagle3Drafter(Drafter):
+    uses_context_ids = True  # draft() embeds the committed token ids
 
-    def __init__(self, config: DSparkConfig) -> None:
-        super().__init__()
-        c = self.config = config
+    def __init__(self, spec: DrafterSpec) -> None:
+        super().__init__(spec)
+        c = spec
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.fc = nn.Linear(c.num_features * c.target_hidden_size, c.hidden_size, bias=False)
         self.layers = nn.ModuleList([Eagle3Layer(c)])
@@ -97,11 +96,6 @@ class Eagle3Drafter(nn.Module):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.markov_head = None
         self.confidence_head = None
-
-    # Same weight init / frozen target head / trainable set as the DSpark drafter.
-    init_weights = DSparkDrafter.init_weights
-    load_target_head = DSparkDrafter.load_target_head
-    trainable_parameters = DSparkDrafter.trainable_parameters
 
     def _unroll(
         self,

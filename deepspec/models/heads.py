@@ -12,13 +12,13 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from deepspec.models.config import DSparkConfig
+from deepspec.models.config import DrafterSpec
 
 
 class MarkovHead(nn.Module):
     """Logit bias W2ᵀ·f(W1[x_{k-1}], ...) of rank r added to the backbone's logits at slot k."""
 
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         r, h = c.markov_rank, c.hidden_size
         self.kind = c.markov_head_type
@@ -73,7 +73,7 @@ class MarkovHead(nn.Module):
 class ConfidenceHead(nn.Module):
     """c_k = σ(w·[h_k ; W1[x_{k-1}]] + b): the chance slot k survives given slots < k did."""
 
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         self.with_markov = c.confidence_head_with_markov and c.markov_enabled
         in_dim = c.hidden_size + (c.markov_rank if self.with_markov else 0)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from deepspec.models.attention import attend
-from deepspec.models.config import DSparkConfig
+from deepspec.models.config import DrafterSpec
 
 
 class RMSNorm(nn.Module):
@@ -46,7 +46,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, c: DSparkConfig, in_features: int | None = None) -> None:
+    def __init__(self, c: DrafterSpec, in_features: int | None = None) -> None:
         super().__init__()
         d_in = in_features or c.hidden_size  # EAGLE-3 projects [embedding ; hidden] (2H) to q/k/v
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -91,7 +91,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
@@ -104,7 +104,7 @@ class MLP(nn.Module):
 class DrafterLayer(nn.Module):
     """Pre-norm layer; the context enters only as injected keys/values (it is never run through MLPs)."""
 
-    def __init__(self, c: DSparkConfig) -> None:
+    def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         self.self_attn = Attention(c)
         self.mlp = MLP(c)

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from deepspec import atomic
+from deepspec.models.config import upgrade_spec_dict
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.faults import maybe_kill
@@ -324,7 +325,7 @@ class Checkpointer:
         cfg = self.cfg
         if state.get("format") != FORMAT or int(state.get("version", 0)) > VERSION:
             raise ValueError(f"{path}: not a deepspec training checkpoint of version <= {VERSION}")
-        saved = json.loads((path / "drafter_config.json").read_text())
+        saved = upgrade_spec_dict(json.loads((path / "drafter_config.json").read_text()))
         now = drafter_fingerprint(self.run.drafter_config)
         diff = {
             k: (saved.get(k), now.get(k))

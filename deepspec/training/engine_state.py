@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from deepspec.models import build_drafter
 from deepspec.training.distributed import engine_kind, zero_stage
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
@@ -241,9 +242,7 @@ def final_drafter(acc: Accelerator, run, model):
     weights = full_weights(acc, model)
     if not acc.is_main_process:
         return None
-    from deepspec.models.drafter import DSparkDrafter
-
-    drafter = DSparkDrafter(run.drafter_config)
+    drafter = build_drafter(run.drafter_config)
     drafter.load_target_head(run.target.embed_tokens.weight, run.target.lm_head.weight)
     missing, unexpected = drafter.load_state_dict(weights, strict=False)
     frozen = {n for n, p in drafter.named_parameters() if not p.requires_grad}

@@ -13,9 +13,8 @@ from omegaconf import OmegaConf
 from deepspec import atomic
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
-from deepspec.models import build_drafter
-from deepspec.models.config import DSparkConfig, resolve_drafter_config
-from deepspec.models.drafter import DSparkDrafter
+from deepspec.models import Drafter, build_drafter
+from deepspec.models.config import DrafterSpec, resolve_drafter_config
 from deepspec.target.adapter import TargetModel, TargetOutput
 
 log = logging.getLogger("deepspec")
@@ -28,8 +27,8 @@ class RunSetup:
     target_path: str
     tokenizer: object
     target: TargetModel
-    drafter: DSparkDrafter
-    drafter_config: DSparkConfig
+    drafter: Drafter
+    drafter_config: DrafterSpec
     train_examples: List[Example]
     eval_records: List[dict]
     pad_id: int
@@ -180,7 +179,7 @@ def build_run(cfg, accelerator) -> RunSetup:
         log.info(
             "target %s | drafter layers=%s ids=%s | %d train sequences",
             path,
-            dc.num_hidden_layers,
+            dc.num_layers,
             dc.target_layer_ids,
             len(examples),
         )
@@ -207,7 +206,7 @@ def maybe_compile(drafter, train_cfg) -> None:
         drafter.compile(backend=train_cfg.compile_backend)
 
 
-def run_eval(run: RunSetup, drafter: DSparkDrafter, out_dir: Path) -> dict:
+def run_eval(run: RunSetup, drafter: Drafter, out_dir: Path) -> dict:
     from deepspec.data.chat import end_of_turn_ids, prompt_ids, template_kwargs_of
     from deepspec.eval.runner import evaluate
 

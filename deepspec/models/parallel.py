@@ -1,4 +1,4 @@
-"""The DSpark drafter: parallel backbone with KV injection, plus Markov and confidence heads.
+"""The parallel-block drafter (DSpark; DFlash with its heads off): parallel backbone with KV injection, plus Markov and confidence heads.
 
 A block is the anchor x0 at position p0 followed by γ-1 MASK tokens at p0+1..p0+γ-1; slot k
 (k = 1..γ, block index j = k-1) predicts the token at p0+k. Block queries see the injected target
@@ -8,31 +8,16 @@ confidence head this is DFlash.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from deepspec.models.attention import AttnMask
-from deepspec.models.config import DSparkConfig
+from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
+from deepspec.models.config import DrafterSpec
 from deepspec.models.heads import ConfidenceHead, MarkovHead
 from deepspec.models.layers import DrafterLayer, RMSNorm, rope_cos_sin
-
-
-@dataclass
-class BlockOutput:
-    logits: torch.Tensor  # [B, A, γ, V] draft logits (backbone + Markov bias)
-    confidence_logits: Optional[torch.Tensor]  # [B, A, γ] pre-sigmoid, or None without the head
-    hidden: torch.Tensor  # [B, A, γ, H] final-norm block hiddens
-
-
-@dataclass
-class Draft:
-    tokens: torch.Tensor  # [γ] proposed tokens x1..xγ
-    probs: torch.Tensor  # [γ, V] distributions they were drawn from (one-hot at T=0)
-    confidence: Optional[torch.Tensor]  # [γ] σ(confidence logit), raw (uncalibrated)
-    confidence_logits: Optional[torch.Tensor]  # [γ]
 
 
 def visibility_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> torch.Tensor:
@@ -72,49 +57,20 @@ def block_attn_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> Att
     )
 
 
-class DSparkDrafter(nn.Module):
-    def __init__(self, config: DSparkConfig) -> None:
-        super().__init__()
-        c = self.config = config
+class ParallelDrafter(Drafter):
+    """The parallel-block drafter: DSpark, or DFlash when both heads are off."""
+
+    def __init__(self, spec: DrafterSpec) -> None:
+        super().__init__(spec)
+        c = spec
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.fc = nn.Linear(c.num_features * c.target_hidden_size, c.hidden_size, bias=False)
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.markov_head = MarkovHead(c) if c.markov_enabled else None
         self.confidence_head = ConfidenceHead(c) if c.enable_confidence_head else None
-
-    # ------------------------------------------------------------------ setup
-    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, p in self.named_parameters():
-            if name.startswith(("embed_tokens", "lm_head")):
-                continue
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif name == "markov_head.markov_w2.weight":
-                # Start as the plain backbone (DFlash); the head learns its correction.
-                nn.init.zeros_(p)
-            else:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-    def load_target_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
-        """Copy the target's embedding and lm_head in and freeze them."""
-        for mod, w, name in (
-            (self.embed_tokens, embed_weight, "embedding"),
-            (self.lm_head, lm_head_weight, "lm_head"),
-        ):
-            if tuple(w.shape) != tuple(mod.weight.shape):
-                raise ValueError(
-                    f"target {name} has shape {tuple(w.shape)}; drafter expects {tuple(mod.weight.shape)}"
-                )
-            with torch.no_grad():
-                mod.weight.copy_(w)
-            mod.weight.requires_grad_(False)
 
     # ------------------------------------------------------------------ backbone
     def context(self, target_feats: torch.Tensor) -> torch.Tensor:
@@ -229,16 +185,3 @@ class DSparkDrafter(nn.Module):
             confidence=torch.sigmoid(cl) if cl is not None else None,
             confidence_logits=cl,
         )
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
-
-def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The sampling distribution at ``temperature`` (T=0: one-hot on the argmax)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0")
-    logits = logits.float()
-    if temperature == 0:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return torch.softmax(logits / temperature, dim=-1)

@@ -1,0 +1,125 @@
+"""What every drafter is: the :class:`Drafter` base class and the outputs it returns.
+
+A drafter reads the target's features (the concatenated outputs of the layers in
+``spec.target_layer_ids``), shares the target's frozen embedding and lm_head, and proposes
+``block_size`` tokens after an anchor. Two kinds exist: the parallel-block drafter (DSpark, and
+DFlash with its heads off; :mod:`deepspec.models.parallel`) and the autoregressive EAGLE-3 baseline
+(:mod:`deepspec.models.eagle3`). Build one with :func:`deepspec.models.build_drafter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from deepspec.models.config import DrafterSpec
+
+
+@dataclass
+class BlockOutput:
+    logits: torch.Tensor  # [B, A, γ, V] draft logits (backbone + Markov bias)
+    confidence_logits: Optional[torch.Tensor]  # [B, A, γ] pre-sigmoid, or None without the head
+    hidden: torch.Tensor  # [B, A, γ, H] final-norm block hiddens
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # [γ] proposed tokens x1..xγ
+    probs: torch.Tensor  # [γ, V] distributions they were drawn from (one-hot at T=0)
+    confidence: Optional[torch.Tensor]  # [γ] σ(confidence logit), raw (uncalibrated)
+    confidence_logits: Optional[torch.Tensor]  # [γ]
+
+
+class Drafter(nn.Module):
+    """Base of every drafter. Subclasses register ``embed_tokens`` and ``lm_head`` (the target's, frozen
+    by :meth:`load_target_head`), ``fc`` (target features -> hidden), ``layers``, ``norm``, and
+    ``markov_head`` / ``confidence_head`` (None where the kind has none), and implement
+    :meth:`forward` (teacher-forced training over many blocks) and :meth:`draft` (one block at
+    inference)."""
+
+    # True when draft() needs the committed token ids before the anchor (the evaluator passes them).
+    uses_context_ids: bool = False
+
+    embed_tokens: nn.Embedding
+    lm_head: nn.Linear
+    markov_head: Optional[nn.Module]
+    confidence_head: Optional[nn.Module]
+
+    def __init__(self, spec: DrafterSpec) -> None:
+        super().__init__()
+        self.config = spec
+
+    def forward(
+        self,
+        target_feats: torch.Tensor,
+        input_ids: torch.Tensor,
+        anchors: torch.Tensor,
+        prev_tokens: torch.Tensor,
+    ) -> BlockOutput:
+        """target_feats [B, L, n·H_t]; input_ids [B, L]; anchors [B, A] (positions p0);
+        prev_tokens [B, A, γ] = the true x_{k-1} for each slot (x_0 = the anchor)."""
+        raise NotImplementedError
+
+    def draft(
+        self,
+        target_feats: torch.Tensor,
+        anchor_token: int,
+        temperature: float,
+        generator: Optional[torch.Generator] = None,
+        forced_tokens: Optional[torch.Tensor] = None,
+        context_ids: Optional[torch.Tensor] = None,
+    ) -> Draft:
+        """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1]."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ setup
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None) -> None:
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.startswith(("embed_tokens", "lm_head")):
+                continue
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name == "markov_head.markov_w2.weight":
+                # Start as the plain backbone (DFlash); the head learns its correction.
+                nn.init.zeros_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def load_target_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
+        """Copy the target's embedding and lm_head in and freeze them."""
+        for mod, w, name in (
+            (self.embed_tokens, embed_weight, "embedding"),
+            (self.lm_head, lm_head_weight, "lm_head"),
+        ):
+            if tuple(w.shape) != tuple(mod.weight.shape):
+                raise ValueError(
+                    f"target {name} has shape {tuple(w.shape)}; drafter expects {tuple(mod.weight.shape)}"
+                )
+            with torch.no_grad():
+                mod.weight.copy_(w)
+            mod.weight.requires_grad_(False)
+
+    def freeze_target_head(self) -> None:
+        """Mark the shared embedding and lm_head frozen (after loading them from a file)."""
+        for mod in (self.embed_tokens, self.lm_head):
+            mod.weight.requires_grad_(False)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The sampling distribution at ``temperature`` (T=0: one-hot on the argmax)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0")
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits / temperature, dim=-1)
