@@ -97,9 +97,8 @@ def preflight(cfg) -> TrainPlan:
     """Every check that needs no model, run before anything is written: a run that fails one leaves
     no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
     if cfg.export.after_training:
-        check_export_settings(
-            cfg.export
-        )  # a bad repo id or a missing Hub token fails now, not after training
+        # A bad repo id or a missing Hub token fails now, not after training.
+        check_export_settings(cfg.export)
     validate(cfg)
     strategy = dist_utils.resolve_strategy(cfg)
     world = dist_utils.launcher_world_size()
