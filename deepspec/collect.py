@@ -17,6 +17,7 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 def main(cfg) -> None:
     import logging
 
+    from deepspec.config import ConfigError
     from deepspec.data.cache import CacheError
     from deepspec.data.collector import collect
     from deepspec.data.prompts import DataError
@@ -24,7 +25,7 @@ def main(cfg) -> None:
     logging.getLogger("deepspec").setLevel(logging.INFO)
     try:
         collect(cfg, progress_bar=sys.stderr.isatty())
-    except (CacheError, DataError) as e:
+    except (ConfigError, CacheError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -18,10 +18,15 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 def main(cfg) -> None:
     import logging
 
+    from deepspec.config import ConfigError
     from deepspec.eval.pipeline import run_evaluation
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
-    run_evaluation(cfg)
+    try:
+        run_evaluation(cfg)
+    except ConfigError as e:  # a bad value: one line naming the key, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

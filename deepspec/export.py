@@ -47,9 +47,11 @@ def check_main(argv) -> int:
 
 @hydra_entry("export")
 def export_main(cfg) -> None:
+    from deepspec.config import validate
     from deepspec.exporting.pipeline import run_export
 
     try:
+        validate(cfg)
         run_export(cfg.export)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)

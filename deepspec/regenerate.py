@@ -17,13 +17,14 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 def regenerate_main(cfg) -> None:
     import logging
 
+    from deepspec.config import ConfigError
     from deepspec.data.prompts import DataError
     from deepspec.data.regenerate import RegenerateError, regenerate
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
     try:
         regenerate(cfg, progress_bar=sys.stderr.isatty())
-    except (RegenerateError, DataError) as e:
+    except (ConfigError, RegenerateError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

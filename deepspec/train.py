@@ -11,12 +11,17 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 def main(cfg) -> None:
     import logging
 
+    from accelerate import PartialState
+
+    from deepspec.config import ConfigError
     from deepspec.training.loop import train
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
-    from accelerate import PartialState
-
-    out = train(cfg)
+    try:
+        out = train(cfg)
+    except ConfigError as e:  # a bad value: one line naming the key, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if not cfg.train.dry_run and PartialState().is_main_process:  # once, not once per process
         print(f"run finished: {out}")
 

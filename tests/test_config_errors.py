@@ -1,12 +1,15 @@
-"""Drafter config resolution: default layer ids, validation errors, and the lr schedule."""
+"""Drafter config resolution: default layer ids, validation errors, the lr schedule, and numbers that
+used to pass unchecked (each test below failed before deepspec/config/validate.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 
 import pytest
+from train_fixtures import compose
 from transformers import LlamaConfig, Qwen3Config
 
 from deepspec.config import DrafterConfig
@@ -99,10 +102,15 @@ def test_resolve_fills_target_facts():
 # ----------------------------------------------------------------------------- 9. errors
 
 
-@pytest.mark.parametrize("ids", [[1, 6], [0, 17], [-2, 1]])
+@pytest.mark.parametrize("ids", [[1, 6], [0, 17]])
 def test_layer_ids_out_of_range(ids):
     with pytest.raises(ValueError, match=r"out of range; the target has 6 layers"):
         resolve(6, target_layer_ids=ids)
+
+
+def test_layer_ids_below_embeddings_refused_without_a_target():
+    with pytest.raises(ValueError, match=re.escape("model.target_layer_ids=[-2, 1]: ids must be >= -1")):
+        resolve(6, target_layer_ids=[-2, 1])
 
 
 @pytest.mark.parametrize("ids", [[3, 2], [1, 1, 4], [4, 2, 5]])
@@ -127,7 +135,9 @@ def test_block_size_too_small(bs):
 
 
 def test_unknown_markov_head_type():
-    with pytest.raises(ValueError, match=r"model.markov_head_type='lstm' is unknown; expected one of \("):
+    with pytest.raises(
+        ValueError, match=r"model.markov_head_type='lstm' is unknown; expected one of: vanilla, gated, rnn"
+    ):
         resolve(6, markov_head_type="lstm")
 
 
@@ -154,7 +164,7 @@ def test_mask_auto_without_tokenizer_mask():
 
 def test_unknown_drafter_kind():
     with pytest.raises(
-        ValueError, match=r"model.kind='medusa' is unknown; expected 'dspark', 'dflash' or 'eagle3'"
+        ValueError, match=r"model.kind='medusa' is unknown; expected one of: dspark, dflash, eagle3"
     ):
         resolve(6, kind="medusa")
 
@@ -221,3 +231,87 @@ def test_lr_min_ratio_and_no_warmup():
     g = [lr_factor(s, 1000, 0.04) for s in range(1000)]
     assert g[0] == pytest.approx(1 / 40) and g[39] == pytest.approx(1.0) and g[40] == pytest.approx(1.0)
     assert g[999] < 1e-4
+
+
+# ----------------------------------------------------------------------------- 11. numbers not validated
+# Issue: data.num_anchors=0 "finished" a drafter that learned nothing; <0 trained on all-but-N; lr<=0,
+# warmup_ratio>1, epochs<0 and negative loss weights were accepted (lr<0 failed inside torch after the
+# target had loaded). Each is now refused by train() before the (here nonexistent) target is touched.
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.num_anchors=0", "data.num_anchors"),
+        ("data.num_anchors=-2", "data.num_anchors"),
+        ("train.lr=-1e-4", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.warmup_ratio=1.5", "train.warmup_ratio"),
+        ("train.epochs=-1", "train.epochs"),
+        ("loss.ce_weight=-0.1", "loss.ce_weight"),
+        ("loss.l1_weight=-0.9", "loss.l1_weight"),
+    ],
+)
+def test_train_refuses_bad_numbers_before_loading(override, key, tmp_path):
+    from deepspec.training.loop import train
+
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as e:
+        train(compose([override, "target.name_or_path=/nonexistent/target", f"train.output_dir={out}"]))
+    assert str(e.value).startswith(f"{key}=")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- data.max_length
+def _records(n_long: int, n_short: int):
+    long_prompt = " ".join(["word"] * 200)
+    recs = [
+        {
+            "id": f"long{i}",
+            "messages": [
+                {"role": "user", "content": long_prompt},
+                {"role": "assistant", "content": "an answer here"},
+            ],
+        }
+        for i in range(n_long)
+    ]
+    recs += [
+        {
+            "id": f"short{i}",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "an answer here"},
+            ],
+        }
+        for i in range(n_short)
+    ]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from chat_fixtures import qwen3_tokenizer
+
+    return qwen3_tokenizer()
+
+
+def test_over_long_records_are_counted_with_the_key_to_change(tokenizer, caplog):
+    from deepspec.training.setup import tokenize_records
+
+    with caplog.at_level(logging.WARNING, logger="deepspec"):
+        out = tokenize_records(_records(2, 3), tokenizer, max_length=48)
+    assert len(out) == 3 and all(len(e.input_ids) <= 48 for e in out)
+    lines = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(lines) == 1
+    assert re.search(r"dropped 2 of 5 training records: no answer token within data.max_length=48", lines[0])
+    assert "raise data.max_length" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deepspec"):
+        assert len(tokenize_records(_records(2, 3), tokenizer, max_length=4096)) == 5
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
+
+
+def test_max_length_too_small_for_any_answer_names_the_key(tokenizer):
+    from deepspec.training.setup import train_examples
+
+    cfg = compose(["data.max_length=16"])
+    with pytest.raises(ValueError, match=r"data.max_length=16 leaves no answer token in any training record"):
+        train_examples(cfg, tokenizer, _records(3, 0))

@@ -49,10 +49,25 @@ def test_wrong_key_or_type_names_the_key(override, key):
 @pytest.mark.parametrize(
     "override, words",
     [
-        ("train.on_nonfinite=ignore", ["train.on_nonfinite", "ignore"]),
-        ("train.mixed_precision=fp16", ["train.mixed_precision", "fp16"]),
-        ("train.checkpoint.keep_last=0", ["keep_last=0"]),
-        ("train.strategy=horovod", ["train.strategy", "horovod"]),
+        ("train.on_nonfinite=ignore", ["train.on_nonfinite", "ignore", "stop", "skip"]),
+        ("train.mixed_precision=fp16", ["train.mixed_precision", "fp16", "no", "bf16"]),
+        ("train.strategy=horovod", ["train.strategy", "horovod", "deepspeed", "fsdp"]),
+    ],
+)
+def test_bad_choices_stop_while_composing(override, words):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose([override])
+    for w in words:
+        assert w in f"{e.value} {e.value.__cause__}"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("train.checkpoint.keep_last=0", ["train.checkpoint.keep_last=0", ">= 1"]),
+        ("train.log_every=0", ["train.log_every=0", ">= 1"]),
         ("train.strategy=fsdp", ["fsdp", "CUDA"]),
     ],
 )
@@ -82,8 +97,7 @@ def test_global_batch_not_divisible_by_world_times_micro(tmp_path, monkeypatch):
         ]
     )
     with pytest.raises(
-        ValueError,
-        match=r"global_batch_size=8 is not divisible by world_size \(1\) × train.micro_batch_size \(3\)",
+        ValueError, match=r"train.global_batch_size=8 is not a multiple of train.micro_batch_size=3"
     ):
         train(cfg)
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun / accelerate launch would set it

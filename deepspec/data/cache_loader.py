@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example, epoch_order, global_indices
 from deepspec.data.cache import (
     CachedSequence,
@@ -171,6 +172,19 @@ def open_run_cache(cfg, target_path: str, target, drafter_config, accelerator=No
             stored_max,
         )
     examples = [Example(ids[: cfg.data.max_length], mask[: cfg.data.max_length]) for ids, mask in data]
+    # Cut shorter than collected, a sequence can lose its whole answer. It is kept (the prefetcher
+    # indexes the cache by position) but adds nothing to the loss: say how many.
+    cut = stored_max is not None and cfg.data.max_length < stored_max
+    empty = sum(not anchor_candidates(torch.tensor(e.loss_mask)).numel() for e in examples) if cut else 0
+    if empty:
+        log.warning(
+            "%d of %d cached sequences have no answer token within data.max_length=%d and train "
+            "nothing; raise data.max_length (collected with %s)",
+            empty,
+            len(examples),
+            cfg.data.max_length,
+            stored_max,
+        )
     eval_records = reader.heldout_records()[: cfg.eval.num_prompts]
     rank, world = (
         (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)

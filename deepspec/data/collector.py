@@ -133,11 +133,13 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
+    from deepspec.config import validate
     from deepspec.data.chat import template_kwargs_of
     from deepspec.models.config import resolve_drafter_config
     from deepspec.target.adapter import TargetModel
     from deepspec.training.setup import load_records, resolve_target_path, train_examples
 
+    validate(cfg)  # every number and choice, before the target loads
     cc = cfg.collect
     if not cc.cache_dir:
         raise CacheError("collect.cache_dir is not set (the folder to write the cache into)")
@@ -145,10 +147,6 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
         raise CacheError(
             "collect reads data.source=tiny_chat or chat (the conversations to run the target on), not cache"
         )
-    if cc.split not in ("train", "heldout"):
-        raise CacheError(f"collect.split={cc.split!r}: expected 'train' or 'heldout'")
-    if cc.shard_sequences < 1 or cc.batch_size < 1:
-        raise CacheError("collect.shard_sequences and collect.batch_size must be >= 1")
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     cache_dir = Path(cc.cache_dir)
 

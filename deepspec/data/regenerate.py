@@ -254,12 +254,12 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
     """Run (or resume) a regeneration described by ``cfg.regen`` / ``cfg.data`` / ``cfg.target``."""
     from tqdm.auto import tqdm
 
+    from deepspec.config import validate
     from deepspec.data.chat import template_kwargs_of
     from deepspec.data.prompts import LoadStats, load_conversations
 
+    validate(cfg)  # every number and choice, before any prompt is read or a model loads
     rc = cfg.regen
-    if rc.backend not in ("local", "openai"):
-        raise RegenerateError(f"regen.backend={rc.backend!r}: expected 'local' or 'openai'")
     input_path = rc.input or cfg.data.path
     if not input_path:
         raise RegenerateError(

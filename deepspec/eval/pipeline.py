@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,33 +15,9 @@ import torch
 from omegaconf import OmegaConf
 
 from deepspec import atomic
+from deepspec.config import validate
 
 log = logging.getLogger("deepspec")
-
-
-def check_eval_config(e) -> None:
-    for t in e.temperatures:
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise ValueError(
-                f"eval.temperatures contains {t!r}; temperatures must be finite and >= 0 (0 = greedy)"
-            )
-    if not e.temperatures:
-        raise ValueError("eval.temperatures is empty")
-    if e.max_new_tokens < 1:
-        raise ValueError(f"eval.max_new_tokens={e.max_new_tokens}: must be >= 1")
-    if not e.datasets:
-        raise ValueError("eval.datasets is empty")
-    if not 0 < e.calibration_fraction < 1:
-        raise ValueError(f"eval.calibration_fraction={e.calibration_fraction}: must be in (0, 1)")
-    if e.ece_bins < 2:
-        raise ValueError(f"eval.ece_bins={e.ece_bins}: must be >= 2")
-    if e.save_sts and float(e.sts_fit_temperature) not in [float(t) for t in e.temperatures]:
-        raise ValueError(
-            f"eval.save_sts: eval.sts_fit_temperature={e.sts_fit_temperature} is not one of "
-            f"eval.temperatures={list(e.temperatures)}"
-        )
-    if any(int(r) < 1 for r in e.concurrency):
-        raise ValueError(f"eval.concurrency={list(e.concurrency)}: levels must be >= 1")
 
 
 def default_output_dir(drafter_dir: Path, from_run_dir: bool) -> Path:
@@ -75,8 +50,8 @@ def run_evaluation(cfg) -> Dict:
     from deepspec.eval.runner import evaluate_datasets
     from deepspec.eval.scheduler import SPSCurve
 
+    validate(cfg)  # every number and choice, before the drafter or the target loads
     e = cfg.eval
-    check_eval_config(e)
     if e.num_threads > 0:
         torch.set_num_threads(e.num_threads)
     inputs = check_inputs(cfg)  # drafter vs target, from config files: before any weights load

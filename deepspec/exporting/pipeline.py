@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from deepspec.config import validate
 from deepspec.exporting.card import build_card, is_hub_id, read_run_file
 from deepspec.exporting.check import check_export
-from deepspec.exporting.formats import FORMATS, default_include_embeddings, format_config
+from deepspec.exporting.formats import default_include_embeddings, format_config
 from deepspec.exporting.hub import HubError, PushPlan, push_folder, resolve_token, validate_repo_id
 from deepspec.exporting.io import ExportInputError, check_output_dir
 from deepspec.exporting.target_info import TargetInfo, read_target
-from deepspec.exporting.writer import EXPORT_DTYPES, export_drafter, load_export, resolve_checkpoint
+from deepspec.exporting.writer import export_drafter, load_export, resolve_checkpoint
 from deepspec.models import Drafter
 
 
@@ -32,10 +33,7 @@ class ExportResult:
 
 def check_export_settings(e) -> None:
     """The refusals that need no model: unknown format or dtype, bad repo id, missing Hub token."""
-    if e.format not in FORMATS:
-        raise ValueError(f"export.format={e.format!r} is unknown; expected one of {FORMATS}")
-    if e.dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export.dtype={e.dtype!r}: expected one of {EXPORT_DTYPES}")
+    validate(e, prefix="export")  # export.format / export.dtype choices
     if e.push_to_hub or e.dry_run:
         validate_repo_id(e.repo_id)
     if e.push_to_hub and not e.dry_run and resolve_token() is None:

@@ -18,6 +18,7 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
+from deepspec.config import LossImpl, check_choice
 from deepspec.data.anchors import BlockTargets, slot_weights
 from deepspec.losses.vocab_terms import HeadLogits, block_row_stats, reference_row_stats
 
@@ -84,6 +85,7 @@ def dspark_loss(
     w = weighted_valid(targets.valid, loss_cfg.decay_gamma)
     soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
     impl = getattr(loss_cfg, "impl", "lean")
+    check_choice("loss.impl", impl, LossImpl)
     if impl == "lean":
         ce, sce, l1 = block_row_stats(
             draft_logits,
@@ -93,10 +95,8 @@ def dspark_loss(
             int(getattr(loss_cfg, "chunk_size", 0)),
             with_soft_ce=soft_w != 0,
         )
-    elif impl == "reference":
-        ce, sce, l1 = reference_row_stats(draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0)
     else:
-        raise ValueError(f"loss.impl={impl!r} is unknown; expected 'lean' or 'reference'")
+        ce, sce, l1 = reference_row_stats(draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0)
     accept = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # c*_k, analytic acceptance at T=1
     zero = draft_logits.new_zeros((), dtype=torch.float32)
     bce = zero

@@ -13,15 +13,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from deepspec.config import AttnImpl, DrafterKind, MarkovHeadType, allowed
+from deepspec.config import validate as validate_user_config
+
 SUPPORTED_FAMILIES = ("qwen3", "llama", "qwen2", "mistral")
-MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+MARKOV_HEAD_TYPES = allowed(MarkovHeadType)
 # "dspark": the parallel block drafter with its Markov and/or confidence head; "dflash": the same
 # drafter with both heads off; "eagle3": the EAGLE-3 baseline, one autoregressive layer
 # (deepspec/models/eagle3.py). deepspec.models.build_drafter maps each kind to its class.
-KINDS = ("dspark", "dflash", "eagle3")
+KINDS = allowed(DrafterKind)
 # Keys that drafter_config.json files written before the rename used, and their names now.
 LEGACY_KEYS = {"architecture": "kind", "num_hidden_layers": "num_layers"}
-ATTN_IMPLS = ("auto", "sdpa", "flex")
+ATTN_IMPLS = allowed(AttnImpl)
 
 
 @dataclass
@@ -129,12 +132,9 @@ def check_layer_ids(ids: List[int], num_layers: int) -> None:
 
 
 def validate(c: DrafterSpec) -> None:
-    if c.kind not in KINDS:
-        raise ValueError(f"model.kind={c.kind!r} is unknown; expected one of {KINDS}")
-    if c.attn_impl not in ATTN_IMPLS:
-        raise ValueError(f"model.attn_impl={c.attn_impl!r} is unknown; expected one of {ATTN_IMPLS}")
-    if c.kind == "eagle3" and c.num_layers != 1:
-        raise ValueError(f"model.num_layers={c.num_layers}: the EAGLE-3 drafter has exactly one layer")
+    # A spec read back from a file passes the same checks as the user's model.* keys (kind, attn_impl,
+    # markov_head_type, block_size, num_layers, markov_rank, the EAGLE-3 layer count).
+    validate_user_config(c, prefix="model")
     if c.kind in ("dflash", "eagle3") and (c.markov_rank or c.enable_confidence_head):
         raise ValueError(
             f"model.kind={c.kind}: this drafter has no Markov or confidence head (markov_rank=0, "
@@ -144,16 +144,6 @@ def validate(c: DrafterSpec) -> None:
         raise ValueError(
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
         )
-    if c.block_size < 2:
-        raise ValueError(f"model.block_size={c.block_size}: must be >= 2 (anchor + at least one draft)")
-    if c.num_layers < 1:
-        raise ValueError(f"model.num_layers={c.num_layers}: must be >= 1")
-    if c.markov_head_type not in MARKOV_HEAD_TYPES:
-        raise ValueError(
-            f"model.markov_head_type={c.markov_head_type!r} is unknown; expected one of {MARKOV_HEAD_TYPES}"
-        )
-    if c.markov_rank < 0:
-        raise ValueError(f"model.markov_rank={c.markov_rank}: must be >= 0 (0 = Markov head off)")
     if not 0 <= c.mask_token_id < c.vocab_size:
         raise ValueError(
             f"model.mask_token_id={c.mask_token_id} is outside the target's embedding "
@@ -178,23 +168,20 @@ def resolve_drafter_config(
 
     ``mask_token_id`` is the tokenizer's mask id, used when the config says 'auto'.
     """
+    validate_user_config(drafter_cfg, prefix="model")  # choices and ranges of model.*
     t = dict(target_config)
     # Multimodal configs (e.g. Gemma) nest the LM config.
     if "text_config" in t and "num_hidden_layers" not in t:
         t = {**t["text_config"]}
     num_target_layers = int(t["num_hidden_layers"])
     ids = drafter_cfg.target_layer_ids
-    if isinstance(ids, str):
-        if ids != "auto":
-            raise ValueError(f"model.target_layer_ids={ids!r}: expected 'auto' or a list of ints")
+    if isinstance(ids, str):  # "auto" (validated above)
         ids = default_target_layer_ids(num_target_layers, int(drafter_cfg.num_target_features))
     ids = [int(i) for i in ids]
     check_layer_ids(ids, num_target_layers)
 
     mask = drafter_cfg.mask_token_id
-    if isinstance(mask, str):
-        if mask != "auto":
-            raise ValueError(f"model.mask_token_id={mask!r}: expected 'auto' or an int")
+    if isinstance(mask, str):  # "auto"
         if mask_token_id is None:
             raise ValueError(
                 "model.mask_token_id='auto' but the tokenizer has no mask token; set "
@@ -203,8 +190,6 @@ def resolve_drafter_config(
         mask = mask_token_id
 
     kind = drafter_cfg.kind
-    if kind not in KINDS:
-        raise ValueError(f"model.kind={kind!r} is unknown; expected 'dspark', 'dflash' or 'eagle3'")
     dflash = kind in ("dflash", "eagle3")  # neither has the Markov or the confidence head
     hidden = int(t["hidden_size"])
     heads = int(t["num_attention_heads"])

@@ -19,9 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from deepspec.config import MixedPrecision, Strategy, allowed, check_choice
+
 log = logging.getLogger("deepspec")
 
-STRATEGIES = ("auto", "single", "ddp", "deepspeed", "fsdp")
+STRATEGIES = allowed(Strategy)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,8 +38,7 @@ def launcher_world_size() -> int:
 
 def resolve_strategy(cfg) -> str:
     s = cfg.train.strategy
-    if s not in STRATEGIES:
-        raise ValueError(f"train.strategy={s!r} is unknown; expected one of {STRATEGIES}")
+    check_choice("train.strategy", s, Strategy)
     world = launcher_world_size()
     if s == "auto":
         if _env_flag("ACCELERATE_USE_DEEPSPEED"):
@@ -136,10 +137,9 @@ def make_accelerator(cfg, strategy: str, accum: int) -> Accelerator:
                 state_dict_type="FULL_STATE_DICT",
                 cpu_ram_efficient_loading=False,
             )
-    if cfg.train.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"train.mixed_precision={cfg.train.mixed_precision!r}: expected 'no' or 'bf16'")
+    check_choice("train.mixed_precision", cfg.train.mixed_precision, MixedPrecision)
     acc = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=str(cfg.train.mixed_precision),
         cpu=not cuda and strategy != "deepspeed",
         gradient_accumulation_steps=accum,
         kwargs_handlers=handlers,

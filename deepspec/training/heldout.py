@@ -29,7 +29,7 @@ class HeldoutScorer:
         self.examples = []
         records = list(getattr(run, "heldout_records", None) or [])[: max(num_sequences, 0)]
         if records and getattr(run, "target", None) is not None:
-            self.examples = tokenize_records(records, run.tokenizer, run.cfg.data.max_length)
+            self.examples = tokenize_records(records, run.tokenizer, run.cfg.data.max_length, what="held-out")
         elif num_sequences > 0 and acc.is_main_process:
             log.warning("no held-out sequences to score at checkpoints: 'keep best' falls back to the newest")
 

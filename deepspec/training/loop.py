@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import set_seed
 
 from deepspec import atomic
+from deepspec.config import validate
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
 from deepspec.exporting.native import save_native
@@ -37,7 +38,7 @@ from deepspec.training.heldout import HeldoutScorer
 from deepspec.training.metrics_log import RunLogger, peak_memory_gb
 from deepspec.training.nonfinite import NonFiniteGuard
 from deepspec.training.optim import build_optimizer, build_scheduler
-from deepspec.training.plan import dry_run, plan_batches, total_steps, validate
+from deepspec.training.plan import dry_run, plan_batches, total_steps
 from deepspec.training.setup import RunSetup, build_run
 
 
@@ -96,10 +97,10 @@ class TrainPlan:
 def preflight(cfg) -> TrainPlan:
     """Every check that needs no model, run before anything is written: a run that fails one leaves
     no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
+    validate(cfg)  # every number and choice
     if cfg.export.after_training:
         # A bad repo id or a missing Hub token fails now, not after training.
         check_export_settings(cfg.export)
-    validate(cfg)
     strategy = dist_utils.resolve_strategy(cfg)
     world = dist_utils.launcher_world_size()
     return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))

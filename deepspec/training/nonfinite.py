@@ -18,12 +18,13 @@ import logging
 
 import torch
 
+from deepspec.config import OnNonfinite, allowed, check_choice
 from deepspec.training import distributed as dist_utils
 from deepspec.training.faults import corrupt_loss
 
 log = logging.getLogger("deepspec")
 
-POLICIES = ("stop", "skip")
+POLICIES = allowed(OnNonfinite)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -33,8 +34,7 @@ class NonFiniteLossError(FloatingPointError):
 class NonFiniteGuard:
     def __init__(self, cfg, acc, checkpointer) -> None:
         self.policy = cfg.train.on_nonfinite
-        if self.policy not in POLICIES:
-            raise ValueError(f"train.on_nonfinite={self.policy!r}: expected one of {POLICIES}")
+        check_choice("train.on_nonfinite", self.policy, OnNonfinite)
         self.acc, self.ckpt = acc, checkpointer
         self.max_skips = cfg.train.max_skipped_steps
         self.skipped = 0

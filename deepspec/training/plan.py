@@ -12,27 +12,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
-
-def validate(cfg) -> None:
-    """Values the schema cannot check (Hydra already rejected unknown keys and wrong types)."""
-    t = cfg.train
-    choices = {
-        "train.on_nonfinite": (t.on_nonfinite, ("stop", "skip")),
-        "train.mixed_precision": (t.mixed_precision, ("no", "bf16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r}: expected one of {allowed}")
-    c = t.checkpoint
-    if c.every < 0 or c.keep_last < 1 or c.heldout_sequences < 0:
-        raise ValueError(
-            f"train.checkpoint: every={c.every} (>= 0), keep_last={c.keep_last} (>= 1) and "
-            f"heldout_sequences={c.heldout_sequences} (>= 0)"
-        )
-    if not t.resume:
-        raise ValueError("train.resume is empty: use auto, none, or a checkpoint / run folder")
-    if t.log_every < 1:
-        raise ValueError(f"train.log_every={t.log_every}: expected >= 1")
+from deepspec.config import validate
 
 
 def plan_batches(cfg, world_size: int) -> int:

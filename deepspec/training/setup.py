@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from deepspec import atomic
+from deepspec.config import DataSource, check_choice
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
 from deepspec.models import Drafter, build_drafter
@@ -69,6 +70,7 @@ def load_records(cfg) -> dict:
     data.source: tiny_chat (pairs cut from the tiny target's corpus), chat (data.path: local files
     or a hub dataset, e.g. regenerated answers), cache (held-out records stored with an offline
     cache; its training sequences are read by deepspec.data.cache_loader)."""
+    check_choice("data.source", cfg.data.source, DataSource)
     if cfg.data.source == "tiny_chat":
         from deepspec.data.tiny_chat import tiny_chat_splits
 
@@ -77,7 +79,7 @@ def load_records(cfg) -> dict:
         from deepspec.data.prompts import load_chat_splits
 
         return load_chat_splits(cfg.data)
-    if cfg.data.source == "cache":
+    else:  # cache
         from deepspec.data.cache import CacheReader
 
         if not cfg.data.cache_dir:
@@ -85,24 +87,50 @@ def load_records(cfg) -> dict:
                 "data.source=cache needs data.cache_dir (a folder written by deepspec/collect.py)"
             )
         return {"train": [], "heldout": CacheReader(cfg.data.cache_dir, verify=False).heldout_records()}
-    raise ValueError(f"data.source={cfg.data.source!r} is unknown; expected 'tiny_chat', 'chat' or 'cache'")
 
 
-def tokenize_records(records: List[dict], tokenizer, max_length: int, template_kwargs=None) -> List[Example]:
-    """Token ids + assistant loss masks (records without an anchor position are dropped). A record
+def _has_anchor(mask: List[int]) -> bool:
+    return anchor_candidates(torch.tensor(mask, dtype=torch.long)).numel() > 0
+
+
+def tokenize_records(
+    records: List[dict], tokenizer, max_length: int, template_kwargs=None, what: str = "training"
+) -> List[Example]:
+    """Token ids + assistant loss masks, cut to ``max_length`` tokens.
+
+    A record without an anchor position is dropped; those that had one before the cut (their answer
+    starts after ``data.max_length`` tokens) are counted and reported with the key to change. A record
     the chat template cannot mask soundly is skipped and counted; more than 5% of them is an error
     (the template or tokenizer is the problem)."""
     from deepspec.data.chat import ChatTemplateError, tokenize_conversation
 
-    out, unstable = [], []
+    out, unstable, too_long = [], [], []
     for r in records:
         try:
-            ids, mask = tokenize_conversation(tokenizer, r["messages"], max_length, template_kwargs)
+            # uncut, to tell records cut before their answer from records without one
+            ids, mask = tokenize_conversation(tokenizer, r["messages"], 1 << 62, template_kwargs)
         except ChatTemplateError:
             unstable.append(r.get("id", "?"))
             continue
-        if anchor_candidates(torch.tensor(mask)).numel() > 0:
-            out.append(Example(ids, mask))
+        if _has_anchor(mask[:max_length]):
+            out.append(Example(ids[:max_length], mask[:max_length]))
+        elif _has_anchor(mask):
+            too_long.append(r.get("id", "?"))
+    if too_long:
+        log.warning(
+            "dropped %d of %d %s records: no answer token within data.max_length=%d tokens (e.g. %s); "
+            "raise data.max_length to keep them",
+            len(too_long),
+            len(records),
+            what,
+            max_length,
+            too_long[0],
+        )
+        if not out:
+            raise ValueError(
+                f"data.max_length={max_length} leaves no answer token in any {what} record: all "
+                f"{len(too_long)} records with an answer start it later; raise data.max_length"
+            )
     if unstable:
         log.warning(
             "skipped %d of %d records the chat template cannot mask (e.g. %s)",

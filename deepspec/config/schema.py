@@ -1,7 +1,9 @@
 """Typed configuration: one dataclass per stage, registered with Hydra's ConfigStore.
 
-Hydra validates every override against these dataclasses, so a misspelt key or a wrong type
-fails at start-up with the key's name (e.g. ``train.lrr=1`` -> "Key 'lrr' not in 'TrainConfig'").
+Hydra validates every override against these dataclasses, so a misspelt key, a wrong type or a choice
+outside its Enum (deepspec/config/choices.py) fails at start-up with the key's name (e.g.
+``train.lrr=1`` -> "Key 'lrr' not in 'TrainConfig'"). Ranges of numbers and checks across keys are in
+deepspec/config/validate.py, which every entry point runs before it loads anything.
 Values that need the target to be known (layer ids, mask id) stay ``"auto"`` here and are
 resolved once, in :func:`deepspec.models.config.resolve_drafter_config`.
 """
@@ -13,6 +15,24 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that need it)
+
+from deepspec.config.choices import (
+    AttnImpl,
+    CacheDtype,
+    CollectSplit,
+    DataSource,
+    DrafterKind,
+    ExportDtype,
+    ExportFormat,
+    LossImpl,
+    MarkovHeadType,
+    MixedPrecision,
+    OnError,
+    OnNonfinite,
+    RegenBackend,
+    Strategy,
+    TargetDtype,
+)
 
 
 @dataclass
@@ -46,7 +66,7 @@ class TargetConfig:
     # "tiny" builds (or reuses) the embedded target from `tiny`; anything else is a local folder
     # or hub id loaded with AutoModelForCausalLM.from_pretrained.
     name_or_path: str = "tiny"
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: TargetDtype = TargetDtype.float32
     trust_remote_code: bool = False
     tiny: TinyTargetConfig = field(default_factory=TinyTargetConfig)
 
@@ -55,18 +75,18 @@ class TargetConfig:
 class DrafterConfig:
     # dspark | dflash (model=dflash: markov off, CE only, no confidence head) | eagle3 (model=eagle3:
     # one autoregressive layer, training-time test, soft CE; see docs/benchmarks.md)
-    kind: str = "dspark"
+    kind: DrafterKind = DrafterKind.dspark
     num_layers: int = 2
     block_size: int = 7
     target_layer_ids: Any = "auto"  # "auto" or a list of strictly increasing ids (-1 = embeddings)
     num_target_features: int = 5  # how many layers "auto" picks (fewer on small targets)
     mask_token_id: Any = "auto"  # "auto" = the tokenizer's mask token, else an embedding row
     markov_rank: int = 256  # 0 turns the Markov head off
-    markov_head_type: str = "vanilla"  # vanilla | gated | rnn
+    markov_head_type: MarkovHeadType = MarkovHeadType.vanilla
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     init_std: float = 0.02
-    attn_impl: str = "auto"  # auto (flex attention on CUDA when available, else SDPA) | sdpa | flex
+    attn_impl: AttnImpl = AttnImpl.auto  # auto = flex attention on CUDA when available, else SDPA
 
 
 @dataclass
@@ -78,7 +98,7 @@ class LossConfig:
     soft_ce_weight: float = 0.0  # -Σ_v p_k(v) log q_k(v), CE to the target's distribution (EAGLE-3)
     # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/lean_loss.py);
     # reference: the literal version that holds fp32 softmaxes of draft and target at once.
-    impl: str = "lean"
+    impl: LossImpl = LossImpl.lean
     chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)
     # Hand the loss the target's final hiddens + lm_head instead of its [B, A, γ, V] logits; the lean
     # loss computes them per chunk (one fewer batch x vocab tensor, two extra lm_head matmuls).
@@ -90,7 +110,7 @@ class DataConfig:
     # tiny_chat = chat pairs cut from the tiny target's corpus; chat = conversations from `path`
     # (local jsonl/json/parquet or a hub dataset, e.g. the output of deepspec/regenerate.py);
     # cache = an offline target cache written by deepspec/collect.py (see docs/data.md)
-    source: str = "tiny_chat"
+    source: DataSource = DataSource.tiny_chat
     max_length: int = 384  # tokens per training sequence (longer ones are truncated)
     num_anchors: int = 512  # anchors sampled per sequence (fewer if the sequence has fewer)
     max_train_samples: int = 0  # 0 = all
@@ -101,7 +121,8 @@ class DataConfig:
     hub_split: str = "train"  # split read from a hub dataset or a file
     messages_key: str = "auto"  # auto | messages | conversations | ... (the list of turns)
     id_key: str = "id"  # record id field; missing ids become "<file stem>:<line>" / "<index>"
-    on_error: str = "stop"  # malformed record: stop (raise, naming file/line/key) | skip (count and go on)
+    # malformed record: stop (raise, naming file/line/key) | skip (count and go on)
+    on_error: OnError = OnError.stop
     heldout_fraction: float = 0.0  # share of records held out (by a stable hash of their id)
     heldout_max: int = 256  # at most this many held-out records are kept
     split_seed: int = 0  # salt of the held-out hash
@@ -129,7 +150,8 @@ class RegenerateConfig:
     input: Optional[str] = None  # prompts: like data.path (defaults to data.path)
     output: Optional[str] = None  # jsonl of regenerated conversations (errors go to <output>.errors.jsonl)
     errors: Optional[str] = None  # None = <output without .jsonl>.errors.jsonl
-    backend: str = "local"  # local (transformers on this machine) | openai (OpenAI-compatible servers)
+    # local (transformers on this machine) | openai (OpenAI-compatible servers)
+    backend: RegenBackend = RegenBackend.local
     resume: bool = False  # continue an interrupted run (same settings) instead of refusing to overwrite
     overwrite: bool = False  # replace an existing output
     max_samples: int = 0  # 0 = all prompts
@@ -160,10 +182,11 @@ class CollectConfig:
     """`accelerate launch deepspec/collect.py collect.cache_dir=... collect.dtype=fp8` (docs/data.md)."""
 
     cache_dir: Optional[str] = None
-    dtype: str = "bf16"  # bf16 | fp8 (float8 e4m3 with a per-token, per-layer float32 scale)
+    dtype: CacheDtype = CacheDtype.bf16  # fp8 = float8 e4m3 with a per-token, per-layer float32 scale
     shard_sequences: int = 128  # sequences per shard (a shard is built in memory: keep it a few GB)
     batch_size: int = 8  # sequences per target forward
-    split: str = "train"  # which split of the data config is collected (the held-out records are copied)
+    # which split of the data config is collected (the held-out records are copied)
+    split: CollectSplit = CollectSplit.train
     resume: bool = True  # keep finished, verified shards of an earlier run with the same settings
     overwrite: bool = False  # delete an existing cache with different settings
     estimate_only: bool = False  # print the size estimate and exit
@@ -195,13 +218,13 @@ class TrainConfig:
     max_steps: int = 0  # 0 = derive from epochs
     epochs: float = 1.0
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 (fp32 master weights, bf16 autocast)
+    mixed_precision: MixedPrecision = MixedPrecision.no  # bf16 = fp32 master weights, bf16 autocast
     log_every: int = 10
     progress_bar: bool = True
     compile: bool = False  # torch.compile the drafter's forward (training step); eval stays eager
     compile_backend: str = "inductor"
     # --- launch (docs/training.md): "auto" = whatever `accelerate launch --config_file ...` set up
-    strategy: str = "auto"  # auto | single | ddp | deepspeed | fsdp
+    strategy: Strategy = Strategy.auto
     deepspeed_config: Optional[str] = (
         None  # DeepSpeed json (None = the launcher's, else configs/deepspeed/zero<stage>.json)
     )
@@ -210,9 +233,8 @@ class TrainConfig:
     resume: str = (
         "auto"  # auto (newest checkpoint in checkpoint.dir, if any) | none | a checkpoint or run folder
     )
-    on_nonfinite: str = (
-        "stop"  # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
-    )
+    # NaN/inf loss: stop (name the step and the last good checkpoint) | skip (drop the step)
+    on_nonfinite: OnNonfinite = OnNonfinite.stop
     max_skipped_steps: int = 10  # with on_nonfinite=skip, stop after this many skipped steps
     dry_run: bool = (
         False  # print the resolved config and the plan (steps, accumulation, tokens); load nothing
@@ -237,14 +259,14 @@ class EvalConfig:
     baseline: bool = True  # also decode with the plain target (tokens/s, greedy identity check)
     progress_bar: bool = True
     num_threads: int = 0  # torch intra-op threads for evaluate.py (0 = torch default)
-    # --- confidence calibration (SPEC §4) ---
+    # --- confidence calibration (docs/evaluation.md) ---
     calibration: bool = True  # ECE/AUC/Brier, STS, threshold sweep (needs a confidence head)
     calibration_fraction: float = 0.5  # share of prompts whose rounds fit STS; the rest evaluate it
     ece_bins: int = 15
     sts_fit_temperature: float = 1.0  # decoding temperature whose STS fit is stored in the drafter
     save_sts: bool = False  # write sts_temperatures into the drafter's config.json (re-save)
     thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(20)])
-    # --- scheduler simulation (SPEC §5) ---
+    # --- scheduler simulation (docs/evaluation.md) ---
     scheduler: bool = True  # profile SPS(B) and replay rounds for R concurrent requests
     concurrency: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     sps_profile: str = ""  # a saved sps.json to reuse instead of profiling
@@ -258,9 +280,10 @@ class ExportConfig:
     """`python deepspec/export.py export.checkpoint=DIR export.format=speculators ...` (see docs/export.md)."""
 
     checkpoint: Optional[str] = None  # a drafter folder (any format) or a training output dir (uses drafter/)
-    format: str = "speculators"  # native | speculators (vLLM) | dflash (z-lab; no Markov/confidence head)
+    # native | speculators (vLLM) | dflash (z-lab; no Markov/confidence head)
+    format: ExportFormat = ExportFormat.speculators
     output_dir: Optional[str] = None  # None = <run>/export/<format>, or <drafter folder>-<format>
-    dtype: str = "bfloat16"  # bfloat16 | float32
+    dtype: ExportDtype = ExportDtype.bfloat16
     include_embeddings: Optional[bool] = None  # None = format default (native/speculators yes, dflash never)
     include_sts: bool = True  # write the STS temperatures when the drafter has them
     overwrite: bool = False  # replace a non-empty output_dir
