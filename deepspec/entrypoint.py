@@ -20,7 +20,7 @@ if sys.path and os.path.abspath(sys.path[0]) == PACKAGE_DIR:
 
 def hydra_entry(config_name: str):
     """``hydra.main`` over ``configs/<config_name>.yaml``, with the typed schema registered so every
-    key and type is checked (deepspec/config.py)."""
+    key, type and choice is checked (deepspec/config/)."""
     import hydra
 
     from deepspec.config import register_configs

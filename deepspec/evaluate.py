@@ -17,6 +17,7 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 @hydra_entry("evaluate")
 def main(cfg) -> None:
     import logging
+    import sys
 
     from deepspec.config import ConfigError
     from deepspec.eval.pipeline import run_evaluation

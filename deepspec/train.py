@@ -10,6 +10,7 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 @hydra_entry("train")
 def main(cfg) -> None:
     import logging
+    import sys
 
     from accelerate import PartialState
 

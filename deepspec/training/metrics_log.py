@@ -173,7 +173,7 @@ def _start_wandb(cfg, out_dir: Path):
         dir=str(wdir),
         id=run_id,
         resume="allow" if run_id else None,
-        config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
+        config=scrub_secrets(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
     )
     if run_id is None:
         id_file.write_text(run.id)
