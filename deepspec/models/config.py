@@ -132,8 +132,15 @@ def check_layer_ids(ids: List[int], num_layers: int) -> None:
 
 
 def validate(c: DrafterSpec) -> None:
-    # A spec read back from a file passes the same checks as the user's model.* keys (kind, attn_impl,
+    # The target is known here: ids and the mask row are checked against it first (the messages name
+    # its size), then the spec passes the same checks as the user's model.* keys (kind, attn_impl,
     # markov_head_type, block_size, num_layers, markov_rank, the EAGLE-3 layer count).
+    if not 0 <= c.mask_token_id < c.vocab_size:
+        raise ValueError(
+            f"model.mask_token_id={c.mask_token_id} is outside the target's embedding "
+            f"(vocab_size={c.vocab_size}); expected an id in [0, {c.vocab_size - 1}]"
+        )
+    check_layer_ids(list(c.target_layer_ids), c.num_target_layers)
     validate_user_config(c, prefix="model")
     if c.kind in ("dflash", "eagle3") and (c.markov_rank or c.enable_confidence_head):
         raise ValueError(
@@ -144,12 +151,6 @@ def validate(c: DrafterSpec) -> None:
         raise ValueError(
             f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
         )
-    if not 0 <= c.mask_token_id < c.vocab_size:
-        raise ValueError(
-            f"model.mask_token_id={c.mask_token_id} is outside the target's embedding "
-            f"(vocab_size={c.vocab_size}); expected an id in [0, {c.vocab_size - 1}]"
-        )
-    check_layer_ids(list(c.target_layer_ids), c.num_target_layers)
     if c.sts_temperatures is not None and len(c.sts_temperatures) != c.block_size:
         raise ValueError(
             f"sts_temperatures has {len(c.sts_temperatures)} entries; expected block_size={c.block_size}"
