@@ -1,0 +1,1 @@
+"""Triton "cpu" backend for the interpreter: registered through the ``triton.backends`` entry point."""

@@ -1,0 +1,170 @@
+"""The engine round trip's parts that need no vLLM: statistics and their intervals, the serving
+settings, process clean-up (by process id, port freed, on error and interrupt) and the one-line
+errors when vLLM is missing or fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from deepspec.engine import stats
+from deepspec.engine.procs import EngineError, port_in_use, run_to_end, started, stop
+from deepspec.engine.serving import serve_command, serving_settings
+
+PC = stats.PromptCounts
+
+
+def test_tau_and_per_position_from_counts():
+    counts = [PC(4, 6, [3, 2, 1]), PC(2, 1, [1, 0, 0])]
+    s = stats.summary(counts, 3)
+    assert s["tau"] == pytest.approx(1 + 7 / 6)
+    assert s["per_position_acceptance"] == pytest.approx([4 / 6, 2 / 6, 1 / 6])
+    # cluster (ratio) standard error: residuals a_i - rho r_i = 6 - 4*7/6, 1 - 2*7/6
+    rho = 7 / 6
+    se = (2 * ((6 - 4 * rho) ** 2 + (1 - 2 * rho) ** 2)) ** 0.5 / 6
+    assert s["tau_se"] == pytest.approx(se)
+    assert s["tau_ci95"] == pytest.approx([s["tau"] - 1.959964 * se, s["tau"] + 1.959964 * se])
+
+
+def test_from_rounds_matches_deepspec_round_records():
+    from deepspec.eval.spec_decode import RoundRecord
+
+    rounds = [RoundRecord(3, 3, 2), RoundRecord(3, 3, 0), RoundRecord(3, 3, 3)]
+    c = stats.from_rounds(rounds, 3)
+    assert (c.rounds, c.accepted, c.per_pos) == (3, 5, [2, 2, 1])
+
+
+def test_paired_margin_identical_runs_floor_and_consistent_shift():
+    same = [PC(10, 8, []), PC(5, 2, []), PC(7, 7, [])]
+    assert stats.paired_margin(same, same) == stats.PAIRED_FLOOR
+    # Every prompt loses the same share of acceptance: the paired interval stays narrow, so a
+    # systematic loss is caught even where the unpaired interval is wide.
+    lower = [PC(10, 4, []), PC(5, 1, []), PC(7, 3, [])]
+    s_ref, s_low = stats.summary(same, 3), stats.summary(lower, 3)
+    paired = stats.paired_margin(lower, same)
+    assert s_low["tau"] < s_ref["tau"] - paired
+    assert stats.independent_margin(s_low, s_ref) > paired
+
+
+def test_serving_settings_and_serve_command():
+    cfg = {
+        "speculators_model_type": "dspark",
+        "enable_confidence_head": True,
+        "speculators_config": {"proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 7}]},
+    }
+    s = serving_settings(cfg, block_size=7)
+    assert s["speculative_config"] == {"method": "dspark", "num_speculative_tokens": 7}
+    assert s["draft_sample_method"] == {"greedy": "greedy", "sampling": "probabilistic"}
+    assert s["enable_adaptive_verification"]["available"] is True
+    line = serve_command("Qwen/Qwen3-8B", "me/drafter", s, sampling=True, adaptive=True)
+    spec = json.loads(line.split("--speculative-config '")[1].rstrip("'"))
+    assert spec == {
+        "model": "me/drafter",
+        "method": "dspark",
+        "num_speculative_tokens": 7,
+        "draft_sample_method": "probabilistic",
+        "enable_adaptive_verification": True,
+    }
+    assert line.startswith("vllm serve Qwen/Qwen3-8B ")
+    plain = serving_settings({"target_layer_ids": [1], "num_target_layers": 4}, block_size=5)
+    assert plain["speculative_config"] == {"method": "dflash", "num_speculative_tokens": 5}
+    assert plain["enable_adaptive_verification"]["available"] is False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+SPAWNER = """
+import socket, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+s = socket.socket(); s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("how", ["error", "interrupt"])
+def test_started_process_group_is_stopped_and_port_freed(tmp_path, how):
+    from deepspec.engine.procs import free_port
+
+    port = free_port()
+    log = tmp_path / "p.log"
+    env = {**os.environ}
+    with pytest.raises(RuntimeError if how == "error" else KeyboardInterrupt):
+        with started([sys.executable, "-c", SPAWNER, str(port)], env, log) as proc:
+            deadline = time.time() + 30
+            while time.time() < deadline and not log.read_text().strip():
+                time.sleep(0.05)
+            child = int(log.read_text().split()[0])
+            assert port_in_use(port) and _alive(child)
+            if how == "error":
+                raise RuntimeError("caller failed")
+            raise KeyboardInterrupt
+    assert proc.poll() is not None
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.05)
+    assert not _alive(child), "the engine's own helper processes must be stopped too"
+    assert not port_in_use(port)
+
+
+def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline().strip() == b"up"
+    t = time.time()
+    stop(proc, grace_s=0.5)
+    assert proc.returncode == -signal.SIGKILL and time.time() - t < 10
+
+
+def test_failed_engine_run_names_the_error_and_the_log(tmp_path):
+    log = tmp_path / "vllm.log"
+    code = "import sys; print('loading...'); print('RuntimeError: Unsupported CPU attention', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(EngineError) as e:
+        run_to_end([sys.executable, "-c", code], dict(os.environ), log, 60, "vLLM (T0)")
+    msg = str(e.value)
+    assert "\n" not in msg and "exit 3" in msg and "Unsupported CPU attention" in msg and str(log) in msg
+
+
+def test_timeout_stops_the_engine(tmp_path):
+    with pytest.raises(EngineError, match=r"did not finish within 1 s; read .*slow\.log"):
+        run_to_end(
+            [sys.executable, "-c", "import time; time.sleep(600)"],
+            dict(os.environ),
+            tmp_path / "slow.log",
+            1,
+            "vLLM",
+        )
+
+
+def test_missing_vllm_gives_one_line_with_the_install_command(tmp_path, monkeypatch):
+    from deepspec.engine.check import run_engine_check
+
+    monkeypatch.delenv("DEEPSPEC_VLLM_PYTHON", raising=False)
+    monkeypatch.setenv("DEEPSPEC_VLLM_ENV", str(tmp_path / "no-env"))
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    with pytest.raises(EngineError) as e:
+        run_engine_check(export, "unused-target", [[1, 2]], [0], setup=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "scripts/make_vllm_env.sh" in msg and "DEEPSPEC_VLLM_PYTHON" in msg
+    monkeypatch.setenv("DEEPSPEC_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
+    with pytest.raises(EngineError, match="does not exist"):
+        run_engine_check(export, "unused-target", [[1, 2]], [0], setup=False)
