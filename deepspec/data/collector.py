@@ -131,13 +131,13 @@ def _prepare_dir(cache_dir: Path, plan: dict, ccfg, heldout: List[dict]) -> None
 def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoTokenizer
 
     from deepspec.config import validate
     from deepspec.data.chat import template_kwargs_of
     from deepspec.models.config import resolve_drafter_config
     from deepspec.target.adapter import TargetModel
-    from deepspec.training.setup import load_records, resolve_target_path, train_examples
+    from deepspec.target.loading import open_target
+    from deepspec.training.setup import load_records, train_examples
 
     validate(cfg)  # every number and choice, before the target loads
     cc = cfg.collect
@@ -150,10 +150,8 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     cache_dir = Path(cc.cache_dir)
 
-    path = resolve_target_path(cfg, acc)
-    trc = cfg.target.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
-    target_config = AutoConfig.from_pretrained(path, trust_remote_code=trc).to_dict()
+    info = open_target(cfg, acc)
+    path, tokenizer, target_config, trc = info.path, info.tokenizer, info.config, info.trust_remote_code
     dc = resolve_drafter_config(cfg.model, target_config, mask_token_id=tokenizer.mask_token_id)
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, acc.device, trc)
 

@@ -364,16 +364,14 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
 
 def _local_backend(cfg, sampling: Sampling, tkw: Mapping, thinking: bool):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from deepspec.data.regen_backends import LocalBackend
-    from deepspec.target.adapter import DTYPES
-    from deepspec.training.setup import resolve_target_path
+    from deepspec.target.loading import load_causal_lm, load_tokenizer, resolve_target_path
 
     path = resolve_target_path(cfg)
-    trc = cfg.target.trust_remote_code
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.target.dtype], trust_remote_code=trc)
+    trc = bool(cfg.target.trust_remote_code)
+    tok = load_tokenizer(path, trc)
+    model = load_causal_lm(path, cfg.target.dtype, trc)  # safetensors only: never a pickled .bin
     model = model.to(_device(cfg.regen.device)).eval()
     torch.manual_seed(cfg.regen.seed)  # nothing should draw from it; per-row generators do the sampling
     return LocalBackend(model, tok, sampling, cfg.regen.max_new_tokens, cfg.regen.seed, tkw, thinking)

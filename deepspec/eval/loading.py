@@ -83,17 +83,13 @@ def check_inputs(cfg) -> Dict[str, Any]:
     """
     import json
 
-    from transformers import AutoConfig, AutoTokenizer
-
     from deepspec.exporting.native import config_from_native
-    from deepspec.training.setup import resolve_target_path
+    from deepspec.target.loading import open_target
 
     drafter_dir, from_run = resolve_drafter_dir(cfg.eval.drafter)
     dc = config_from_native(json.loads((drafter_dir / "config.json").read_text()))
-    path = resolve_target_path(cfg)
-    trc = cfg.target.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
-    target_config = AutoConfig.from_pretrained(path, trust_remote_code=trc).to_dict()
+    info = open_target(cfg)
+    path, tokenizer, target_config = info.path, info.tokenizer, info.config
     check_against_target_config(dc, target_config, tokenizer, target_name=f"target {path}")
     return {
         "drafter_dir": drafter_dir,

@@ -71,14 +71,9 @@ class TargetModel:
         device: str | torch.device = "cpu",
         trust_remote_code: bool = False,
     ) -> TargetModel:
-        from transformers import AutoModelForCausalLM
+        from deepspec.target.loading import load_causal_lm
 
-        if dtype not in DTYPES:
-            raise ValueError(f"target.dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-        return cls(model.to(device), layer_ids)
+        return cls(load_causal_lm(path, dtype, trust_remote_code).to(device), layer_ids)
 
     def _capture(self, key):
         def hook(_mod, _inp, out):

@@ -17,6 +17,7 @@ from deepspec.data.batching import Example
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec, resolve_drafter_config
 from deepspec.target.adapter import TargetModel, TargetOutput
+from deepspec.target.loading import open_target
 
 log = logging.getLogger("deepspec")
 
@@ -50,18 +51,6 @@ class RunSetup:
         """A target forward. Held-out sequences always take this path: the cache holds only the
         training split, and its keys would name training sequences."""
         return self.target(batch.input_ids, attention_mask=batch.attention_mask)
-
-
-def resolve_target_path(cfg, accelerator=None) -> str:
-    if cfg.target.name_or_path != "tiny":
-        return cfg.target.name_or_path
-    from deepspec.target.tiny import build_tiny_target
-
-    # Only the main process builds; the others wait and then find it in the cache.
-    if accelerator is not None:
-        with accelerator.main_process_first():
-            return str(build_tiny_target(cfg.target.tiny))
-    return str(build_tiny_target(cfg.target.tiny))
 
 
 def load_records(cfg) -> dict:
@@ -161,17 +150,13 @@ def train_examples(cfg, tokenizer, records: List[dict]) -> List[Example]:
 
 
 def build_run(cfg, accelerator) -> RunSetup:
-    from transformers import AutoConfig, AutoTokenizer
-
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    path = resolve_target_path(cfg, accelerator)
-    trc = cfg.target.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trc)
-    target_config = AutoConfig.from_pretrained(path, trust_remote_code=trc).to_dict()
+    info = open_target(cfg, accelerator)
+    path, tokenizer, target_config, trc = info.path, info.tokenizer, info.config, info.trust_remote_code
     dc = resolve_drafter_config(cfg.model, target_config, mask_token_id=tokenizer.mask_token_id)
     dc.num_anchors = cfg.data.num_anchors
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
