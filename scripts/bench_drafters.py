@@ -10,7 +10,7 @@ Trains (deepspec/train.py in a subprocess each, so every run is an ordinary run 
 * block-size sweep: DSpark-2L and DFlash-2L at each γ in ``--gammas``.
 
 Every run uses the same recipe, seed, data order, global batch and number of optimizer steps, and is
-evaluated by the same evaluator (SPEC §6: chain drafting, batch 1, full block) on the same held-out
+evaluated by the same evaluator (docs/method.md, Evaluation protocol: chain drafting, batch 1, full block) on the same held-out
 prompts at T=0 and T=1. Arguments after ``--`` are Hydra overrides applied to every run.
 
 Writes ``<out>/bench_drafters.json`` (everything, including each run's eval.json) and

@@ -4,7 +4,7 @@
     PYTHONPATH=. python scripts/bench_train_step.py --batch 4 --anchors 32 --repeats 7 --threads 2
 
 Two scopes, each with ``loss.impl=reference`` (full fp32 log-softmax/softmax of draft and target over
-the vocabulary for every block slot, kept by autograd: SPEC §3 read literally) and ``loss.impl=lean``
+the vocabulary for every block slot, kept by autograd: docs/method.md, Losses, read literally) and ``loss.impl=lean``
 (deepspec/losses/vocab_terms.py: chunked over slots, recomputed in backward; the default), and in the step
 scope also ``lean_lazy`` (lean + ``loss.lazy_target_logits=true``):
 

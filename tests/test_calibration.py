@@ -1,4 +1,4 @@
-"""Confidence metrics and sequential temperature scaling (SPEC §4) on synthetic rounds with known truth."""
+"""Confidence metrics and sequential temperature scaling (docs/method.md, Calibration: sequential temperature scaling) on synthetic rounds with known truth."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def test_sts_is_sequential():
     data = synthetic_rounds(gamma=2, overconfidence=(3.0, 1.0))
     t1, t2 = cal.fit_sts(data)
     assert abs(t1 - 3) <= 0.5 and abs(t2 - 1) <= 0.25
-    # a brute-force reference that follows the SPEC's wording literally
+    # a brute-force reference that follows docs/method.md's wording literally
     y = data.events()
     ref = []
     prefix = np.ones(len(data))

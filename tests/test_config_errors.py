@@ -227,7 +227,7 @@ def test_lr_min_ratio_and_no_warmup():
     assert f[total] == pytest.approx(0.1)
     assert min(f) == pytest.approx(0.1)
     assert lr_factor(10 * total, total, 0.0, 0.1) == pytest.approx(0.1)  # past the end: stays at the floor
-    # SPEC default: 4% warm-up.
+    # Default (docs/method.md, Optimiser defaults): 4% warm-up.
     g = [lr_factor(s, 1000, 0.04) for s in range(1000)]
     assert g[0] == pytest.approx(1 / 40) and g[39] == pytest.approx(1.0) and g[40] == pytest.approx(1.0)
     assert g[999] < 1e-4

@@ -373,7 +373,7 @@ def test_build_drafter_gives_each_kind_its_class():
 
 # ----------------------------------------------------------------------------- 11. native export
 
-SPEC7_KEYS = (
+NATIVE_EXPORT_KEYS = (
     "architectures",
     "num_hidden_layers",
     "num_target_layers",
@@ -467,7 +467,7 @@ def test_native_bf16_export(tmp_path):
         assert tuple(tensors[k].shape) == shape, k
 
     cfg = json.loads((path / "config.json").read_text())
-    for k in SPEC7_KEYS:
+    for k in NATIVE_EXPORT_KEYS:
         assert k in cfg, k
     assert cfg["architectures"] == ["Qwen3DSparkModel"]
     assert cfg["num_hidden_layers"] == 2 and cfg["num_target_layers"] == 8

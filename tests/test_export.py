@@ -302,7 +302,7 @@ def test_output_folder_rules(targets, tmp_path):
 
 # --------------------------------------------------------------------------- the Hydra entry and the card
 def _trainer_eval_json():
-    """eval.json in the shape deepspec.eval.runner writes (per temperature, SPEC §6 statistics)."""
+    """eval.json in the shape deepspec.eval.runner writes (per temperature, docs/method.md, Evaluation protocol statistics)."""
 
     def stats(t, tau, acc, cond, speed):
         return {

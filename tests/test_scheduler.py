@@ -1,4 +1,4 @@
-"""SPEC §5 scheduler, SPS curve, profiler and the R-request replay simulator."""
+"""Prefix scheduler (docs/method.md), SPS curve, profiler and the R-request replay simulator."""
 
 from __future__ import annotations
 

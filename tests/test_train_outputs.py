@@ -1,4 +1,4 @@
-"""Where a run writes (only where the config says), what it logs (SPEC metrics to the console,
+"""Where a run writes (only where the config says), what it logs (the training metrics to the console,
 metrics.jsonl, TensorBoard, offline W&B, no secrets), and the dry-run plan (no target loaded)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 from train_fixtures import compose, launch, micro_overrides, tail  # noqa: F401
 
-SPEC_METRICS = [
+TRAINING_METRICS = [
     "loss",
     "ce",
     "l1",
@@ -70,19 +70,19 @@ def test_outputs_go_where_the_config_says_with_tensorboard_and_offline_wandb(tin
     assert any(f.startswith("wandb/offline-run-") for f in files)
     assert _files(cwd) == []  # nothing relative to the working directory
     assert _files(home) == []  # nor in the home folder
-    # Console: progress bar with ETA and a line per step with the SPEC metrics.
+    # Console: progress bar with ETA and a line per step with the training metrics.
     text = r.stdout + r.stderr
     assert "step 1/2 | loss" in text and "eta" in text and "train: 100%" in text
-    # metrics.jsonl and TensorBoard carry every SPEC metric.
+    # metrics.jsonl and TensorBoard carry every training metric.
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert set(SPEC_METRICS) <= set(rows[0])
+    assert set(TRAINING_METRICS) <= set(rows[0])
     assert any("heldout_tau_est" in row for row in rows)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ev = EventAccumulator(str(out / "tensorboard"))
     ev.Reload()
     tags = set(ev.Tags()["scalars"])
-    for m in SPEC_METRICS:
+    for m in TRAINING_METRICS:
         assert any(t.endswith("/" + m) for t in tags), m
     assert "heldout/tau_est" in tags
     # The offline W&B run has the config (minus secrets) and the metrics.

@@ -1,4 +1,4 @@
-"""Anchor sampling and per-block labels (SPEC §3).
+"""Anchor sampling and per-block labels (docs/method.md, Anchors).
 
 An anchor is a position p with loss_mask[p] = loss_mask[p+1] = 1: the anchor token is part of the
 answer and so is at least its first label. Block labels are tokens p0+1..p0+γ; a label counts only

@@ -1,4 +1,4 @@
-"""Regenerate the answers of a prompt set with the target itself (SPEC §3: the drafter learns the
+"""Regenerate the answers of a prompt set with the target itself (docs/method.md, Data: the drafter learns the
 target's own distribution, so the assistant turns must be the target's answers).
 
 Two backends (deepspec/data/regen_backends.py) share this driver:

@@ -1,4 +1,4 @@
-"""Confidence of prefix survival (SPEC §4): ECE / AUC / Brier, and sequential temperature scaling.
+"""Confidence of prefix survival (docs/method.md, Calibration: sequential temperature scaling): ECE / AUC / Brier, and sequential temperature scaling.
 
 Round i drafted γ tokens with raw confidence logits z_{i,1..γ} and had ``accepted_i`` drafts
 accepted (a prefix). The prefix-survival estimate at slot k is a_{i,k} = Π_{j≤k} σ(z_{i,j}/T_j)

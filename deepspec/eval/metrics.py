@@ -1,4 +1,4 @@
-"""Acceptance statistics from speculative-decoding round records (SPEC §6).
+"""Acceptance statistics from speculative-decoding round records (docs/method.md, Evaluation protocol).
 
 A round verified ℓ drafts and accepted a prefix of ``accepted`` of them; τ = accepted + 1 counts
 the correction/bonus token. Slots are numbered k = 1..γ. Works on any objects with ``verified``,

@@ -1,6 +1,6 @@
 """Replay recorded rounds under other verification rules: the threshold sweep and the R-request simulator.
 
-A recorded round drafted γ tokens, sent all of them to the target (SPEC §6: full block) and had
+A recorded round drafted γ tokens, sent all of them to the target (docs/method.md, Evaluation protocol: full block) and had
 ``accepted`` of them accepted. Had it sent only ℓ drafts, the lossless rule would have accepted
 the same events on slots 1..ℓ, so it would have committed min(ℓ, accepted) + 1 tokens. Each round
 also carries its calibrated survival curve a_{1..γ}, which is all a causal rule may look at.
@@ -116,7 +116,7 @@ def best_fixed_length(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concur
 
 
 def best_threshold(curves: np.ndarray, accepted: np.ndarray, sps: SPS, thresholds: Sequence[float]) -> float:
-    """The static threshold with the highest expected single-request throughput (SPEC §5: R = 1)."""
+    """The static threshold with the highest expected single-request throughput (docs/method.md, Prefix scheduler: R = 1)."""
     res = [
         simulate(curves, accepted, sps, 1, "threshold", threshold=t)["expected_tokens_per_s"]
         for t in thresholds

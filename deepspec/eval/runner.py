@@ -1,4 +1,4 @@
-"""Offline evaluation (SPEC §6): chain drafting, batch 1, full block, at each configured temperature.
+"""Offline evaluation (docs/method.md, Evaluation protocol): chain drafting, batch 1, full block, at each configured temperature.
 
 Every prompt is decoded by drafter + target and by the plain target (same seed) so the report
 carries both acceptance statistics and a wall-clock speed ratio; the recorded rounds then feed
@@ -181,7 +181,7 @@ def evaluate_datasets(
     progress: bool = True,
     sps=None,
 ) -> Dict:
-    """The §6 protocol on each named prompt set, plus calibration, threshold sweep and scheduler.
+    """The evaluation protocol (docs/method.md) on each named prompt set, plus calibration, threshold sweep and scheduler.
 
     cfg: an :class:`~deepspec.config.EvalConfig`. ``sps``: a measured
     :class:`~deepspec.eval.scheduler.SPSCurve` (profiled here when the scheduler is on and none is
@@ -279,7 +279,7 @@ def evaluate(
     sps=None,
     dataset_name: str = "prompts",
 ) -> Dict:
-    """Run the §6 protocol on one prompt set; returns the report dict (also ``out_dir/eval.json``).
+    """Run the evaluation protocol (docs/method.md) on one prompt set; returns the report dict (also ``out_dir/eval.json``).
 
     cfg: an :class:`~deepspec.config.EvalConfig` (temperatures, max_new_tokens, seed, analysis keys).
     """

@@ -1,4 +1,4 @@
-"""Hardware-aware prefix scheduling (SPEC §5): how many drafts each request sends to the target.
+"""Hardware-aware prefix scheduling (docs/method.md, Prefix scheduler): how many drafts each request sends to the target.
 
 R requests, request r with prefix-survival estimates a_{r,1..γ} (calibrated, non-increasing) and a
 profiled curve SPS(B) (target forward steps per second at B tokens per step). Verifying ℓ_r drafts
@@ -105,7 +105,7 @@ def _visit_order(curves: Sequence[Sequence[float]]) -> List[Tuple[float, int, in
 
 
 def schedule(curves: Sequence[Sequence[float]], sps: SPS) -> Tuple[List[int], float]:
-    """SPEC §5 causal greedy: returns (ℓ_r per request, expected throughput Θ in tokens/s)."""
+    """The causal greedy of docs/method.md, Prefix scheduler: returns (ℓ_r per request, expected throughput Θ in tokens/s)."""
     curves = [_monotone(c) for c in curves]
     r_n = len(curves)
     if r_n == 0:

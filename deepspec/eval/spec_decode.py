@@ -3,7 +3,7 @@
 One round, with the committed text at positions 0..n and the target's KV cache holding 0..n-1:
 the anchor x0 (position n) and the drafter's context (target features of 0..n-1) give drafts
 x1..xγ; the target scores [x0, x1..xℓ] in one forward (ℓ ≤ γ, the verified prefix), which gives
-p_1..p_{ℓ+1}; :func:`verify` applies the lossless rule (SPEC §1); the cache is cropped back to the
+p_1..p_{ℓ+1}; :func:`verify` applies the lossless rule (docs/method.md, Speculative decoding); the cache is cropped back to the
 committed tokens, their features join the drafter's context, and the correction/bonus token is the
 next anchor.
 
@@ -81,7 +81,7 @@ def verify(
     temperature: float,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[int, int, List[bool]]:
-    """The lossless acceptance rule of SPEC §1 for one chain of ℓ drafts.
+    """The lossless acceptance rule (docs/method.md, Speculative decoding) for one chain of ℓ drafts.
 
     draft_tokens [ℓ]; q_probs [ℓ, V] the drafter's distributions they were drawn from;
     p_probs [ℓ+1, V] the target's distributions at the same temperature (p_{ℓ+1} is for the bonus).

@@ -1,4 +1,4 @@
-"""The three checkpoint formats of SPEC §7, each one pair of mapping functions to/from DrafterSpec.
+"""The three checkpoint formats (docs/method.md, Export conventions), each one pair of mapping functions to/from DrafterSpec.
 
 Layer ids, mask id, block size and the head settings live only in :class:`DrafterSpec`; each
 format's config.json is *derived* from it here, and read back into it here, so they cannot drift.
@@ -20,7 +20,7 @@ FORMATS = ("native", "speculators", "dflash")
 EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 
 # Our drafter feeds [anchor, MASK × (γ-1)] and block slot j predicts token p0+j+1: the anchor's own
-# output is the first draft (SPEC §2). An engine must therefore sample draft 1 from the anchor
+# output is the first draft (docs/method.md, Block and mask token). An engine must therefore sample draft 1 from the anchor
 # position, not from the first MASK position as DFlash-style runtimes do. Written explicitly
 # because engines default to the other convention and then serve at <1% acceptance, silently.
 SAMPLE_FROM_ANCHOR = True
@@ -185,7 +185,7 @@ def to_speculators(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
             "default_proposal_method": "greedy",
             "verifier": {"name_or_path": verifier_name(c), "architectures": verifier_architectures(c)},
         },
-        # The trap of SPEC §7: vLLM indexes hidden states with the embedding output at 0, so layer i's
+        # The layer-id +1 trap (docs/method.md, Export conventions): vLLM indexes hidden states with the embedding output at 0, so layer i's
         # output is aux id i+1 (our native ids use HF's hidden_states[i+1] convention instead).
         "aux_hidden_state_layer_ids": [i + 1 for i in c.target_layer_ids],
         "num_target_layers": c.num_target_layers,

@@ -1,4 +1,4 @@
-"""Native DSpark checkpoint (SPEC §7): an HF-style folder, config.json + model.safetensors.
+"""Native DSpark checkpoint (docs/method.md, Export conventions): an HF-style folder, config.json + model.safetensors.
 
 config.json is the target's config with the drafter's facts laid over it; the tensor names are the
 drafter's own state_dict names, so saving is a dump and loading is a strict ``load_state_dict``.

@@ -100,7 +100,7 @@ def upgrade_spec_dict(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def default_target_layer_ids(num_layers: int, n: int = 5) -> List[int]:
-    """SPEC §2: ``n`` ids evenly spaced from 1 to num_layers-3, fewer on small targets.
+    """docs/method.md, Context features and layer ids: ``n`` ids evenly spaced from 1 to num_layers-3, fewer on small targets.
 
     Qwen3 36 layers -> [1, 9, 17, 25, 33]; 40 layers -> [1, 10, 19, 28, 37].
     """
