@@ -159,3 +159,26 @@ def test_split_is_stable_and_order_free():
     assert {r["id"] for r in rev["heldout"]} - {"new"} == {r["id"] for r in s["heldout"]}
     assert {r["id"] for r in split_records(recs, 0.1, seed=1)["heldout"]} != {r["id"] for r in s["heldout"]}
     assert len(split_records(recs, 0.1, heldout_max=5)["heldout"]) == 5
+
+
+def test_sample_prompt_file_loads_for_regeneration_and_evaluation():
+    """data/sample_prompts.jsonl (written by us) is a valid regen.input and evaluation dataset."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from deepspec.data.regenerate import make_jobs
+    from deepspec.eval.datasets import load_prompt_texts
+
+    path = Path(__file__).resolve().parents[1] / "data" / "sample_prompts.jsonl"
+    stats = LoadStats()
+    records = load_conversations(str(path), need_assistant=False, stats=stats)
+    assert len(records) == stats.read == stats.kept == 20 and stats.num_skipped == 0
+    assert [r["id"] for r in records] == [f"sample-{i:03d}" for i in range(1, 21)]
+    assert not any(m["role"] == "assistant" for r in records for m in r["messages"])  # prompts only
+    jobs = make_jobs(records, max_turns=0)
+    assert all(j.users and all(u.strip() for u in j.users) for j in jobs)
+    assert sum(bool(j.system) for j in jobs) == 2 and sum(len(j.users) == 2 for j in jobs) == 2
+    cfg = OmegaConf.create({"eval": {"prompt_column": "messages"}})
+    texts = load_prompt_texts(str(path), cfg)
+    assert texts == [j.users[0] for j in jobs]  # the first user turn, also after a system message
