@@ -96,7 +96,7 @@ class LossConfig:
     confidence_weight: float = 1.0
     decay_gamma: float = 4.0  # slot weight w_k = exp(-(k-1)/decay_gamma); <= 0 disables decay
     soft_ce_weight: float = 0.0  # -Σ_v p_k(v) log q_k(v), CE to the target's distribution (EAGLE-3)
-    # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/lean_loss.py);
+    # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/losses/vocab_terms.py);
     # reference: the literal version that holds fp32 softmaxes of draft and target at once.
     impl: LossImpl = LossImpl.lean
     chunk_size: int = 0  # rows (block positions) per chunk of the lean loss; 0 = auto (by vocab and device)

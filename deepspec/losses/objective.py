@@ -1,5 +1,5 @@
 """The training objective: 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised
-(docs/method.md, losses), and the sums the training metrics are read from.
+(docs/method.md, Losses), and the sums the training metrics are read from.
 
 The same function trains every drafter: DFlash sets only the CE weight, EAGLE-3 only the soft-CE
 weight (configs/model/*.yaml). The per-slot full-vocabulary terms are computed by

@@ -1,6 +1,6 @@
 """Per-slot CE, soft CE and L1(q, p) without full-vocabulary fp32 probabilities of the whole batch.
 
-The literal loss (docs/method.md, losses) takes ``log_softmax`` of the draft logits and ``softmax`` of the target
+The literal loss (docs/method.md, Losses) takes ``log_softmax`` of the draft logits and ``softmax`` of the target
 logits over the vocabulary for every block slot at once and lets autograd keep them (and |q - p|,
 exp(logq), ...) for backward: several fp32 tensors of N × V (N = batch × anchors × γ, V = 151,936
 for Qwen3). :class:`BlockRowStats` instead walks the rows in chunks: the forward keeps only the
