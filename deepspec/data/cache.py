@@ -33,11 +33,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from deepspec import atomic
+from deepspec.config import CacheDtype, allowed
 
 FORMAT = "deepspec-target-cache"
 VERSION = 1
 MANIFEST, PLAN, HELDOUT = "manifest.json", "plan.json", "heldout.jsonl"
-STORAGE_DTYPES = ("bf16", "fp8")
+STORAGE_DTYPES = allowed(CacheDtype)
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",

@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Dict, List, Optional
 
+from deepspec.config import ExportFormat, allowed, check_choice
 from deepspec.exporting.io import ExportInputError
 from deepspec.exporting.native import config_from_native, native_config
 from deepspec.models.config import DrafterSpec
 
-FORMATS = ("native", "speculators", "dflash")
+FORMATS = allowed(ExportFormat)
 EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 
 # Our drafter feeds [anchor, MASK × (γ-1)] and block slot j predicts token p0+j+1: the anchor's own
@@ -308,8 +309,7 @@ FROM_CONFIG: Dict[str, Callable[..., DrafterSpec]] = {
 
 
 def format_config(c: DrafterSpec, fmt: str, dtype: str, include_sts: bool = True) -> Dict[str, Any]:
-    if fmt not in TO_CONFIG:
-        raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
+    check_choice("export.format", fmt, ExportFormat)
     if c.kind == "eagle3":
         raise FormatError(
             f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "

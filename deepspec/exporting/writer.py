@@ -14,9 +14,9 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 from deepspec import atomic
+from deepspec.config import ExportDtype, ExportFormat, allowed, check_choice
 from deepspec.exporting.formats import (
     EMBED_KEYS,
-    FORMATS,
     config_from_export,
     default_include_embeddings,
     format_config,
@@ -34,7 +34,7 @@ from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec
 
 SIDECAR_NAME = "deepspec_export.json"
-EXPORT_DTYPES = ("bfloat16", "float32")
+EXPORT_DTYPES = allowed(ExportDtype)
 
 
 # --------------------------------------------------------------------------- fixed-input probe
@@ -112,10 +112,8 @@ def export_drafter(
 
     ``config`` replaces ``drafter.config`` for the written config (e.g. with the verifier's hub name).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"export.format={fmt!r} is unknown; expected one of {FORMATS}")
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export.dtype={dtype!r}: expected one of {EXPORT_DTYPES}")
+    check_choice("export.format", fmt, ExportFormat)
+    check_choice("export.dtype", dtype, ExportDtype)
     c = config or drafter.config
     config = format_config(c, fmt, dtype, include_sts)  # refuses impossible formats before any write
     with_embed = default_include_embeddings(fmt, include_embeddings)

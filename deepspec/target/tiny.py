@@ -338,9 +338,9 @@ def build_tiny_target(cfg: TinyTargetConfig, log: Callable[[str], None] = print)
 
 
 def _check(cfg: TinyTargetConfig) -> None:
-    for name in ("train_steps", "seq_len", "batch_size", "eval_batches", "num_layers", "hidden_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"TinyTargetConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    from deepspec.config import validate
+
+    validate(cfg, prefix="target.tiny")  # the same ranges as at start-up, for direct callers
 
 
 def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
