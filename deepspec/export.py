@@ -4,7 +4,7 @@
         export.output_dir=exports/tiny [export.dtype=float32] [export.push_to_hub=true export.repo_id=me/x]
     python deepspec/export.py check DIR [--target TARGET_DIR] [--reference DRAFTER_DIR]
 
-The export form is Hydra (configs/export.yaml, keys typed by ExportConfig in deepspec/config.py);
+The export form is Hydra (configs/export.yaml, keys typed by ExportConfig in deepspec/config/);
 the check form is a plain command line, since it takes a folder and not a configuration.
 Exit status: 0 on success, 1 when the check fails or the input is refused (message on stderr).
 """

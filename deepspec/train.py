@@ -1,7 +1,7 @@
 """Train a drafter: ``accelerate launch deepspec/train.py recipe=tiny train.lr=3e-4 ...``.
 
 Hydra composes configs/train.yaml with a recipe and validates every key against the typed schema in
-deepspec/config.py, so an unknown or mistyped override stops here with the key's name.
+deepspec/config/, so an unknown or mistyped override stops here with the key's name.
 """
 
 from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entrypoint.py

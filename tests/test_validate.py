@@ -233,7 +233,11 @@ def test_bad_numbers_are_named(override, message):
     [
         (
             ["loss.ce_weight=0", "loss.l1_weight=0", "loss.confidence_weight=0"],
-            ["loss.ce_weight", "loss.soft_ce_weight", "all 0"],
+            ["loss.ce_weight=0.0", "loss.soft_ce_weight=0.0", "all 0"],
+        ),
+        (
+            ["model=dflash", "loss.ce_weight=0", "loss.confidence_weight=1"],
+            ["loss.ce_weight=0.0", "all 0", "trains only a confidence head"],
         ),
         (["model=eagle3", "model.num_layers=2"], ["model.num_layers=2", "exactly one layer"]),
         (

@@ -289,12 +289,21 @@ def _check_across(get) -> None:
         raise ConfigError(
             f"model.num_layers={layers}: the EAGLE-3 drafter (model.kind=eagle3) has exactly one layer"
         )
-    weights = [get(f"loss.{k}_weight") for k in ("ce", "l1", "confidence", "soft_ce")]
-    if _MISSING not in weights and not any(weights):
-        raise ConfigError(
-            "loss.ce_weight, loss.l1_weight, loss.confidence_weight and loss.soft_ce_weight are all 0: "
-            "the drafter would learn nothing; give at least one a positive weight"
-        )
+    weights = {k: get(f"loss.{k}_weight") for k in ("ce", "l1", "confidence", "soft_ce")}
+    if _MISSING not in weights.values():
+        # The confidence term trains only the confidence head, which dflash / eagle3 drafters lack.
+        no_head = kind in ("dflash", "eagle3") or get("model.enable_confidence_head") is False
+        counted = {k: w for k, w in weights.items() if not (k == "confidence" and no_head)}
+        if not any(counted.values()):
+            raise ConfigError(
+                f"loss weights {', '.join(f'loss.{k}_weight={w}' for k, w in counted.items())} are all 0"
+                + (
+                    " (loss.confidence_weight trains only a confidence head, which this drafter has not)"
+                    if no_head and weights["confidence"]
+                    else ""
+                )
+                + ": the drafter would learn nothing; give at least one a positive weight"
+            )
     g, m = get("train.global_batch_size"), get("train.micro_batch_size")
     if _MISSING not in (g, m) and g % m:
         raise ConfigError(
