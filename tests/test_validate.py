@@ -323,3 +323,28 @@ def test_command_line_prints_one_line_naming_the_key(script, args, key, tmp_path
     )
     assert r.returncode == 1, r.stderr[-2000:]
     assert f"error: {key}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resolved_spec_holds_plain_strings():
+    """Choices reach the drafter spec as plain strings: it is written to JSON, YAML (the model card's
+    front matter is yaml.safe_dump, which refuses Enum members) and compared with loaded files."""
+    import yaml
+    from transformers import Qwen3Config
+
+    from deepspec.models.config import resolve_drafter_config
+
+    target = Qwen3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+    ).to_dict()
+    for model in ("dspark", "dflash", "eagle3"):
+        cfg = compose(overrides=[f"model={model}", "model.markov_head_type=gated", "model.attn_impl=sdpa"])
+        spec = resolve_drafter_config(cfg.model, target, mask_token_id=63)
+        assert (spec.kind, spec.markov_head_type, spec.attn_impl) == (model, "gated", "sdpa")
+        assert all(type(v) is str for v in (spec.kind, spec.markov_head_type, spec.attn_impl))
+        yaml.safe_dump(spec.to_dict())

@@ -217,7 +217,7 @@ def resolve_drafter_config(
         markov_head_type=str(drafter_cfg.markov_head_type),
         enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
         confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
-        kind=kind,
+        kind=str(kind),  # a plain string: the spec is written to json, yaml and model cards
         attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),
         target_config=dict(target_config),
     )
