@@ -189,8 +189,10 @@ def test_hydra_tree_composes():
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
 
+    from deepspec.config import register_configs
     from deepspec.entrypoint import CONFIG_DIR
 
+    register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             "evaluate", overrides=["eval.drafter=/x", "eval.temperatures=[0.5]", "eval.concurrency=[1,8]"]
