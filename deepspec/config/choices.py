@@ -18,6 +18,11 @@ class TargetDtype(StrEnum):
     float16 = "float16"
 
 
+class TinyFamily(StrEnum):
+    qwen3 = "qwen3"
+    gemma4 = "gemma4"  # Gemma 4 text layers: the Gemma drafter path with no download
+
+
 class DrafterKind(StrEnum):
     dspark = "dspark"  # parallel block drafter + Markov head + confidence head
     dflash = "dflash"  # the same backbone with both heads off

@@ -32,13 +32,15 @@ from deepspec.config.choices import (
     RegenBackend,
     Strategy,
     TargetDtype,
+    TinyFamily,
 )
 
 
 @dataclass
 class TinyTargetConfig:
-    """The embedded target: a small Qwen3-architecture LM trained here on a local text corpus."""
+    """The embedded target: a small LM (Qwen3 or Gemma 4 architecture) trained here on a local text corpus."""
 
+    family: TinyFamily = TinyFamily.qwen3  # the embedded target's architecture (and so its drafter's)
     corpus_dir: Optional[str] = None  # None = this Python's standard library sources
     corpus_glob: str = "**/*.py"
     heldout_fraction: float = 0.05  # share of files (by stable path hash) kept out of training

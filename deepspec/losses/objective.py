@@ -13,7 +13,7 @@ sum before the first backward so the update does not depend on how the batch was
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,24 +30,36 @@ class LossOutput:
 
 
 def target_logits(
-    target_final: torch.Tensor, target_pos: torch.Tensor, lm_head: torch.nn.Module, lazy: bool = False
+    target_final: torch.Tensor,
+    target_pos: torch.Tensor,
+    lm_head: torch.nn.Module,
+    lazy: bool = False,
+    softcap: Optional[float] = None,
 ):
     """Target logits for each slot from the final-norm hidden at p0+k-1: [B, A, γ, V].
 
     ``lazy=True`` returns a :class:`~deepspec.losses.vocab_terms.HeadLogits` instead: the gathered hiddens and
     the lm_head weight, from which the lean loss computes the logits a chunk at a time (the literal
-    loss materialises them). Either way the values are those of ``lm_head`` (bias-free).
+    loss materialises them). Either way the values are those of ``lm_head`` (bias-free). ``softcap``
+    (a target's ``final_logit_softcapping``, Gemma 4) gives ``softcap·tanh(logits/softcap)``, as the
+    target computes them; the lazy form cannot carry it, so those logits are always materialised.
     """
     b, a, g = target_pos.shape
     idx = target_pos.reshape(b, a * g, 1).expand(-1, -1, target_final.shape[-1])
     h = torch.gather(target_final, 1, idx).reshape(b, a, g, -1)
-    if lazy and getattr(lm_head, "bias", None) is None:
+    if lazy and softcap is None and getattr(lm_head, "bias", None) is None:
         # The dtype lm_head would compute in here (bf16 under autocast), so the values are the same.
         dev = h.device.type
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else lm_head.weight.dtype
         return HeadLogits(h.detach().to(cd), lm_head.weight.detach().to(cd))
     with torch.no_grad():
-        return lm_head(h.to(lm_head.weight.dtype))
+        logits = lm_head(h.to(lm_head.weight.dtype))
+        return logits if softcap is None else soft_cap(logits, softcap)
+
+
+def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """``cap·tanh(logits/cap)`` (final logit soft-capping), or the logits unchanged when ``cap`` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def mix(terms: Dict[str, Any], loss_cfg):

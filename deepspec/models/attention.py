@@ -80,15 +80,20 @@ def _flex_fn(device: torch.device):
     return _compiled_flex
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, impl: str = "sdpa") -> torch.Tensor:
-    """q [B, Hq, Q, D]; k/v [B, Hkv, K, D] (Hq a multiple of Hkv); mask an AttnMask or a dense bool tensor."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, impl: str = "sdpa", scale: Optional[float] = None
+) -> torch.Tensor:
+    """q [B, Hq, Q, D]; k/v [B, Hkv, K, D] (Hq a multiple of Hkv); mask an AttnMask or a dense bool tensor.
+    ``scale`` multiplies the scores (None: 1/sqrt(D); Gemma 4 uses 1)."""
     if not isinstance(mask, AttnMask):  # a plain dense mask: SDPA only
         impl, dense = "sdpa", mask
     else:
         impl = resolve_impl(impl, q.device)
         dense = None
     if impl == "flex":
-        out = _flex_fn(q.device)(q, k, v, block_mask=mask.block_mask(), enable_gqa=k.shape[1] != q.shape[1])
+        out = _flex_fn(q.device)(
+            q, k, v, block_mask=mask.block_mask(), enable_gqa=k.shape[1] != q.shape[1], scale=scale
+        )
         return out
     if dense is None:
         dense = mask.dense()
@@ -96,4 +101,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, impl: str = 
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=scale)

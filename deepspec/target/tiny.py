@@ -1,4 +1,5 @@
-"""Build (or reuse) the embedded target: a small Qwen3 LM trained here, on CPU, on local Python.
+"""Build (or reuse) the embedded target: a small LM (Qwen3, or Gemma 4 with ``family=gemma4``) trained
+here, on CPU, on a local text corpus (this Python's standard library by default).
 
 The result is an ordinary HF folder (model + tokenizer + chat template + generation config), so
 everything downstream loads it exactly like a downloaded target. It is cached under a key made of
@@ -133,12 +134,12 @@ def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.T
     return stream[idx]
 
 
-def _build_model(cfg: TinyTargetConfig, tokenizer):
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+TINY_FAMILIES = ("qwen3", "gemma4")  # deepspec.config.TinyFamily
 
-    torch.manual_seed(cfg.seed)
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
+
+def _family_config(cfg: TinyTargetConfig, vocab_size: int, tokenizer):
+    common = dict(
+        vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
@@ -151,7 +152,36 @@ def _build_model(cfg: TinyTargetConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = Qwen3ForCausalLM(config)
+    if cfg.family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM, Qwen3Config(**common)
+    if cfg.family == "gemma4":
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+        # Gemma 4's own layer pattern (sliding layers, last layer full attention with its global head
+        # dim and proportional RoPE) and its final logit soft-capping, at the tiny size; no per-layer
+        # input embeddings, which would double the parameter count here.
+        return Gemma4ForCausalLM, Gemma4TextConfig(
+            **common,
+            global_head_dim=2 * cfg.head_dim,
+            layer_types=[
+                "full_attention" if (i + 1) % 6 == 0 or i == cfg.num_layers - 1 else "sliding_attention"
+                for i in range(cfg.num_layers)
+            ],
+            sliding_window=128,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0,
+        )
+    raise ValueError(f"target.tiny.family={cfg.family!r} is unknown; expected one of {TINY_FAMILIES}")
+
+
+def _build_model(cfg: TinyTargetConfig, tokenizer):
+    from transformers import GenerationConfig
+
+    torch.manual_seed(cfg.seed)
+    cls, config = _family_config(cfg, len(tokenizer), tokenizer)
+    model = cls(config)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,
@@ -293,7 +323,9 @@ def _run_build(
     model = _build_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     precision = "bf16 autocast" if bf16 else "fp32"
-    log(f"tiny target: Qwen3 with {n_params / 1e6:.2f}M parameters, {cfg.train_steps} steps ({precision})")
+    log(
+        f"tiny target: {type(model).__name__} with {n_params / 1e6:.2f}M parameters, {cfg.train_steps} steps ({precision})"
+    )
     t1 = time.time()
     train_stats = _train(model, cfg, raw, chat, bf16)
     t_train = time.time() - t1
@@ -341,6 +373,8 @@ def _check(cfg: TinyTargetConfig) -> None:
     from deepspec.config import validate
 
     validate(cfg, prefix="target.tiny")  # the same ranges as at start-up, for direct callers
+    if cfg.family not in TINY_FAMILIES:
+        raise ValueError(f"target.tiny.family={cfg.family!r} is unknown; expected one of {TINY_FAMILIES}")
 
 
 def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
