@@ -1,0 +1,126 @@
+"""Every target family end to end: a tiny random target of the family, a drafter trained on it by the
+real training job, exported (native + speculators), reloaded, and decoding greedily exactly as the
+target does. Each run is a few steps on micro sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_fixtures import micro_overrides, train_here
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # decoding runs past it
+}
+
+
+def family_config(family: str, vocab: int, tok):
+    """A tiny random config of each family, with the family's own quirks switched on."""
+    from transformers import Gemma4TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        initializer_range=0.1,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if family == "qwen3":
+        return Qwen3Config(**common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    if family == "llama":
+        return LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE))
+    if family == "gemma4":
+        return Gemma4TextConfig(
+            **common,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            sliding_window=16,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0,
+        )
+    raise AssertionError(family)
+
+
+def make_target(family: str, tiny_cache: Path, out: Path) -> Path:
+    """A random target of ``family`` sharing the micro tiny target's tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok_dir = next(tiny_cache.glob("tiny-target-*"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(family, len(tok), tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+FAMILIES = ["qwen3", "qwen3_moe", "llama", "gemma4"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_trains_exports_and_decodes_losslessly(family, tiny_cache, tmp_path):
+    from deepspec.eval.spec_decode import speculative_generate, target_generate
+    from deepspec.exporting.writer import load_export
+    from deepspec.target.adapter import TargetModel
+
+    target_dir = make_target(family, tiny_cache, tmp_path / "target")
+    out = tmp_path / "run"
+    train_here(
+        micro_overrides(tiny_cache, out)
+        + [
+            f"target.name_or_path={target_dir}",
+            "model.mask_token_id=auto",
+            "train.max_steps=3",
+            "eval.enabled=true",
+            "eval.temperatures=[0.0]",
+            "eval.num_prompts=2",
+            "eval.max_new_tokens=12",
+            "eval.calibration=false",
+            "eval.scheduler=false",
+            "eval.plots=false",
+            "export.format=speculators",
+        ]
+    )
+    report = json.loads((out / "eval.json").read_text())
+    assert report["temperatures"]["0.0"]["identical_outputs"] == report["num_prompts"] == 2
+
+    native = json.loads((out / "drafter" / "config.json").read_text())
+    want_arch = {"gemma4": "Gemma4DSparkModel", "llama": "LlamaDSparkModel"}.get(family, "Qwen3DSparkModel")
+    assert native["architectures"] == [want_arch]
+    spec_cfg = json.loads((out / "export" / "speculators" / "config.json").read_text())
+    layer = spec_cfg["transformer_layer_config"]
+    if family == "llama":  # the exported configs describe exactly the RoPE that was trained
+        assert layer["rope_parameters"] == LLAMA3_ROPE
+        assert native["rope_parameters"] == LLAMA3_ROPE
+    if family == "qwen3_moe":  # the drafter is dense, of the matching dense family
+        assert layer["model_type"] == native["model_type"] == "qwen3"
+        assert native["target_model_type"] == "qwen3_moe"
+    if family == "gemma4":
+        assert layer["model_type"] == "gemma4_text" and native["global_head_dim"] == 16
+        assert native["final_logit_softcapping"] == 30.0
+
+    target = TargetModel.from_pretrained(str(target_dir), native["target_layer_ids"])
+    prompt = [5, 17, 99, 3, 250, 8, 41]
+    want = target_generate(target, prompt, 40).tokens  # 47 positions: past llama3's original 32
+    for folder in (out / "drafter", out / "export" / "speculators"):
+        drafter = load_export(folder, target.embed_tokens.weight, target.lm_head.weight)
+        got = speculative_generate(target, drafter, prompt, 40).tokens
+        assert got == want, folder.name
