@@ -171,7 +171,7 @@ def test_unknown_drafter_kind():
 
 def test_direct_config_validation():
     good = resolve(6)
-    with pytest.raises(ValueError, match="is not supported"):
+    with pytest.raises(ValueError, match="has no drafter layer family"):
         dataclasses.replace(good, model_type="gpt2")
     with pytest.raises(ValueError, match="the target has 6 layers"):
         dataclasses.replace(good, target_layer_ids=[1, 6])

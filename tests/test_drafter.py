@@ -476,7 +476,8 @@ def test_native_bf16_export(tmp_path):
     assert cfg["markov_rank"] == 16 and cfg["markov_head_type"] == "vanilla"
     assert cfg["enable_confidence_head"] is True and cfg["confidence_head_with_markov"] is True
     assert cfg["tie_word_embeddings"] is False
-    assert cfg["dtype"] == "bfloat16" and "layer_types" not in cfg  # not the target's stale values
+    assert cfg["dtype"] == "bfloat16"  # not the target's stale value
+    assert cfg["layer_types"] == ["full_attention"] * 2  # the drafter's layers, as DeepSpec writes them
     assert cfg["hidden_size"] == H and cfg["vocab_size"] == V and cfg["model_type"] == "qwen3"
 
     # The bf16 folder loads back, weights equal to the bf16-rounded originals.

@@ -14,8 +14,9 @@ from typing import Any, Callable, Dict, List, Optional
 
 from deepspec.config import ExportFormat, allowed, check_choice
 from deepspec.exporting.io import ExportInputError
-from deepspec.exporting.native import config_from_native, native_config
+from deepspec.exporting.native import config_from_native, gemma4_keys, native_config
 from deepspec.models.config import DrafterSpec
+from deepspec.models.families import family_named
 
 FORMATS = allowed(ExportFormat)
 EMBED_KEYS = ("embed_tokens.weight", "lm_head.weight")
@@ -61,18 +62,18 @@ _NOT_LAYER_KEYS = (
     "sts_temperatures",
     "sample_from_anchor",
     "dflash_config",
+    "per_layer_config",
+    "rope_scaling",
+    "target_model_type",
+    "target_text_model_type",
+    "drafter_kind",
 )
+# Markov heads each format's runtime computes (the native format is DeepSpec's: all of them).
+MARKOV_HEADS_BY_FORMAT = {"native": ("vanilla", "gated", "rnn"), "speculators": ("vanilla",), "dflash": ()}
 
 
 class FormatError(ValueError):
     """The drafter cannot be written in the requested format (e.g. a Markov head in z-lab DFlash)."""
-
-
-def rope_theta_of(d: Dict[str, Any]) -> float:
-    if d.get("rope_theta") is not None:
-        return float(d["rope_theta"])
-    rp = d.get("rope_parameters") or {}
-    return float(rp.get("rope_theta", 10000.0)) if isinstance(rp, dict) else 10000.0
 
 
 def verifier_name(c: DrafterSpec) -> str:
@@ -94,22 +95,30 @@ def verifier_architectures(c: DrafterSpec) -> List[str]:
 
 
 def transformer_layer_config(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
-    """A complete qwen3/llama HF config dict describing the drafter's own decoder layers."""
+    """A complete HF config dict of the drafter's own decoder layers (qwen3, llama, gemma4_text...)."""
     from transformers import CONFIG_MAPPING
 
-    base = {k: v for k, v in c.target_config.items() if k not in _NOT_LAYER_KEYS}
-    rope = dict(base.get("rope_parameters") or {"rope_type": "default"})
-    rope["rope_theta"] = c.rope_theta
+    from deepspec.models.families import text_config
+
+    t = text_config(c.target_config)
+    base = {k: v for k, v in t.items() if k not in _NOT_LAYER_KEYS}
     base.update({k: getattr(c, k) for k in _ARCH})
     base.update(
         model_type=c.model_type,
         num_hidden_layers=c.num_layers,
-        rope_parameters=rope,
+        layer_types=["full_attention"] * c.num_layers,
         tie_word_embeddings=False,
     )
+    gemma = c.family.name == "gemma4_text"
+    if gemma:
+        base.update(gemma4_keys(c, t))
+    else:
+        base["rope_parameters"] = c.rope  # exactly the RoPE that was trained, scaling included
     # Round-trip through transformers so the dict is complete (every field the family defines).
     full = CONFIG_MAPPING[c.model_type](**{k: v for k, v in base.items() if k != "model_type"}).to_dict()
     full.pop("architectures", None)
+    if gemma:  # also spelled out, for readers that predate transformers' per-layer overrides
+        full.update(global_head_dim=c.head_dim, num_global_key_value_heads=c.num_key_value_heads)
     full["dtype"] = dtype
     return full
 
@@ -120,22 +129,33 @@ def _arch_from_layer(d: Dict[str, Any], where: str) -> Dict[str, Any]:
     ]
     if missing:
         raise ExportInputError(f"{where}: missing drafter architecture keys {missing}")
-    heads, hidden = int(d["num_attention_heads"]), int(d["hidden_size"])
-    model_type = d.get("model_type", "qwen3")
-    return dict(
-        model_type=model_type,
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta_of(d),
-        attention_bias=bool(d.get("attention_bias", False)),
-        use_qk_norm=model_type == "qwen3",
-        num_layers=int(d.get("num_hidden_layers", 1)),
-    )
+    arch = family_named(str(d.get("model_type") or "qwen3")).arch(d)
+    return dict(arch, num_layers=int(d.get("num_hidden_layers", 1)))
+
+
+def check_format_carries(c: DrafterSpec, fmt: str) -> None:
+    """Refuse, naming the field and the supported values, a drafter ``fmt`` cannot describe: a file that
+    loads and then computes something else in the engine is worse than no file."""
+    family = c.family
+    if fmt not in family.formats:
+        raise FormatError(
+            f"export.format={fmt} cannot describe {family.name} drafter layers (target model_type "
+            f"{c.target_config.get('model_type', c.model_type)!r}); formats for this family: {list(family.formats)}"
+        )
+    if c.markov_enabled:
+        check_markov_head(c.markov_head_type, fmt)
+
+
+def check_markov_head(head_type: str, fmt: str) -> None:
+    """Refuse a Markov head type the format's runtime does not compute (the trainer asks before training)."""
+    heads = MARKOV_HEADS_BY_FORMAT.get(fmt)
+    if heads and head_type not in heads:
+        raise FormatError(
+            f"export.format={fmt} cannot carry model.markov_head_type={head_type!r}: its runtime "
+            f"computes markov_head_type in {list(heads)} only, so the drafter would propose other tokens. "
+            "Export with export.format=native (DeepSpec's format, all head types) or train with "
+            "model.markov_head_type=vanilla"
+        )
 
 
 def _require(cfg: Dict[str, Any], keys, where: str) -> None:
@@ -169,8 +189,7 @@ def from_native(cfg: Dict[str, Any], where: str = "config.json") -> DrafterSpec:
     filled["head_dim"] = filled["head_dim"] or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"])
     filled["rms_norm_eps"] = filled["rms_norm_eps"] or 1e-6
     filled["attention_bias"] = bool(filled["attention_bias"])
-    d = {**cfg, **filled, "rope_theta": rope_theta_of(cfg)}
-    return config_from_native(d)
+    return config_from_native({**cfg, **filled})
 
 
 # --------------------------------------------------------------------------- vLLM speculators
@@ -315,6 +334,7 @@ def format_config(c: DrafterSpec, fmt: str, dtype: str, include_sts: bool = True
             f"export.format={fmt}: the export formats carry DSpark/DFlash drafters; this one is "
             f"{c.kind} (a benchmark baseline, kept only in the run's native drafter/ folder)"
         )
+    check_format_carries(c, fmt)
     if not include_sts:
         c = dataclasses.replace(c, sts_temperatures=None)
     return TO_CONFIG[fmt](c, dtype)

@@ -1,4 +1,5 @@
-"""Native DSpark checkpoint (docs/method.md, Export conventions): an HF-style folder, config.json + model.safetensors.
+"""Native DSpark checkpoint (docs/method.md, Export conventions; per family docs/families.md): an HF-style
+folder, config.json + model.safetensors.
 
 config.json is the target's config with the drafter's facts laid over it; the tensor names are the
 drafter's own state_dict names, so saving is a dump and loading is a strict ``load_state_dict``.
@@ -17,10 +18,11 @@ from safetensors.torch import load_file
 from deepspec import atomic
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec
+from deepspec.models.families import family_named, text_config
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
-# DrafterSpec fields (same names in config.json) that describe the drafter's architecture and are read back from config.json.
+# DrafterSpec fields (same names in config.json) that describe the drafter's architecture.
 _ARCH_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -31,16 +33,59 @@ _ARCH_KEYS = (
     "rms_norm_eps",
     "attention_bias",
 )
+# Keys of the native config.json that are the drafter's, not the target's.
+DRAFTER_KEYS = (
+    "architectures",
+    "num_target_layers",
+    "block_size",
+    "mask_token_id",
+    "target_layer_ids",
+    "num_anchors",
+    "markov_rank",
+    "markov_head_type",
+    "enable_confidence_head",
+    "confidence_head_with_markov",
+    "sts_temperatures",
+    "drafter_kind",
+    "drafter_architecture",
+    "target_model_type",
+    "target_text_model_type",
+)
+
+
+def gemma4_keys(c: DrafterSpec, t: Dict[str, Any]) -> Dict[str, Any]:
+    """The Gemma 4 text-config keys DeepSpec's Gemma4DSparkModel reads: the full-attention head dim and
+    kv heads spelled out (transformers 5 keeps them per layer), and the dense, PLE-free block."""
+    return dict(
+        global_head_dim=c.head_dim,
+        num_global_key_value_heads=c.num_key_value_heads,
+        head_dim=int(t.get("head_dim") or c.head_dim),  # the target's sliding-layer head dim, unused here
+        num_key_value_heads=int(t.get("num_key_value_heads") or c.num_key_value_heads),
+        attention_k_eq_v=c.attention_k_eq_v,
+        final_logit_softcapping=c.final_logit_softcapping,
+        enable_moe_block=False,
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+    )
 
 
 def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
-    """The native config.json: HF names where HF has one (``num_hidden_layers`` = the drafter's own
-    layers), ``drafter_kind`` for the spec's ``kind``. :func:`config_from_native` is its inverse."""
-    cfg = dict(c.target_config)
+    """The native config.json, laid out as DeepSpec's own model classes load it (docs/families.md):
+    the target's (text) config with the drafter's keys over it, HF names where HF has one
+    (``num_hidden_layers`` = the drafter's own layers), ``drafter_kind`` for the spec's ``kind``.
+    :func:`config_from_native` is its inverse."""
+    family = c.family
+    t = text_config(c.target_config)
+    cfg = dict(t)
+    cfg.pop("per_layer_config", None)  # indexed by target layer: the drafter's layers are all full attention
+    cfg.update({k: getattr(c, k) for k in _ARCH_KEYS})
     cfg.update(
-        architectures=["Qwen3DSparkModel"],
+        architectures=[family.native_architecture if c.kind != "eagle3" else "DeepSpecEagle3Model"],
         model_type=c.model_type,
+        target_model_type=str(c.target_config.get("model_type") or c.model_type),
+        target_text_model_type=str(t.get("model_type") or c.model_type),
         num_hidden_layers=c.num_layers,
+        layer_types=["full_attention"] * c.num_layers,
         drafter_kind=c.kind,
         num_target_layers=c.num_target_layers,
         block_size=c.block_size,
@@ -54,13 +99,14 @@ def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
         tie_word_embeddings=False,
         torch_dtype=dtype,
         dtype=dtype,  # transformers 5 reads `dtype`; the target's own value would be stale here
-        rope_theta=c.rope_theta,
     )
-    if c.kind == "eagle3":  # the EAGLE-3 baseline: same folder layout, its own architecture tag
-        cfg.update(architectures=["DeepSpecEagle3Model"])
-    cfg.pop("layer_types", None)  # the target's per-layer list has the target's length, not the drafter's
-    for k in _ARCH_KEYS:
-        cfg[k] = getattr(c, k)
+    if family.name == "gemma4_text":
+        # rope_parameters stay per layer type: the drafter's layers read the full_attention one.
+        cfg.update(gemma4_keys(c, t))
+    else:
+        # Exactly the RoPE the drafter was trained with (scaling included).
+        cfg.update(rope_parameters=c.rope, rope_theta=c.rope_theta)
+        cfg.pop("rope_scaling", None)
     if c.sts_temperatures is not None:
         cfg["sts_temperatures"] = list(c.sts_temperatures)
     return cfg
@@ -72,29 +118,13 @@ def config_from_native(cfg: Dict[str, Any]) -> DrafterSpec:
     ]
     if missing:
         raise ValueError(f"config.json is not a native DSpark config: missing keys {missing}")
-    target = dict(cfg)
-    for k in (
-        "architectures",
-        "num_target_layers",
-        "block_size",
-        "mask_token_id",
-        "target_layer_ids",
-        "num_anchors",
-        "markov_rank",
-        "markov_head_type",
-        "enable_confidence_head",
-        "confidence_head_with_markov",
-        "sts_temperatures",
-        "drafter_kind",
-        "drafter_architecture",
-    ):
-        target.pop(k, None)
+    model_type = str(cfg.get("model_type") or "qwen3")
+    arch = family_named(model_type).arch(cfg)
+    target = {k: v for k, v in cfg.items() if k not in DRAFTER_KEYS}
     target["num_hidden_layers"] = cfg["num_target_layers"]
+    target["model_type"] = cfg.get("target_text_model_type", model_type)
     return DrafterSpec(
-        model_type=cfg.get("model_type", "qwen3"),
-        **{k: cfg[k] for k in _ARCH_KEYS},
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        use_qk_norm=cfg.get("model_type", "qwen3") == "qwen3",
+        **arch,
         num_layers=int(cfg["num_hidden_layers"]),
         num_target_layers=int(cfg["num_target_layers"]),
         target_hidden_size=int(cfg["hidden_size"]),

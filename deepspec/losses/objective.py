@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from deepspec.config import LossImpl, check_choice
 from deepspec.data.anchors import BlockTargets, slot_weights
 from deepspec.losses.vocab_terms import HeadLogits, block_row_stats, reference_row_stats
+from deepspec.models.base import soft_cap
 
 
 @dataclass
@@ -55,11 +56,6 @@ def target_logits(
     with torch.no_grad():
         logits = lm_head(h.to(lm_head.weight.dtype))
         return logits if softcap is None else soft_cap(logits, softcap)
-
-
-def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
-    """``cap·tanh(logits/cap)`` (final logit soft-capping), or the logits unchanged when ``cap`` is None."""
-    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def mix(terms: Dict[str, Any], loss_cfg):

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from deepspec.models.config import DrafterSpec
+from deepspec.models.rope import RotaryEmbedding
 
 
 @dataclass
@@ -51,6 +52,20 @@ class Drafter(nn.Module):
     def __init__(self, spec: DrafterSpec) -> None:
         super().__init__()
         self.config = spec
+        # The target's rotary table (RoPE scaling included): positions mean what they meant to the target.
+        self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings)
+
+    # ------------------------------------------------------------------ the target's conventions
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The target's input embedding of ``ids`` (times its embedding scale: sqrt(H) for Gemma 4)."""
+        e = self.embed_tokens(ids)
+        scale = self.config.embed_scale
+        # Gemma casts the scale to the weight dtype first (sqrt(3072) is 55.5 in bf16); so do we.
+        return e if scale == 1.0 else e * torch.tensor(scale, dtype=e.dtype, device=e.device)
+
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Backbone logits from final-norm hiddens: the frozen lm_head, soft-capped where the target is."""
+        return soft_cap(self.lm_head(h), self.config.final_logit_softcapping)
 
     def forward(
         self,
@@ -113,6 +128,11 @@ class Drafter(nn.Module):
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+def soft_cap(logits: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """``cap·tanh(logits/cap)`` (final logit soft-capping), or the logits unchanged when ``cap`` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -15,8 +15,9 @@ from typing import Any, Dict, List, Optional
 
 from deepspec.config import AttnImpl, DrafterKind, MarkovHeadType, allowed
 from deepspec.config import validate as validate_user_config
+from deepspec.models.families import FAMILIES, family_for_target, family_named, text_config
+from deepspec.models.rope import check_rope
 
-SUPPORTED_FAMILIES = ("qwen3", "llama", "qwen2", "mistral")
 MARKOV_HEAD_TYPES = allowed(MarkovHeadType)
 # "dspark": the parallel block drafter with its Markov and/or confidence head; "dflash": the same
 # drafter with both heads off; "eagle3": the EAGLE-3 baseline, one autoregressive layer
@@ -29,8 +30,10 @@ ATTN_IMPLS = allowed(AttnImpl)
 
 @dataclass
 class DrafterSpec:
-    # Architecture of the drafter layers (copied from the target's family).
-    model_type: str
+    # Architecture of the drafter layers (copied from the target's family, deepspec/models/families.py).
+    model_type: (
+        str  # the drafter layers' family type: qwen3 (also for a Qwen3-MoE target), llama, gemma4_text
+    )
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -59,6 +62,14 @@ class DrafterSpec:
     attn_impl: str = "auto"
     # Per-slot temperatures from sequential temperature scaling (None until calibrated).
     sts_temperatures: Optional[List[float]] = None
+    # More of the target's layer facts (docs/families.md); the defaults are Qwen3's / Llama's.
+    hidden_act: str = "silu"
+    rope_parameters: Dict[str, Any] = field(default_factory=dict)  # empty: plain RoPE at rope_theta
+    max_position_embeddings: int = 32768
+    attention_k_eq_v: bool = False  # Gemma 4: values are the key projection (no v_proj)
+    attn_scale: Optional[float] = None  # score scale; None = 1/sqrt(head_dim) (Gemma 4: 1)
+    embed_scale: float = 1.0  # Gemma 4 multiplies embeddings by sqrt(hidden_size)
+    final_logit_softcapping: Optional[float] = None  # Gemma 4: cap·tanh(logits/cap)
     # The target's own HF config, kept so exports can start from it.
     target_config: Dict[str, Any] = field(default_factory=dict)
 
@@ -76,6 +87,15 @@ class DrafterSpec:
     @property
     def markov_enabled(self) -> bool:
         return self.markov_rank > 0
+
+    @property
+    def rope(self) -> Dict[str, Any]:
+        """The flat RoPE description the drafter's rotary table is built from (deepspec/models/rope.py)."""
+        return dict(self.rope_parameters) or {"rope_type": "default", "rope_theta": self.rope_theta}
+
+    @property
+    def family(self):
+        return family_named(self.model_type)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,19 +167,17 @@ def validate(c: DrafterSpec) -> None:
             f"model.kind={c.kind}: this drafter has no Markov or confidence head (markov_rank=0, "
             "enable_confidence_head=false)"
         )
-    if c.model_type not in SUPPORTED_FAMILIES:
+    family = family_named(c.model_type)  # raises, naming the supported target model_types
+    if c.kind == "eagle3" and not family.eagle3:
         raise ValueError(
-            f"target model_type {c.model_type!r} is not supported; expected one of {SUPPORTED_FAMILIES}"
+            f"model.kind=eagle3: the EAGLE-3 baseline has no {family.name} layers; it supports target "
+            f"model_types {tuple(t for f in FAMILIES.values() if f.eagle3 for t in f.target_model_types)}"
         )
+    check_rope(c.rope, "rope_parameters")
     if c.sts_temperatures is not None and len(c.sts_temperatures) != c.block_size:
         raise ValueError(
             f"sts_temperatures has {len(c.sts_temperatures)} entries; expected block_size={c.block_size}"
         )
-
-
-def _get(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
-    v = cfg.get(key, default)
-    return default if v is None else v
 
 
 def resolve_drafter_config(
@@ -170,10 +188,9 @@ def resolve_drafter_config(
     ``mask_token_id`` is the tokenizer's mask id, used when the config says 'auto'.
     """
     validate_user_config(drafter_cfg, prefix="model")  # choices and ranges of model.*
-    t = dict(target_config)
-    # Multimodal configs (e.g. Gemma) nest the LM config.
-    if "text_config" in t and "num_hidden_layers" not in t:
-        t = {**t["text_config"]}
+    t = text_config(target_config)  # multimodal configs (Gemma 4) nest the LM config
+    # The family check comes first: an unsupported target stops here, before any training.
+    arch = family_for_target(str(t.get("model_type") or "qwen3")).arch(t)
     num_target_layers = int(t["num_hidden_layers"])
     ids = drafter_cfg.target_layer_ids
     if isinstance(ids, str):  # "auto" (validated above)
@@ -192,24 +209,11 @@ def resolve_drafter_config(
 
     kind = drafter_cfg.kind
     dflash = kind in ("dflash", "eagle3")  # neither has the Markov or the confidence head
-    hidden = int(t["hidden_size"])
-    heads = int(t["num_attention_heads"])
-    model_type = t.get("model_type", "qwen3")
     return DrafterSpec(
-        model_type=model_type,
-        vocab_size=int(t["vocab_size"]),
-        hidden_size=hidden,
-        intermediate_size=int(t["intermediate_size"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(_get(t, "num_key_value_heads", heads)),
-        head_dim=int(_get(t, "head_dim", hidden // heads)),
-        rms_norm_eps=float(_get(t, "rms_norm_eps", 1e-6)),
-        rope_theta=float(_rope_theta(t)),
-        attention_bias=bool(_get(t, "attention_bias", False)),
-        use_qk_norm=model_type == "qwen3",
+        **arch,
         num_layers=int(drafter_cfg.num_layers),
         num_target_layers=num_target_layers,
-        target_hidden_size=hidden,
+        target_hidden_size=arch["hidden_size"],
         target_layer_ids=ids,
         block_size=int(drafter_cfg.block_size),
         mask_token_id=int(mask),
@@ -221,12 +225,3 @@ def resolve_drafter_config(
         attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),
         target_config=dict(target_config),
     )
-
-
-def _rope_theta(t: Dict[str, Any]) -> float:
-    if t.get("rope_theta") is not None:
-        return t["rope_theta"]
-    rp = t.get("rope_parameters") or {}
-    if isinstance(rp, dict) and rp.get("rope_theta") is not None:
-        return rp["rope_theta"]
-    return 10000.0

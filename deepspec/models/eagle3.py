@@ -33,7 +33,7 @@ import torch.nn as nn
 from deepspec.models.attention import AttnMask, attend
 from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
 from deepspec.models.config import DrafterSpec
-from deepspec.models.layers import MLP, Attention, RMSNorm, apply_rope, rope_cos_sin
+from deepspec.models.layers import MLP, Attention, RMSNorm, apply_rope
 
 
 def ttt_mask(anchors: torch.Tensor, ctx_len: int, num_slots: int) -> AttnMask:
@@ -114,17 +114,17 @@ class Eagle3Drafter(Drafter):
         dev = target_feats.device
         f = self.fc(target_feats.to(self.fc.weight.dtype))  # a bf16 target may feed an fp32 drafter
         f = torch.cat([f.new_zeros(b, 1, f.shape[-1]), f], dim=1)  # f[:, i] = fc(feature at i-1), f[:, 0] = 0
-        x_ctx = layer.inputs(self.embed_tokens(ctx_ids).to(f.dtype), f[:, :length])
+        x_ctx = layer.inputs(self.embed(ctx_ids).to(f.dtype), f[:, :length])
         pos = torch.arange(length, device=dev).expand(b, -1)
-        ccos, csin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x_ctx.dtype)
+        ccos, csin = self.rotary.cos_sin(pos, x_ctx.dtype)
         k_ctx, v_ctx = layer.self_attn.project_kv(x_ctx, ccos, csin)
         keys, values = [k_ctx], [v_ctx]
         u = torch.gather(f, 1, anchors[:, :, None].expand(-1, -1, f.shape[-1]))  # fc(f_{p0-1})
         tok = first_token
         hs = []
         for j in range(c.block_size):
-            x2 = layer.inputs(self.embed_tokens(tok).to(f.dtype), u)  # [B, A, 2H]
-            cos, sin = rope_cos_sin(anchors + j, c.head_dim, c.rope_theta, x2.dtype)
+            x2 = layer.inputs(self.embed(tok).to(f.dtype), u)  # [B, A, 2H]
+            cos, sin = self.rotary.cos_sin(anchors + j, x2.dtype)
             k_j, v_j = layer.self_attn.project_kv(x2, cos, sin)
             keys.append(k_j)
             values.append(v_j)
@@ -149,7 +149,7 @@ class Eagle3Drafter(Drafter):
         h = self._unroll(
             target_feats, input_ids, anchors, prev_tokens[:, :, 0], lambda j, _h: prev_tokens[:, :, j + 1]
         )
-        return BlockOutput(logits=self.lm_head(h), confidence_logits=None, hidden=h)
+        return BlockOutput(logits=self.compute_logits(h), confidence_logits=None, hidden=h)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -179,7 +179,7 @@ class Eagle3Drafter(Drafter):
         tokens, probs = [], []
 
         def pick(k: int, h: torch.Tensor) -> torch.Tensor:
-            q = distribution(self.lm_head(h[0, 0]).float(), temperature)
+            q = distribution(self.compute_logits(h[0, 0]).float(), temperature)
             if forced_tokens is not None:
                 x = forced_tokens[k].view(1).to(dev)
             elif temperature == 0:

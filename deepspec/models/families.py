@@ -23,12 +23,21 @@ class Family:
     target_model_types: Tuple[str, ...]  # target (text) model_types whose drafter this family builds
     arch: Callable[[Dict[str, Any]], Dict[str, Any]]  # target text config -> the spec's layer fields
     native_architecture: str  # architectures[0] of the native export
+    layers: str  # module defining the family's LAYER and NORM classes
     formats: Tuple[str, ...]  # export formats that can describe these layers
     eagle3: bool  # whether the EAGLE-3 baseline has layers of this family
     doc: str  # one line for error messages and docs: what the drafter copies
 
 
 FAMILIES: Dict[str, Family] = {}
+
+
+def layer_classes(family: Family):
+    """(decoder layer class, RMSNorm class) of a family; imported here, when a drafter is built."""
+    import importlib
+
+    mod = importlib.import_module(family.layers)
+    return mod.LAYER, mod.NORM
 
 
 def register(family: Family) -> Family:
@@ -185,6 +194,7 @@ register(
         target_model_types=("qwen3", "qwen3_moe"),
         arch=_qwen3_arch,
         native_architecture="Qwen3DSparkModel",
+        layers="deepspec.models.layers",
         formats=("native", "speculators", "dflash"),
         eagle3=True,
         doc="Qwen3 layers: q/k RMSNorm, SwiGLU MLP (dense also for a Qwen3-MoE target), the target's RoPE",
@@ -196,6 +206,7 @@ register(
         target_model_types=("llama", "mistral", "qwen2"),
         arch=_llama_arch,
         native_architecture="LlamaDSparkModel",
+        layers="deepspec.models.layers",
         formats=("native", "speculators", "dflash"),
         eagle3=True,
         doc="Llama layers: no q/k norm, SwiGLU MLP, the target's RoPE including llama3/yarn scaling",
@@ -207,7 +218,8 @@ register(
         target_model_types=("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text"),
         arch=_gemma4_arch,
         native_architecture="Gemma4DSparkModel",
-        formats=("native",),
+        layers="deepspec.models.gemma4",
+        formats=("native", "speculators"),
         eagle3=False,
         doc=(
             "Gemma 4 text layers: q/k/v RMSNorm (v without scale), attention scale 1, global head dim "

@@ -91,3 +91,6 @@ class Gemma4DrafterLayer(nn.Module):
         )
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar
+
+
+LAYER, NORM = Gemma4DrafterLayer, Gemma4RMSNorm  # this family's classes (deepspec/models/families.py)

@@ -16,8 +16,8 @@ import torch.nn as nn
 from deepspec.models.attention import AttnMask
 from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
 from deepspec.models.config import DrafterSpec
+from deepspec.models.families import layer_classes
 from deepspec.models.heads import ConfidenceHead, MarkovHead
-from deepspec.models.layers import DrafterLayer, RMSNorm, rope_cos_sin
 
 
 def visibility_mask(anchors: torch.Tensor, ctx_len: int, block_size: int) -> torch.Tensor:
@@ -63,11 +63,12 @@ class ParallelDrafter(Drafter):
     def __init__(self, spec: DrafterSpec) -> None:
         super().__init__(spec)
         c = spec
+        layer, norm = layer_classes(c.family)  # the target family's layers and norm
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.fc = nn.Linear(c.num_features * c.target_hidden_size, c.hidden_size, bias=False)
-        self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.layers = nn.ModuleList(DrafterLayer(c) for _ in range(c.num_layers))
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps)
+        self.layers = nn.ModuleList(layer(c) for _ in range(c.num_layers))
+        self.norm = norm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.markov_head = MarkovHead(c) if c.markov_enabled else None
         self.confidence_head = ConfidenceHead(c) if c.enable_confidence_head else None
@@ -81,13 +82,14 @@ class ParallelDrafter(Drafter):
 
     def backbone(self, ctx: torch.Tensor, block_tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """ctx: [B, L, H]; block_tokens: [B, A, γ]; anchors: [B, A] -> final-norm hiddens [B, A, γ, H]."""
-        c = self.config
         b, a, g = block_tokens.shape
-        x = self.embed_tokens(block_tokens).reshape(b, a * g, -1).to(ctx.dtype)
+        length = ctx.shape[1]
+        x = self.embed(block_tokens).reshape(b, a * g, -1).to(ctx.dtype)
         pos = (anchors[:, :, None] + torch.arange(g, device=anchors.device)).reshape(b, a * g)
-        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
-        ctx_pos = torch.arange(ctx.shape[1], device=ctx.device).expand(b, -1)
-        ccos, csin = rope_cos_sin(ctx_pos, c.head_dim, c.rope_theta, x.dtype)
+        ctx_pos = torch.arange(length, device=ctx.device).expand(b, -1)
+        # One table for context and block: length-dependent RoPE types see the whole sequence.
+        cos, sin = self.rotary.cos_sin(torch.cat([ctx_pos, pos], dim=1), x.dtype)
+        ccos, csin, cos, sin = cos[:, :length], sin[:, :length], cos[:, length:], sin[:, length:]
         mask = block_attn_mask(anchors, ctx.shape[1], g)
         for layer in self.layers:
             ctx_k, ctx_v = layer.self_attn.project_kv(ctx, ccos, csin)
@@ -119,7 +121,7 @@ class ParallelDrafter(Drafter):
         """
         anchor_tokens = torch.gather(input_ids, 1, anchors)
         h = self.backbone(self.context(target_feats), self.block_tokens(anchor_tokens), anchors)
-        logits = self.lm_head(h)
+        logits = self.compute_logits(h)
         feat = None
         if self.markov_head is not None:
             b, a, g, _ = h.shape
@@ -156,7 +158,7 @@ class ParallelDrafter(Drafter):
         anchors = torch.tensor([[n]], device=dev)
         tok = torch.tensor([[anchor_token]], device=dev)
         h = self.backbone(self.context(target_feats), self.block_tokens(tok), anchors)[0, 0]  # [γ, H]
-        base = self.lm_head(h).float()
+        base = self.compute_logits(h).float()
         state = self.markov_head.init_state(1, dev, h.dtype) if self.markov_head is not None else None
         prev = torch.tensor([anchor_token], device=dev)
         tokens, probs, conf_logits = [], [], []

@@ -28,6 +28,7 @@ from deepspec import atomic
 from deepspec.config import validate
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
+from deepspec.exporting.formats import check_markov_head
 from deepspec.exporting.native import save_native
 from deepspec.exporting.pipeline import check_export_settings
 from deepspec.losses import LossOutput, dspark_loss, summarise, target_logits
@@ -80,7 +81,13 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
         batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size
     )
     out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
-    tgt = target_logits(feats.final, targets.target_pos, run.lm_head, lazy=run.cfg.loss.lazy_target_logits)
+    tgt = target_logits(
+        feats.final,
+        targets.target_pos,
+        run.lm_head,
+        lazy=run.cfg.loss.lazy_target_logits,
+        softcap=dc.final_logit_softcapping,  # the target's own logits (Gemma 4 soft-caps them)
+    )
     return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
 
 
@@ -99,8 +106,16 @@ def preflight(cfg) -> TrainPlan:
     no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
     validate(cfg)  # every number and choice
     if cfg.export.after_training:
+<<<<<<< HEAD
         # A bad repo id or a missing Hub token fails now, not after training.
         check_export_settings(cfg.export)
+=======
+        # A bad repo id, a missing Hub token or a Markov head the format cannot carry fails now.
+        check_export_settings(cfg.export)
+        if cfg.model.kind == "dspark" and cfg.model.markov_rank:
+            check_markov_head(str(cfg.model.markov_head_type), str(cfg.export.format))
+    validate(cfg)
+>>>>>>> c9abf8d (Families wired in: DrafterSpec carries the family's layer facts, resolved by the family registry; drafters use the target's rotary table, embedding scale, soft-capped logits and the family's layers; native/speculators configs per family; exporter refuses Markov heads / families a format cannot carry, checked before training)
     strategy = dist_utils.resolve_strategy(cfg)
     world = dist_utils.launcher_world_size()
     return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))

@@ -14,6 +14,7 @@ from deepspec import atomic
 from deepspec.config import DataSource, check_choice
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
+from deepspec.exporting.formats import check_format_carries
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec, resolve_drafter_config
 from deepspec.target.adapter import TargetModel, TargetOutput
@@ -159,6 +160,8 @@ def build_run(cfg, accelerator) -> RunSetup:
     path, tokenizer, target_config, trc = info.path, info.tokenizer, info.config, info.trust_remote_code
     dc = resolve_drafter_config(cfg.model, target_config, mask_token_id=tokenizer.mask_token_id)
     dc.num_anchors = cfg.data.num_anchors
+    if cfg.export.after_training and dc.kind != "eagle3":  # the target's family is known now: before training
+        check_format_carries(dc, str(cfg.export.format))
     target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
 
     torch.manual_seed(cfg.train.seed)
