@@ -1,4 +1,4 @@
-"""Tiny random Qwen3 / Llama targets and drafters for the export and hub tests (no download)."""
+"""Tiny random Qwen3 / Llama / Gemma 4 targets and drafters for the export and hub tests (no download)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def tiny_target(family: str = "qwen3", layers: int = 6, vocab: int = V, seed: in
         num_key_value_heads=2,
         head_dim=8,
     )
+    if family == "gemma4":
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+        gemma = dict(global_head_dim=16, hidden_size_per_layer_input=0, final_logit_softcapping=30.0)
+        pattern = ["sliding_attention", "full_attention"] * (layers // 2) + ["full_attention"] * (layers % 2)
+        return Gemma4ForCausalLM(Gemma4TextConfig(**kw, **gemma, layer_types=pattern)).eval()
     model = Qwen3ForCausalLM(Qwen3Config(**kw)) if family == "qwen3" else LlamaForCausalLM(LlamaConfig(**kw))
     return model.eval()
 

@@ -29,8 +29,29 @@ ALPHA = 1e-3  # false-alarm rate of each statistical test (seeds are fixed, so r
 # ---------------------------------------------------------------- fixtures
 
 
-def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4) -> TargetModel:
+def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4, family="qwen3") -> TargetModel:
     torch.manual_seed(seed)
+    if family == "gemma4":  # sliding + full attention layers, soft-capped logits, scaled embeddings
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+        g = Gemma4TextConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=16,
+            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+            sliding_window=4,
+            hidden_size_per_layer_input=0,
+            final_logit_softcapping=5.0,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            initializer_range=init_range,
+        )
+        return TargetModel(Gemma4ForCausalLM(g), LAYER_IDS)
     cfg = Qwen3Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -268,6 +289,26 @@ def tiny_vocab_setup():
     drafter = make_drafter(target, markov_rank=8, block_size=2, seed=5, std=0.3, w2_std=1.0)
     prompt = [1, 4, 2]
     return target, drafter, prompt, exact_joint(target, prompt, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_gemma4():
+    """The same check on a non-Qwen family: Gemma 4 (sliding window 4, so verification crops a
+    sliding-window cache; soft-capped logits on both sides)."""
+    target = make_target(vocab=6, seed=3, init_range=0.15, family="gemma4")
+    drafter = make_drafter(target, markov_rank=8, block_size=2, seed=5, std=0.3, w2_std=1.0)
+    prompt = [1, 4, 2, 5, 0, 3]
+    return target, drafter, prompt, exact_joint(target, prompt, 3)
+
+
+@pytest.mark.slow
+def test_t1_lossless_full_block_gemma4(tiny_vocab_gemma4):
+    target, drafter, prompt, exact = tiny_vocab_gemma4
+    assert drafter.config.model_type == "gemma4_text" and drafter.config.final_logit_softcapping == 5.0
+    counts, rounds = sample_counts(target, drafter, prompt, 3, 3000, seed=13)
+    acc = [r.accepted for r in rounds]
+    assert 0.1 < sum(a > 0 for a in acc) / len(acc) < 0.9 and 2 in acc
+    assert g_test_pvalue(counts, exact) > ALPHA
 
 
 @pytest.mark.slow

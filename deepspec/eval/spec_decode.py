@@ -196,6 +196,9 @@ def speculative_generate(
 
     t0 = device_clock(dev)
     cache, feats, logits = _prefill(target, prompt_ids)
+    # Sliding-window layers (Gemma 4) keep the states a verify pass appends until the crop below, so a
+    # rejected suffix can be taken back; a full-attention cache is unaffected.
+    cache.activate_past_recording()
     feats = feats.to(feat_dtype) if feat_dtype is not None else feats
     anchor = _sample(distribution(logits, temperature), temperature, generator)
     tokens = [anchor]
@@ -222,8 +225,7 @@ def speculative_generate(
         p = distribution(out.logits[0], temperature)  # [ℓ+1, V]
         accepted, nxt, mask = verify(drafts, d.probs[:ell].to(p.device), p, temperature, generator)
         # Keep the cache and the drafter's context in step: both now cover x0..x_accepted.
-        if ell > accepted:
-            cache.crop(-(ell - accepted))
+        cache.crop(-(ell - accepted))  # also trims sliding-window layers back to their window
         feats = torch.cat([feats, out.aux[:, : accepted + 1].to(feats.dtype)], dim=1)
         context = torch.cat([context, block[:, : accepted + 1]], dim=1)
         t_c = device_clock(dev)

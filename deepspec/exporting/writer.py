@@ -88,8 +88,10 @@ def make_probe(logits: torch.Tensor, conf: Optional[torch.Tensor]) -> Dict:
 
 
 def tolerance(dtype: str, scale: float) -> float:
-    """Allowed max |Δlogit|: fp32 exports must match to float noise, bf16 to its ~3 significant digits."""
-    rel = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}.get(dtype, 2e-2)
+    """Allowed max |Δlogit|: fp32 exports must match to float noise, bf16 to its ~3 significant digits
+    through the layers (Gemma 4's unscaled attention scores roughly double the rounding error of the
+    weights, hence 4%; a wrong tensor or layer id moves logits by O(1))."""
+    rel = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 4e-2}.get(dtype, 4e-2)
     return rel * (1.0 + scale)
 
 
