@@ -140,3 +140,20 @@ def test_gemma4_layer_equals_transformers_full_attention_layer(k_eq_v):
         got = ours(x, cos, sin, empty, empty, causal)
     want = want[0] if isinstance(want, tuple) else want
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_markov_head_the_export_cannot_carry_stops_before_training(tmp_path):
+    from train_fixtures import compose
+
+    from deepspec.exporting.formats import FormatError
+    from deepspec.training.loop import preflight
+
+    out = tmp_path / "out"
+    base = [f"train.output_dir={out}", "model.markov_head_type=rnn"]
+    with pytest.raises(
+        FormatError, match=r"export.format=speculators.*markov_head_type='rnn'.*\['vanilla'\]"
+    ):
+        preflight(compose(base))
+    assert not out.exists()  # nothing written
+    preflight(compose(base + ["export.format=native"]))  # DeepSpec's format carries every head
+    preflight(compose(base + ["export.after_training=false"]))

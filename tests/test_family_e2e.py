@@ -83,8 +83,24 @@ def test_family_trains_exports_and_decodes_losslessly(family, tiny_cache, tmp_pa
 
     target_dir = make_target(family, tiny_cache, tmp_path / "target")
     out = tmp_path / "run"
+    # Gemma runs through recipe=gemma (its settings sized down to this micro target).
+    recipe = (
+        [
+            "recipe=gemma",
+            "model.target_layer_ids=auto",
+            "data.source=tiny_chat",
+            "target.dtype=float32",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=4",
+            "train.mixed_precision=no",
+            "train.checkpoint.every=100",
+        ]
+        if family == "gemma4"
+        else []
+    )
     train_here(
-        micro_overrides(tiny_cache, out)
+        recipe
+        + micro_overrides(tiny_cache, out)
         + [
             f"target.name_or_path={target_dir}",
             "model.mask_token_id=auto",

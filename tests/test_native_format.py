@@ -37,7 +37,9 @@ def layer_tensors(family: str, i: int):
     attn = [f"layers.{i}.self_attn.{n}_proj.weight" for n in ("q", "k", "v", "o")]
     attn += [f"layers.{i}.self_attn.{n}_norm.weight" for n in ("q", "k")] if family != "llama" else []
     mlp = [f"layers.{i}.mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
-    norms = ["input", "post_attention"] + (["pre_feedforward", "post_feedforward"] if family == "gemma4" else [])
+    norms = ["input", "post_attention"] + (
+        ["pre_feedforward", "post_feedforward"] if family == "gemma4" else []
+    )
     extra = [f"layers.{i}.layer_scalar"] if family == "gemma4" else []  # a buffer DeepSpec's layer saves
     return attn + mlp + [f"layers.{i}.{n}_layernorm.weight" for n in norms] + extra
 

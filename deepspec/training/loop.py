@@ -106,16 +106,10 @@ def preflight(cfg) -> TrainPlan:
     no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
     validate(cfg)  # every number and choice
     if cfg.export.after_training:
-<<<<<<< HEAD
-        # A bad repo id or a missing Hub token fails now, not after training.
-        check_export_settings(cfg.export)
-=======
         # A bad repo id, a missing Hub token or a Markov head the format cannot carry fails now.
         check_export_settings(cfg.export)
         if cfg.model.kind == "dspark" and cfg.model.markov_rank:
             check_markov_head(str(cfg.model.markov_head_type), str(cfg.export.format))
-    validate(cfg)
->>>>>>> c9abf8d (Families wired in: DrafterSpec carries the family's layer facts, resolved by the family registry; drafters use the target's rotary table, embedding scale, soft-capped logits and the family's layers; native/speculators configs per family; exporter refuses Markov heads / families a format cannot carry, checked before training)
     strategy = dist_utils.resolve_strategy(cfg)
     world = dist_utils.launcher_world_size()
     return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))

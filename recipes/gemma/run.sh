@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Gemma DSpark drafter end to end: see recipes/gemma/README.md (the Gemma drafter family is not
-# implemented yet; the run stops at drafter resolution with a clear error until it is).
+# Gemma 4 DSpark drafter end to end: see recipes/gemma/README.md.
 #   PROMPTS=<prompt dataset> EXTRA="target.name_or_path=<your gemma>" recipes/gemma/run.sh
 export RECIPE=gemma
 # Gemma's recommended sampling.
