@@ -168,3 +168,49 @@ def test_missing_vllm_gives_one_line_with_the_install_command(tmp_path, monkeypa
     monkeypatch.setenv("DEEPSPEC_VLLM_PYTHON", str(tmp_path / "nope" / "python"))
     with pytest.raises(EngineError, match="does not exist"):
         run_engine_check(export, "unused-target", [[1, 2]], [0], setup=False)
+
+
+REPORT = {
+    "ok": True,
+    "prompts": 8,
+    "max_new_tokens": 32,
+    "runs": [
+        {
+            "temperature": 0.0,
+            "draft_sample_method": "greedy",
+            "identical_outputs": 8,
+            "deepspec": {"tau": 2.049, "tau_ci95": [1.8, 2.3]},
+            "vllm": {"tau": 2.049, "tau_ci95": [1.8, 2.3]},
+        }
+    ],
+}
+
+
+def test_card_has_exact_serve_commands_and_the_engine_check():
+    from deepspec.exporting.card import serving_section, with_engine_check
+
+    text = serving_section("speculators", "dspark", "Qwen/Qwen3-8B", "me/d", 7, True, engine_check=REPORT)
+    greedy = '{"model": "me/d", "method": "dspark", "num_speculative_tokens": 7}'
+    sampling = greedy[:-1] + ', "draft_sample_method": "probabilistic"}'
+    assert f"vllm serve Qwen/Qwen3-8B --speculative-config '{greedy}'" in text
+    assert f"vllm serve Qwen/Qwen3-8B --speculative-config '{sampling}'" in text
+    assert '"enable_adaptive_verification": true' in text
+    assert "| 0.0 | greedy | 2.049 [1.800, 2.300] | 2.049 [1.800, 2.300] | 8/8 |" in text
+    # Rerunning the check replaces its section of an existing card instead of adding another.
+    failed = {**REPORT, "ok": False}
+    again = with_engine_check(text, failed)
+    assert again.count("### Engine check") == 1 and "**FAIL**" in again and "**pass**" not in again
+    fresh = with_engine_check("# card\n", REPORT)
+    assert fresh.startswith("# card\n") and "**pass**" in fresh
+
+
+def test_export_sidecar_records_the_serving_settings(tmp_path):
+    from export_fixtures import tiny_drafter, tiny_target
+
+    from deepspec.exporting.writer import export_drafter
+
+    d = tiny_drafter(tiny_target())
+    out = export_drafter(d, tmp_path / "spec", "speculators", dtype="float32")
+    side = json.loads((out / "deepspec_export.json").read_text())
+    assert side["serving"]["speculative_config"] == {"method": "dspark", "num_speculative_tokens": 4}
+    assert side["serving"]["draft_sample_method"]["sampling"] == "probabilistic"

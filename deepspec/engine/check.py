@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from deepspec import atomic
 from deepspec.engine import stats
 from deepspec.engine.procs import EngineError, run_to_end
 from deepspec.engine.serving import serving_settings
@@ -152,7 +153,7 @@ def run_engine_check(
         )
     if not prompts:
         raise ValueError("the engine check needs at least one prompt")
-    work = Path(work_dir) if work_dir else export_dir.parent / f"{export_dir.name}-engine-check"
+    work = Path(work_dir) if work_dir else default_work_dir(export_dir)
     python = find_vllm_python(vllm_python, setup=setup, log=log)
     env = engine_env()
     target, drafter = reference_models(export_dir, target_dir, reference)
@@ -214,11 +215,23 @@ def run_engine_check(
         log(render_run(run, len(prompts)))
     report["ok"] = ok
     work.mkdir(parents=True, exist_ok=True)
-    tmp = work / (RESULT_NAME + ".tmp")
-    tmp.write_text(json.dumps(stats_safe(report), indent=2))
-    tmp.replace(work / RESULT_NAME)
+    atomic.write_json(work / RESULT_NAME, stats_safe(report))
     report["path"] = str(work / RESULT_NAME)
+    readme = export_dir / "README.md"
+    if readme.is_file():  # the model card carries the result
+        from deepspec.exporting.card import with_engine_check
+
+        atomic.write_text(readme, with_engine_check(readme.read_text(), stats_safe(report)))
     return report
+
+
+def default_work_dir(export_dir: Path) -> Path:
+    """``<run>/engine-check`` for an export inside a training run (a later export's card reads it
+    from there), else ``<export>-engine-check`` beside the export."""
+    run = export_dir.parent.parent
+    if export_dir.parent.name == "export" and (run / "config.yaml").is_file():
+        return run / "engine-check"
+    return export_dir.parent / f"{export_dir.name}-engine-check"
 
 
 def stats_safe(obj):

@@ -262,27 +262,55 @@ def build_card(
         "",
         eval_section(eval_result, ds, list(plots)),
         training_section(run_cfg, summary),
-        serving_section(fmt, kind, base_model, where, c.block_size),
+        serving_section(
+            fmt,
+            kind,
+            base_model,
+            where,
+            c.block_size,
+            c.enable_confidence_head,
+            read_run_file(run_dir / "engine-check" / "engine_check.json") if run_dir else None,
+        ),
     ]
     return "\n".join(lines).rstrip() + "\n", plots
 
 
-def serving_section(fmt: str, kind: str, base_model: str, where: str, gamma: int) -> str:
-    spec = json.dumps({"model": where, "method": kind, "num_speculative_tokens": gamma})
+def serving_section(
+    fmt: str, kind: str, base_model: str, where: str, gamma: int, confidence: bool = False, engine_check=None
+) -> str:
+    from deepspec.engine.serving import serve_command, serving_settings
+
+    settings = serving_settings({"speculators_model_type": kind}, gamma, confidence_head=confidence)
+    target = base_model or "<target>"
     out = [
-        "## Serving with vLLM (example)",
+        "## Serving with vLLM",
         "",
-        "An example; the method name and flags depend on your vLLM version's support for this drafter.",
+        "Requests at temperature 0 (greedy):",
         "",
         "```bash",
-        f"vllm serve {base_model or '<target>'} --speculative-config '{spec}'",
+        serve_command(target, where, settings, sampling=False),
+        "```",
+        "",
+        "Requests at temperature > 0: the drafts must be drawn from the drafter's distribution "
+        '(`"draft_sample_method": "probabilistic"`); vLLM\'s default (`greedy`) treats them as one-hot '
+        "and loses most of the acceptance (docs/engine.md in deepspec):",
+        "",
+        "```bash",
+        serve_command(target, where, settings, sampling=True),
         "```",
     ]
+    if settings["enable_adaptive_verification"]["available"]:
+        out += [
+            "",
+            "On a GPU, vLLM can size each verification from this drafter's confidence head: add "
+            '`"enable_adaptive_verification": true` (it needs CUDA graphs; not on CPU).',
+        ]
     if fmt == "speculators":
         out += [
             "",
             "This folder is in the speculators format, whose config names the verifier, so "
-            f"`vllm serve {where}` alone also works where speculators models are supported.",
+            f"`vllm serve {where}` alone also works where speculators models are supported "
+            "(greedy drafting only; vLLM reads γ and the method from the folder).",
         ]
     elif fmt == "dflash":
         out += [
@@ -290,11 +318,50 @@ def serving_section(fmt: str, kind: str, base_model: str, where: str, gamma: int
             "z-lab DFlash runtimes draft from the MASK slots; this drafter drafts from the anchor slot "
             "(`sample_from_anchor: true`), so use an engine that honours that key.",
         ]
+    if engine_check:
+        out += ["", engine_check_section(engine_check)]
     out += [
         "",
         "Load it in Python: `from deepspec.exporting import load_export; drafter = load_export(path)`.",
     ]
     return "\n".join(out) + "\n"
+
+
+# The engine check rewrites its section of an existing card in place, between these marks.
+ENGINE_MARKS = ("<!-- engine-check -->", "<!-- /engine-check -->")
+
+
+def with_engine_check(card: str, report: Dict[str, Any]) -> str:
+    section = engine_check_section(report)
+    start, end = card.find(ENGINE_MARKS[0]), card.find(ENGINE_MARKS[1])
+    if start >= 0 and end > start:
+        return card[:start] + section + card[end + len(ENGINE_MARKS[1]) :]
+    return card.rstrip() + "\n\n" + section + "\n"
+
+
+def engine_check_section(report: Dict[str, Any]) -> str:
+    """The engine round trip (scripts/engine_check.py) as a table: vLLM next to deepspec."""
+    rows = [
+        "### Engine check (vLLM against deepspec's own decoding)",
+        "",
+        f"{report.get('prompts', '?')} prompts, {report.get('max_new_tokens', '?')} new tokens; "
+        f"result: **{'pass' if report.get('ok') else 'FAIL'}**.",
+        "",
+        "| T | vLLM draft sampling | τ deepspec [95 % CI] | τ vLLM [95 % CI] | greedy outputs identical |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report.get("runs", []):
+        d, v = r.get("deepspec", {}), r.get("vllm", {})
+
+        def tau(x):
+            ci = x.get("tau_ci95") or [None, None]
+            return f"{_num(x.get('tau'))} [{_num(ci[0])}, {_num(ci[1])}]"
+
+        same = f"{r.get('identical_outputs')}/{report.get('prompts')}" if r.get("temperature") == 0 else "–"
+        rows.append(
+            f"| {r.get('temperature')} | {r.get('draft_sample_method')} | {tau(d)} | {tau(v)} | {same} |"
+        )
+    return ENGINE_MARKS[0] + "\n" + "\n".join(rows) + "\n" + ENGINE_MARKS[1]
 
 
 def read_run_file(path: Path) -> Optional[Dict[str, Any]]:

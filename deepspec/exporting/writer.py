@@ -15,6 +15,7 @@ import torch
 
 from deepspec import atomic
 from deepspec.config import ExportDtype, ExportFormat, allowed, check_choice
+from deepspec.engine.serving import serving_settings
 from deepspec.exporting.formats import (
     EMBED_KEYS,
     config_from_export,
@@ -140,6 +141,8 @@ def export_drafter(
         "vocab_size": c.vocab_size,
         "source": source,
         "probe": make_probe(logits, conf),
+        # What vLLM's --speculative-config needs beyond the checkpoint (docs/engine.md).
+        "serving": serving_settings(config, c.block_size, c.enable_confidence_head),
     }
     with atomic.staged_dir(out.resolve()) as stage:
         atomic.write_tensors(stage / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
