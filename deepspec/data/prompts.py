@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from deepspec.config import OnError, check_choice
 from deepspec.target.corpus import hash_fraction
 
 log = logging.getLogger("deepspec")
@@ -285,8 +286,7 @@ def iter_raw(
     hub_split: str = "train",
 ) -> Iterator[Tuple[dict, str]]:
     """(raw record, where) for every record of every source, in order."""
-    if on_error not in ("stop", "skip"):
-        raise ValueError(f"data.on_error={on_error!r}: expected 'stop' or 'skip'")
+    check_choice("data.on_error", on_error, OnError)
     stats = stats if stats is not None else LoadStats()
     files, hub = resolve_files(path)
     if not files and not hub:
