@@ -106,6 +106,22 @@ def deepspeed_config(cfg, world_size: int, accum: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- accelerator
+def fsdp_plugin():
+    """FSDP2 over the drafter only, one shard unit: the whole drafter. Every drafter uses a layer's weights
+    outside that layer's forward (the parallel drafter projects the context's keys/values, EAGLE-3 unrolls
+    its layer step by step), where a separately sharded layer would not have gathered them; and a
+    drafter's memory is mostly the frozen embedding / lm_head, which sit in the root unit anyway."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="no_wrap",
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
 def make_accelerator(cfg, strategy: str, accum: int) -> Accelerator:
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -127,16 +143,7 @@ def make_accelerator(cfg, strategy: str, accum: int) -> Accelerator:
                 "train.strategy=fsdp needs CUDA (accelerate runs FSDP on GPUs only); on CPU use ddp or deepspeed"
             )
         if not _env_flag("ACCELERATE_USE_FSDP"):
-            from accelerate.utils import FullyShardedDataParallelPlugin
-
-            kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-                fsdp_version=2,
-                auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["DrafterLayer"],
-                reshard_after_forward=True,
-                state_dict_type="FULL_STATE_DICT",
-                cpu_ram_efficient_loading=False,
-            )
+            kwargs["fsdp_plugin"] = fsdp_plugin()
     check_choice("train.mixed_precision", cfg.train.mixed_precision, MixedPrecision)
     acc = Accelerator(
         mixed_precision=str(cfg.train.mixed_precision),
