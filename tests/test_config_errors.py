@@ -182,7 +182,10 @@ def test_direct_config_validation():
 
 
 def test_spec_uses_the_user_words_and_reads_the_old_key_names():
-    c = resolve(6, kind="eagle3", num_layers=1)
+    from deepspec.config.choices import DrafterKind
+
+    c = resolve(6, kind=DrafterKind.eagle3, num_layers=1)  # the typed config hands over an Enum
+    assert type(c.kind) is str  # the spec stays plain: it is written to JSON and YAML (model card)
     d = c.to_dict()
     assert d["kind"] == "eagle3" and d["num_layers"] == 1
     assert "architecture" not in d and "num_hidden_layers" not in d

@@ -74,6 +74,7 @@ class DrafterSpec:
     target_config: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.kind = str(self.kind)  # a DrafterKind from the typed config: keep the spec plain JSON/YAML
         # The kind names what the drafter is: the parallel drafter without either head is DFlash,
         # whichever word built it, so exports read back to an equal spec.
         if self.kind == "dspark" and not self.markov_rank and not self.enable_confidence_head:
