@@ -23,12 +23,28 @@ if sys.path and os.path.abspath(sys.path[0]) == _here:
 
 
 def _run_config(export_dir: Path):
+    """The training run's config (typed, so derived values such as the tiny target's cache key are
+    the ones training used), when the export lies inside a run."""
     for d in (export_dir.parent.parent, export_dir.parent):
         if (d / "config.yaml").is_file():
             from omegaconf import OmegaConf
 
-            return OmegaConf.load(d / "config.yaml"), d
-    return None, None
+            from deepspec.config import DeepSpecConfig
+
+            return OmegaConf.merge(OmegaConf.structured(DeepSpecConfig), OmegaConf.load(d / "config.yaml"))
+    return None
+
+
+def _verifier_dir(export_dir: Path):
+    """The local target folder a speculators export names as its verifier, if it exists here."""
+    import json
+
+    try:
+        cfg = json.loads((export_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = ((cfg.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path")
+    return name if name and (Path(name) / "config.json").is_file() else None
 
 
 def main(argv=None) -> int:
@@ -66,8 +82,8 @@ def main(argv=None) -> int:
     from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
 
     export_dir = Path(args.export_dir)
-    cfg, run_dir = _run_config(export_dir)
-    target = args.target
+    cfg = _run_config(export_dir)
+    target = args.target or _verifier_dir(export_dir)
     if target is None:
         if cfg is None:
             print(f"error: {export_dir} is not inside a training run; pass --target", file=sys.stderr)
