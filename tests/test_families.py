@@ -157,3 +157,31 @@ def test_markov_head_the_export_cannot_carry_stops_before_training(tmp_path):
     assert not out.exists()  # nothing written
     preflight(compose(base + ["export.format=native"]))  # DeepSpec's format carries every head
     preflight(compose(base + ["export.after_training=false"]))
+
+
+def test_gemma4_moe_target_gets_a_dense_drafter(tmp_path):
+    from export_fixtures import tiny_drafter
+
+    from deepspec.exporting.native import native_config
+
+    moe = gemma4_text_config(
+        vocab_size=128, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=8
+    )
+    arch = FAMILIES["gemma4_text"].arch(moe.to_dict())
+    assert arch["intermediate_size"] == 48  # the dense MLP's width; the drafter has no experts
+
+    class Target:  # what tiny_drafter reads from a target
+        config = moe
+
+        @staticmethod
+        def get_input_embeddings():
+            return torch.nn.Embedding(128, 32)
+
+        @staticmethod
+        def get_output_embeddings():
+            return torch.nn.Linear(32, 128, bias=False)
+
+    d = tiny_drafter(Target)
+    assert not any("expert" in k or "router" in k for k in d.state_dict())
+    cfg = native_config(d.config, "float32")
+    assert cfg["enable_moe_block"] is False and cfg["hidden_size_per_layer_input"] == 0
