@@ -1,4 +1,5 @@
-"""Chain speculative decoding (batch 1) with a DSpark drafter, and the plain-target baseline.
+"""Chain speculative decoding (batch 1) with any drafter (DSpark, DFlash, EAGLE-3), and the plain-target
+baseline.
 
 One round, with the committed text at positions 0..n and the target's KV cache holding 0..n-1:
 the anchor x0 (position n) and the drafter's context (target features of 0..n-1) give drafts

@@ -1,5 +1,5 @@
-"""Native DSpark checkpoint (docs/method.md, Export conventions; per family docs/families.md): an HF-style
-folder, config.json + model.safetensors.
+"""Native drafter checkpoint of any kind (docs/method.md, Export conventions; per family
+docs/families.md): an HF-style folder, config.json + model.safetensors.
 
 config.json is the target's config with the drafter's facts laid over it; the tensor names are the
 drafter's own state_dict names, so saving is a dump and loading is a strict ``load_state_dict``.
@@ -161,7 +161,9 @@ def load_native(
     p = Path(path)
     for name in ("config.json", "model.safetensors"):
         if not (p / name).is_file():
-            raise FileNotFoundError(f"{p / name} not found: not a native DSpark drafter folder")
+            raise FileNotFoundError(
+                f"{p / name} not found: not a native drafter folder (DSpark, DFlash or EAGLE-3)"
+            )
     cfg = config_from_native(json.loads((p / "config.json").read_text()))
     drafter = build_drafter(cfg)
     state = load_file(str(p / "model.safetensors"))
