@@ -160,3 +160,30 @@ def test_gemma4_round_trip_and_checker(targets, fmt, tmp_path):
     if fmt == "speculators":
         layer = json.loads((out / "config.json").read_text())["transformer_layer_config"]
         assert layer["model_type"] == "gemma4_text" and layer["layer_types"] == ["full_attention"] * 2
+
+
+def test_checker_refuses_a_rope_that_is_not_the_targets(targets, tmp_path):
+    """An export whose RoPE differs from the target's (here: llama3 scaling dropped) fails the check."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    plain = targets["llama"]
+    torch.manual_seed(0)
+    scaled = LlamaForCausalLM(LlamaConfig(**{**plain.config.to_dict(), "rope_parameters": rope})).eval()
+    scaled_dir, plain_dir = tmp_path / "scaled", tmp_path / "plain"
+    scaled.save_pretrained(str(scaled_dir))
+    plain.save_pretrained(str(plain_dir))
+    d = tiny_drafter(scaled)
+    assert d.config.rope == rope
+    for fmt in ("native", "speculators"):
+        out = export_drafter(d, tmp_path / fmt, fmt, "float32")
+        assert check_export(out, target=scaled_dir).ok
+        rep = check_export(out, target=plain_dir)
+        assert not rep.ok and any("rope_parameters" in e and "llama3" in e for e in rep.errors), rep.render()

@@ -263,6 +263,7 @@ def _check_target(rep, raw, c, tgt: Optional[TargetInfo]) -> None:
             f"{where}: target_hidden_size={c.target_hidden_size} but the target has "
             f"hidden_size={tgt.hidden_size}"
         )
+    _check_rope(rep, c, tgt)
     if rep.format == "speculators":
         archs = ((raw.get("speculators_config") or {}).get("verifier") or {}).get("architectures")
         if tgt.config.get("architectures") and archs != tgt.config.get("architectures"):
@@ -273,6 +274,27 @@ def _check_target(rep, raw, c, tgt: Optional[TargetInfo]) -> None:
     if len(rep.errors) == before:
         rep.passed.append(
             f"vocab {c.vocab_size}, hidden {c.target_hidden_size}, mask {c.mask_token_id} fit the target"
+        )
+
+
+def _check_rope(rep, c, tgt: TargetInfo) -> None:
+    """The export's RoPE must be the target's (scaling included): an engine builds the drafter's rotary
+    table from the export, and positions then have to mean what they mean to the target."""
+    from deepspec.models.families import family_for_target, text_config
+
+    t = text_config(tgt.config)
+    try:
+        want = family_for_target(str(t.get("model_type") or "qwen3")).arch(t)["rope_parameters"]
+    except (KeyError, ValueError):
+        return  # not a family we can read the target of; the family check reports it elsewhere
+
+    def clean(d):
+        return {k: v for k, v in d.items() if v is not None}
+
+    if clean(want) != clean(c.rope):
+        rep.errors.append(
+            f"{rep.path / CONFIG_NAME}: rope_parameters {c.rope} differ from the target's {want} "
+            f"({tgt.where}): the drafter's positions would not be the target's"
         )
 
 
