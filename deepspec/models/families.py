@@ -26,7 +26,6 @@ class Family:
     layers: str  # module defining the family's LAYER and NORM classes
     formats: Tuple[str, ...]  # export formats that can describe these layers
     eagle3: bool  # whether the EAGLE-3 baseline has layers of this family
-    doc: str  # one line for error messages and docs: what the drafter copies
 
 
 FAMILIES: Dict[str, Family] = {}
@@ -197,7 +196,6 @@ register(
         layers="deepspec.models.layers",
         formats=("native", "speculators", "dflash"),
         eagle3=True,
-        doc="Qwen3 layers: q/k RMSNorm, SwiGLU MLP (dense also for a Qwen3-MoE target), the target's RoPE",
     )
 )
 register(
@@ -209,7 +207,6 @@ register(
         layers="deepspec.models.layers",
         formats=("native", "speculators", "dflash"),
         eagle3=True,
-        doc="Llama layers: no q/k norm, SwiGLU MLP, the target's RoPE including llama3/yarn scaling",
     )
 )
 register(
@@ -221,10 +218,5 @@ register(
         layers="deepspec.models.gemma4",
         formats=("native", "speculators"),
         eagle3=False,
-        doc=(
-            "Gemma 4 text layers: q/k/v RMSNorm (v without scale), attention scale 1, global head dim "
-            "and kv heads of the full-attention layers, k=v when attention_k_eq_v, four layer norms, "
-            "GELU-tanh MLP, sqrt(hidden) embedding scale, proportional RoPE, final logit soft-capping"
-        ),
     )
 )
