@@ -140,3 +140,34 @@ def test_family_trains_exports_and_decodes_losslessly(family, tiny_cache, tmp_pa
         drafter = load_export(folder, target.embed_tokens.weight, target.lm_head.weight)
         got = speculative_generate(target, drafter, prompt, 40).tokens
         assert got == want, folder.name
+
+
+@pytest.mark.slow
+def test_embedded_default_as_gemma4(tmp_path):
+    """``target.tiny.family=gemma4``: the embedded target is built as a Gemma 4 model, and its drafter
+    trains, evaluates losslessly and exports through the Gemma 4 family (micro sizes)."""
+    from transformers import AutoConfig
+    from train_fixtures import MICRO_TARGET
+
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    overrides = micro_overrides(cache, out) + [
+        "target.tiny.family=gemma4",
+        "train.max_steps=3",
+        "eval.enabled=true",
+        "eval.temperatures=[0.0]",
+        "eval.num_prompts=2",
+        "eval.max_new_tokens=12",
+        "eval.calibration=false",
+        "eval.scheduler=false",
+        "eval.plots=false",
+    ]
+    train_here(overrides)
+    built = next(cache.glob("tiny-target-*"))
+    cfg = AutoConfig.from_pretrained(built)
+    assert cfg.model_type == "gemma4_text" and cfg.final_logit_softcapping == 30.0
+    assert cfg.num_hidden_layers == MICRO_TARGET["num_layers"] and cfg.layer_types[-1] == "full_attention"
+    native = json.loads((out / "drafter" / "config.json").read_text())
+    assert native["architectures"] == ["Gemma4DSparkModel"]
+    report = json.loads((out / "eval.json").read_text())
+    assert report["temperatures"]["0.0"]["identical_outputs"] == report["num_prompts"] == 2
+    assert (out / "export" / "speculators" / "config.json").is_file()
