@@ -146,8 +146,8 @@ def test_family_trains_exports_and_decodes_losslessly(family, tiny_cache, tmp_pa
 def test_embedded_default_as_gemma4(tmp_path):
     """``target.tiny.family=gemma4``: the embedded target is built as a Gemma 4 model, and its drafter
     trains, evaluates losslessly and exports through the Gemma 4 family (micro sizes)."""
-    from transformers import AutoConfig
     from train_fixtures import MICRO_TARGET
+    from transformers import AutoConfig
 
     cache, out = tmp_path / "cache", tmp_path / "run"
     overrides = micro_overrides(cache, out) + [
