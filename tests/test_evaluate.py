@@ -218,8 +218,7 @@ def no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("work started before the input was checked")
 
-    monkeypatch.setattr(runner, "speculative_generate", boom)
-    monkeypatch.setattr(runner, "target_generate", boom)
+    monkeypatch.setattr(runner, "generate", boom)
     monkeypatch.setattr(TargetModel, "from_pretrained", classmethod(boom))
 
 

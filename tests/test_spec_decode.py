@@ -234,7 +234,7 @@ def test_greedy_with_accepting_drafters(target32, corrupt):
     for prompt in PROMPTS:
         ref = target_generate(target32, prompt, max_new + gamma + 1, 0.0).tokens
         drafter = OracleDrafter(gamma, 32, prompt, ref, corrupt)
-        out = speculative_generate(target32, drafter, prompt, max_new, 0.0)
+        out = speculative_generate(target32, drafter, prompt, max_new, 0.0, draft_cache=False)
         assert out.tokens == ref[:max_new]
         accepted = [r.accepted for r in out.rounds]
         if corrupt:
@@ -250,8 +250,8 @@ def test_stop_ids_truncate_like_target(target32):
     stop = ref[7]
     cut = ref.index(stop) + 1
     assert target_generate(target32, prompt, 20, 0.0, [stop]).tokens == ref[:cut]
-    for d in (drafter, OracleDrafter(4, 32, prompt, ref + [0] * 5)):
-        out = speculative_generate(target32, d, prompt, 20, 0.0, [stop])
+    for d, cache in ((drafter, True), (OracleDrafter(4, 32, prompt, ref + [0] * 5), False)):
+        out = speculative_generate(target32, d, prompt, 20, 0.0, [stop], draft_cache=cache)
         assert out.tokens == ref[:cut] and out.stopped
 
 
@@ -383,7 +383,7 @@ def test_tau_matches_token_count(target32):
         prompt = PROMPTS[0]
         ref = target_generate(target32, prompt, max_new + gamma + 1, 0.0).tokens
         out = speculative_generate(
-            target32, OracleDrafter(gamma, 32, prompt, ref, corrupt), prompt, max_new, 0.0
+            target32, OracleDrafter(gamma, 32, prompt, ref, corrupt), prompt, max_new, 0.0, draft_cache=False
         )
         assert len(out.tokens) == 1 + sum(r.committed for r in out.rounds)
         assert (
@@ -435,8 +435,7 @@ def test_evaluate_rejects_mismatches(target32, monkeypatch):
     import deepspec.eval.runner as runner
 
     calls = []
-    monkeypatch.setattr(runner, "speculative_generate", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(runner, "target_generate", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(runner, "generate", lambda *a, **k: calls.append(a))
     cfg = EvalConfig(temperatures=[0.0], max_new_tokens=4)
     other_vocab = make_target(vocab=40)
     other_hidden = make_target(hidden=64)

@@ -250,6 +250,8 @@ class EvalConfig:
     max_new_tokens: int = 96
     num_prompts: int = 16  # prompts per dataset (0 = all)
     seed: int = 0
+    batch_size: int = 1  # prompts decoded together (per-row acceptance; tokens do not depend on it)
+    draft_cache: bool = True  # keep the drafter's context keys/values between rounds (false: recompute)
     # --- deepspec/evaluate.py (standalone evaluation) ---
     drafter: str = ""  # a native drafter folder, or a training output dir holding drafter/
     output_dir: str = ""  # "" = <drafter run dir>/eval (or outputs/eval-${run_name})

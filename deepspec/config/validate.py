@@ -153,6 +153,7 @@ RANGES: Dict[str, Range] = {
     # eval
     "eval.temperatures": _ge(0, "0 = greedy", each=True),
     "eval.max_new_tokens": _ge(1),
+    "eval.batch_size": _ge(1, "prompts decoded together"),
     "eval.num_prompts": _ge(0, "0 = all"),
     "eval.seed": _SEED,
     "eval.num_threads": _THREADS,

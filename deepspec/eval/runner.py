@@ -1,7 +1,9 @@
-"""Offline evaluation (docs/method.md, Evaluation protocol): chain drafting, batch 1, full block, at each configured temperature.
+"""Offline evaluation (docs/method.md, Evaluation protocol): chain drafting, full block, at each configured temperature.
 
 Every prompt is decoded by drafter + target and by the plain target (same seed) so the report
-carries both acceptance statistics and a wall-clock speed ratio; the recorded rounds then feed
+carries both acceptance statistics and a wall-clock speed ratio. ``eval.batch_size`` prompts are
+decoded together (both by drafter + target and by the baseline); each prompt has its own random
+stream, so its tokens do not depend on the batch size; the recorded rounds then feed
 calibration, the threshold sweep and the scheduler simulation (:mod:`deepspec.eval.analysis`).
 Results go to ``eval.json`` (plots next to it).
 """
@@ -20,7 +22,7 @@ import torch
 from deepspec import atomic
 from deepspec.eval import metrics
 from deepspec.eval.report import finite_or_none, format_table, write_rounds
-from deepspec.eval.spec_decode import speculative_generate, target_generate
+from deepspec.eval.spec_decode import generate
 
 
 def check_compatible(target, drafter) -> None:
@@ -111,29 +113,40 @@ def decode(
     desc: str = "eval",
     baseline: bool = True,
 ) -> DecodeRun:
-    """Decode every prompt with drafter + target (and, with ``baseline``, with the target alone).
-
-    Prompts run one after another (batch 1); each has its own seed, so its output does not depend
-    on the others.
-    """
+    """Decode every prompt with drafter + target (and, with ``baseline``, with the target alone),
+    ``cfg.batch_size`` prompts at a time. Each prompt has its own seed, so its output depends neither
+    on the prompts before it nor on those sharing its batch."""
     from tqdm.auto import tqdm
 
     dev = target.device
+    size = int(getattr(cfg, "batch_size", 1))
+    use_cache = bool(getattr(cfg, "draft_cache", True))
     run = DecodeRun(temperature)
-    for i, prompt in enumerate(tqdm(prompts, desc=f"{desc} T={temperature:g}", disable=not progress)):
-        gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
-        s = speculative_generate(target, drafter, prompt, cfg.max_new_tokens, temperature, stop_ids, gen)
-        run.rounds_by_prompt.append(s.rounds)
-        run.spec_tokens += len(s.tokens)
-        run.spec_time += s.total_time
-        run.draft_time += sum(r.draft_time for r in s.rounds)
-        run.verify_time += sum(r.verify_time for r in s.rounds)
+
+    def streams(first: int, n: int) -> List[torch.Generator]:
+        return [torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, first + j)) for j in range(n)]
+
+    bar = tqdm(total=len(prompts), desc=f"{desc} T={temperature:g}", disable=not progress)
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start : start + size]
+        gens = streams(start, len(chunk))
+        spec = generate(target, drafter, chunk, cfg.max_new_tokens, temperature, stop_ids, gens, use_cache)
+        base = None
         if baseline:
-            gen = torch.Generator(device=dev).manual_seed(_prompt_seed(cfg.seed, i))
-            b = target_generate(target, prompt, cfg.max_new_tokens, temperature, stop_ids, gen)
-            run.base_tokens += len(b.tokens)
-            run.base_time += b.total_time
-            run.identical += s.tokens == b.tokens
+            gens = streams(start, len(chunk))
+            base = generate(target, None, chunk, cfg.max_new_tokens, temperature, stop_ids, gens)
+        for j, s in enumerate(spec):
+            run.rounds_by_prompt.append(s.rounds)
+            run.spec_tokens += len(s.tokens)
+            run.spec_time += s.total_time
+            run.draft_time += sum(r.draft_time for r in s.rounds)
+            run.verify_time += sum(r.verify_time for r in s.rounds)
+            if base is not None:
+                run.base_tokens += len(base[j].tokens)
+                run.base_time += base[j].total_time
+                run.identical += s.tokens == base[j].tokens
+        bar.update(len(chunk))
+    bar.close()
     return run
 
 
@@ -163,11 +176,12 @@ def decode_stats(run: DecodeRun, gamma: int, num_prompts: int, baseline: bool = 
     return stats
 
 
-def _warm_up(target, drafter, prompt, cfg, stop_ids) -> None:
+def _warm_up(target, drafter, prompts, cfg, stop_ids) -> None:
     # Untimed: first calls pay one-off costs (allocations, kernel selection).
     warm = min(8, cfg.max_new_tokens)
-    speculative_generate(target, drafter, prompt, warm, 0.0, stop_ids)
-    target_generate(target, prompt, warm, 0.0, stop_ids)
+    chunk = prompts[: int(getattr(cfg, "batch_size", 1))]
+    generate(target, drafter, chunk, warm, 0.0, stop_ids, draft_cache=bool(getattr(cfg, "draft_cache", True)))
+    generate(target, None, chunk, warm, 0.0, stop_ids)
 
 
 @torch.no_grad()
@@ -194,6 +208,9 @@ def evaluate_datasets(
     if not datasets:
         raise ValueError("no evaluation datasets")
     temps = [float(t) for t in cfg.temperatures]
+    size = getattr(cfg, "batch_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"eval.batch_size={size!r}: must be an integer >= 1 (prompts decoded together)")
     for name, prompts in datasets.items():
         try:
             _check_inputs(prompts, cfg.temperatures, cfg.max_new_tokens, target.vocab_size)
@@ -207,7 +224,7 @@ def evaluate_datasets(
     was_training = drafter.training
     drafter.eval()
     try:
-        _warm_up(target, drafter, next(iter(datasets.values()))[0], cfg, stop_ids)
+        _warm_up(target, drafter, next(iter(datasets.values())), cfg, stop_ids)
         if use_sched and sps is None:
             from deepspec.eval.profile import default_token_counts, profile_sps
 
@@ -236,6 +253,8 @@ def evaluate_datasets(
         "markov_head_type": drafter.config.markov_head_type,
         "max_new_tokens": cfg.max_new_tokens,
         "seed": cfg.seed,
+        "batch_size": int(getattr(cfg, "batch_size", 1)),
+        "draft_cache": bool(getattr(cfg, "draft_cache", True)),
         "num_prompts": per_dataset[first]["num_prompts"],
         "temperatures": per_dataset[first]["temperatures"],
         "primary_dataset": first,

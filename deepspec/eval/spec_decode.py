@@ -1,5 +1,5 @@
-"""Chain speculative decoding (batch 1) with any drafter (DSpark, DFlash, EAGLE-3), and the plain-target
-baseline.
+"""Chain speculative decoding of one prompt or a batch of prompts with any drafter (DSpark, DFlash,
+EAGLE-3), and the plain-target baseline.
 
 One round, with the committed text at positions 0..n and the target's KV cache holding 0..n-1:
 the anchor x0 (position n) and the drafter's context (target features of 0..n-1) give drafts
@@ -12,6 +12,11 @@ Token accounting: the first new token is sampled from the target's prefill (it i
 anchor, not part of any round); each round then commits τ = accepted + 1 tokens. So, before
 truncation at a stop id or the token budget, ``len(tokens) == 1 + Σ τ``; ``RoundRecord.committed``
 is what a round actually added to the output after truncation.
+
+:func:`generate` runs B prompts at once: one drafter call and one target forward per round for all
+rows, each row with its own acceptance, cache crop (:mod:`deepspec.eval.target_batch`) and stop.
+The drafter keeps its context in a :class:`~deepspec.models.draft_cache.DraftCache`, extended with
+each round's committed positions instead of being projected again every round.
 """
 
 from __future__ import annotations
@@ -119,26 +124,6 @@ def verify(
     return ell, _sample(p_probs[ell], temperature, generator), mask
 
 
-def _prefill(target, prompt_ids: Sequence[int]):
-    """Run the prompt through the target; returns (cache, features [1, n, F], last-position logits [V]).
-
-    The prompt minus its last token goes in without logits, so a long prompt never materialises
-    [n, V] logits; only the last position's are computed.
-    """
-    from transformers import DynamicCache
-
-    if len(prompt_ids) == 0:
-        raise ValueError("prompt is empty; speculative decoding needs at least one prompt token")
-    cache = DynamicCache(config=target.config)
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=target.device)
-    feats = []
-    if ids.shape[1] > 1:
-        feats.append(target(ids[:, :-1], past_key_values=cache, use_cache=True).aux)
-    out = target(ids[:, -1:], past_key_values=cache, use_cache=True, with_logits=True)
-    feats.append(out.aux)
-    return cache, torch.cat(feats, dim=1), out.logits[0, -1]
-
-
 def _finish(tokens: List[int], new: List[int], max_new_tokens: int, stops: set) -> Tuple[int, bool]:
     """Append ``new`` up to the budget and the first stop id; returns (number kept, hit a stop)."""
     kept = 0
@@ -167,6 +152,184 @@ def _two_arg(fn: Optional[Callable[..., int]]) -> Optional[Callable[..., int]]:
     return lambda i, _draft: fn(i)
 
 
+@dataclass
+class _Row:
+    """One prompt's decoding state inside :func:`generate`."""
+
+    index: int
+    generator: Optional[torch.Generator]
+    verify_len: Optional[Callable[..., int]]
+    tokens: List[int]
+    anchor: int  # the last committed token, at position = committed length
+    rounds: List[RoundRecord] = field(default_factory=list)
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    stopped: bool = False
+    feats: Optional[torch.Tensor] = None  # [1, n, F] the whole context (uncached drafting only)
+    context: Optional[torch.Tensor] = None  # [1, n] committed ids before the anchor (uncached only)
+
+
+def _pad_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[1, n_i, ...] tensors -> [R, max n_i, ...], zero padded."""
+    longest = max(p.shape[1] for p in parts)
+    return torch.cat([torch.cat([p, p.new_zeros(1, longest - p.shape[1], *p.shape[2:])], 1) for p in parts])
+
+
+@torch.no_grad()
+def generate(
+    target,
+    drafter,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    stop_ids: Iterable[int] = (),
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    draft_cache: bool = True,
+    verify_lens: Optional[Sequence[Optional[Callable[..., int]]]] = None,
+) -> List[GenerationResult]:
+    """Decode ``prompts`` together (chain drafting): one drafter call and one target forward per round
+    for all rows still running, each row with its own acceptance, cache crop and stop.
+
+    ``drafter=None`` is plain target decoding (the baseline): one token per row per step.
+    ``generators[i]`` is prompt i's random stream; a row's draws come in the same order whatever
+    else shares the batch, so a prompt's tokens do not depend on the batch (up to floating-point
+    rounding of batched kernels, which can only matter at exact ties). ``draft_cache=False`` drafts
+    each row from its whole context again (:meth:`~deepspec.models.base.Drafter.draft`, the reference
+    the cache must reproduce; the only path for drafters without :meth:`draft_cached`).
+    ``verify_lens[i](round_index, draft)`` is prompt i's scheduler cut (see :func:`speculative_generate`).
+
+    Timing: a row's prefill is its own; a round's wall time is shared equally by the rows in it, so
+    summing ``total_time`` over the rows gives the batch's wall time.
+    """
+    from deepspec.eval.target_batch import TargetBatch, prefill
+
+    _check_temperature(temperature)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if not prompts:
+        return []
+    gens = list(generators) if generators is not None else [None] * len(prompts)
+    cuts = list(verify_lens) if verify_lens is not None else [None] * len(prompts)
+    if len(gens) != len(prompts) or len(cuts) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts need as many generators and verify_lens")
+    stops = set(int(s) for s in stop_ids)
+    dev = target.device
+    gamma = drafter.config.block_size if drafter is not None else 0
+    cached = drafter is not None and draft_cache
+    wants_ids = bool(getattr(drafter, "uses_context_ids", False))
+    feat_dtype = drafter.fc.weight.dtype if hasattr(drafter, "fc") else None
+
+    rows, caches, feats = [], [], []
+    for i, prompt in enumerate(prompts):
+        t0 = device_clock(dev)
+        cache, f, logits = prefill(target, prompt)
+        first = _sample(distribution(logits, temperature), temperature, gens[i])
+        row = _Row(i, gens[i], _two_arg(cuts[i]), [first], first, stopped=first in stops)
+        if drafter is not None and not cached:
+            row.feats = f.to(feat_dtype) if feat_dtype is not None else f
+            row.context = torch.tensor([list(prompt)], dtype=torch.long, device=dev)
+        row.prefill_time = device_clock(dev) - t0
+        rows.append(row)
+        caches.append(cache)
+        feats.append(f)
+    lengths = [len(p) for p in prompts]
+    batch = TargetBatch(caches, lengths)
+    dcache = None
+    if cached:
+        from deepspec.models.draft_cache import DraftCache
+
+        ids = [torch.tensor([list(p)], dtype=torch.long, device=dev) for p in prompts]
+        dcache = DraftCache(len(prompts), dev)
+        drafter.extend_cache(dcache, _pad_rows(feats), _pad_rows(ids), batch.lengths)
+    del feats, caches
+
+    live = [r for r in rows if not r.stopped and len(r.tokens) < max_new_tokens]
+    if len(live) < len(rows):
+        keep = torch.tensor([r.index for r in live], dtype=torch.long, device=dev)
+        batch.select(keep)
+        if dcache is not None:
+            dcache.select(keep)
+    while live:
+        t_a = device_clock(dev)
+        anchors = torch.tensor([r.anchor for r in live], device=dev)
+        if drafter is None:
+            drafts = [None] * len(live)
+        elif cached:
+            d = drafter.draft_cached(dcache, anchors, temperature, [r.generator for r in live])
+            drafts = [d.row(j) for j in range(len(live))]
+        else:
+            drafts = [
+                drafter.draft(
+                    r.feats,
+                    r.anchor,
+                    temperature,
+                    r.generator,
+                    **({"context_ids": r.context} if wants_ids else {}),
+                )
+                for r in live
+            ]
+        t_b = device_clock(dev)
+        ells = []
+        for r, d in zip(live, drafts):
+            ell = gamma if r.verify_len is None or d is None else int(r.verify_len(len(r.rounds), d))
+            if not 0 <= ell <= gamma:
+                raise ValueError(f"verify_len returned {ell}; must be in [0, block_size={gamma}]")
+            ells.append(ell)
+        width = max(ells) + 1
+        block = anchors[:, None].repeat(1, width)  # padding repeats the anchor; the mask hides it
+        for j, (d, ell) in enumerate(zip(drafts, ells)):
+            if ell:
+                block[j, 1 : ell + 1] = d.tokens[:ell].to(dev)
+        lens = torch.tensor(ells, device=dev) + 1
+        out = batch.step(target, block, lens)
+        p = distribution(out.logits, temperature)  # [R, width, V]
+        results = []
+        for j, (r, d, ell) in enumerate(zip(live, drafts, ells)):
+            q = d.probs[:ell].to(p.device) if d is not None else p.new_zeros(0, p.shape[-1])
+            results.append(verify(block[j, 1 : ell + 1], q, p[j, : ell + 1], temperature, r.generator))
+        keep = torch.tensor([a + 1 for a, _, _ in results], device=dev)
+        t_c = device_clock(dev)
+
+        share = 1.0 / len(live)
+        for j, (r, d, ell, (accepted, nxt, mask)) in enumerate(zip(live, drafts, ells, results)):
+            committed, r.stopped = _finish(
+                r.tokens, block[j, 1 : accepted + 1].tolist() + [nxt], max_new_tokens, stops
+            )
+            r.anchor = nxt
+            if d is not None:
+                conf = d.confidence.tolist() if d.confidence is not None else None
+                conf_logits = d.confidence_logits.tolist() if d.confidence_logits is not None else None
+                r.rounds.append(
+                    RoundRecord(
+                        gamma,
+                        ell,
+                        accepted,
+                        mask,
+                        committed,
+                        conf,
+                        conf_logits,
+                        (t_b - t_a) * share,
+                        (t_c - t_b) * share,
+                    )
+                )
+            if r.feats is not None:
+                # Keep the drafter's context in step with the target's cache: both cover x0..x_accepted.
+                r.feats = torch.cat([r.feats, out.aux[j : j + 1, : accepted + 1].to(r.feats.dtype)], dim=1)
+                r.context = torch.cat([r.context, block[j : j + 1, : accepted + 1]], dim=1)
+        if dcache is not None:
+            drafter.extend_cache(dcache, out.aux, block, keep)
+        going = [j for j, r in enumerate(live) if not r.stopped and len(r.tokens) < max_new_tokens]
+        index = torch.tensor(going, dtype=torch.long, device=dev)
+        batch.commit(keep, index)
+        if dcache is not None and len(going) < len(live):
+            dcache.select(index)
+        t_d = device_clock(dev)
+        for r in live:
+            r.decode_time += (t_d - t_a) * share
+        live = [live[j] for j in going]
+    return [GenerationResult(r.tokens, r.rounds, r.prefill_time, r.decode_time, r.stopped) for r in rows]
+
+
 @torch.no_grad()
 def speculative_generate(
     target,
@@ -177,68 +340,30 @@ def speculative_generate(
     stop_ids: Iterable[int] = (),
     generator: Optional[torch.Generator] = None,
     verify_len: Optional[Callable[..., int]] = None,
+    draft_cache: bool = True,
 ) -> GenerationResult:
-    """Generate up to ``max_new_tokens`` with drafter + target (chain drafting, batch 1).
+    """Generate up to ``max_new_tokens`` with drafter + target (chain drafting, one prompt).
 
     ``verify_len(round_index, draft) -> ℓ`` (0 ≤ ℓ ≤ γ; a one-argument ``verify_len(round_index)``
     works too) sends only the first ℓ drafts to the target (a scheduler's cut); default: the full
     block. ℓ = 0 is one plain target step. It is called after drafting and before the target sees
     the block, so it can use the drafter's confidences (:mod:`deepspec.eval.scheduler`); it stays
     lossless as long as whether slot k is verified depends on nothing drawn after x_{k-1}.
+    ``draft_cache=False`` re-projects the whole context every round (see :func:`generate`).
     """
-    verify_len = _two_arg(verify_len)
-    _check_temperature(temperature)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    gamma = drafter.config.block_size
-    stops = set(int(s) for s in stop_ids)
-    dev = target.device
-    feat_dtype = drafter.fc.weight.dtype if hasattr(drafter, "fc") else None
-
-    t0 = device_clock(dev)
-    cache, feats, logits = _prefill(target, prompt_ids)
-    # Sliding-window layers (Gemma 4) keep the states a verify pass appends until the crop below, so a
-    # rejected suffix can be taken back; a full-attention cache is unaffected.
-    cache.activate_past_recording()
-    feats = feats.to(feat_dtype) if feat_dtype is not None else feats
-    anchor = _sample(distribution(logits, temperature), temperature, generator)
-    tokens = [anchor]
-    stopped = anchor in stops
-    t_prefill = device_clock(dev)
-
-    # Committed ids before the anchor (positions 0..n-1, what feats covers), for drafters that embed
-    # the context tokens and say so (EAGLE-3: uses_context_ids); DSpark reads only the features.
-    wants_ids = bool(getattr(drafter, "uses_context_ids", False))
-    context = torch.tensor([list(prompt_ids)], dtype=torch.long, device=dev)
-    rounds: List[RoundRecord] = []
-    while not stopped and len(tokens) < max_new_tokens:
-        t_a = device_clock(dev)
-        d = drafter.draft(
-            feats, anchor, temperature, generator, **({"context_ids": context} if wants_ids else {})
-        )
-        t_b = device_clock(dev)
-        ell = gamma if verify_len is None else int(verify_len(len(rounds), d))
-        if not 0 <= ell <= gamma:
-            raise ValueError(f"verify_len returned {ell}; must be in [0, block_size={gamma}]")
-        drafts = d.tokens[:ell]
-        block = torch.cat([torch.tensor([anchor], device=dev), drafts.to(dev)]).unsqueeze(0)
-        out = target(block, past_key_values=cache, use_cache=True, with_logits=True)
-        p = distribution(out.logits[0], temperature)  # [ℓ+1, V]
-        accepted, nxt, mask = verify(drafts, d.probs[:ell].to(p.device), p, temperature, generator)
-        # Keep the cache and the drafter's context in step: both now cover x0..x_accepted.
-        cache.crop(-(ell - accepted))  # also trims sliding-window layers back to their window
-        feats = torch.cat([feats, out.aux[:, : accepted + 1].to(feats.dtype)], dim=1)
-        context = torch.cat([context, block[:, : accepted + 1]], dim=1)
-        t_c = device_clock(dev)
-
-        committed, stopped = _finish(tokens, drafts[:accepted].tolist() + [nxt], max_new_tokens, stops)
-        anchor = nxt
-        conf = d.confidence.tolist() if d.confidence is not None else None
-        conf_logits = d.confidence_logits.tolist() if d.confidence_logits is not None else None
-        rounds.append(
-            RoundRecord(gamma, ell, accepted, mask, committed, conf, conf_logits, t_b - t_a, t_c - t_b)
-        )
-    return GenerationResult(tokens, rounds, t_prefill - t0, device_clock(dev) - t_prefill, stopped)
+    if drafter is None:
+        raise ValueError("speculative_generate needs a drafter (target_generate decodes without one)")
+    return generate(
+        target,
+        drafter,
+        [prompt_ids],
+        max_new_tokens,
+        temperature,
+        stop_ids,
+        [generator],
+        draft_cache,
+        [verify_len],
+    )[0]
 
 
 @torch.no_grad()
@@ -251,17 +376,4 @@ def target_generate(
     generator: Optional[torch.Generator] = None,
 ) -> GenerationResult:
     """Plain autoregressive decoding with the target's KV cache: the baseline and the reference."""
-    _check_temperature(temperature)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    stops = set(int(s) for s in stop_ids)
-    dev = target.device
-    t0 = device_clock(dev)
-    cache, _, logits = _prefill(target, prompt_ids)
-    tokens = [_sample(distribution(logits, temperature), temperature, generator)]
-    t_prefill = device_clock(dev)
-    while tokens[-1] not in stops and len(tokens) < max_new_tokens:
-        ids = torch.tensor([[tokens[-1]]], device=dev)
-        logits = target(ids, past_key_values=cache, use_cache=True, with_logits=True).logits[0, -1]
-        tokens.append(_sample(distribution(logits, temperature), temperature, generator))
-    return GenerationResult(tokens, [], t_prefill - t0, device_clock(dev) - t_prefill, tokens[-1] in stops)
+    return generate(target, None, [prompt_ids], max_new_tokens, temperature, stop_ids, [generator])[0]

@@ -10,12 +10,13 @@ DFlash with its heads off; :mod:`deepspec.models.parallel`) and the autoregressi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from deepspec.models.config import DrafterSpec
+from deepspec.models.draft_cache import DraftCache
 from deepspec.models.rope import RotaryEmbedding
 
 
@@ -28,10 +29,21 @@ class BlockOutput:
 
 @dataclass
 class Draft:
+    """One block of proposals; :meth:`Drafter.draft_cached` returns B of them stacked (a leading [B] axis)."""
+
     tokens: torch.Tensor  # [γ] proposed tokens x1..xγ
     probs: torch.Tensor  # [γ, V] distributions they were drawn from (one-hot at T=0)
     confidence: Optional[torch.Tensor]  # [γ] σ(confidence logit), raw (uncalibrated)
     confidence_logits: Optional[torch.Tensor]  # [γ]
+
+    def row(self, b: int) -> Draft:
+        """Row ``b`` of a stacked draft."""
+        return Draft(
+            tokens=self.tokens[b],
+            probs=self.probs[b],
+            confidence=self.confidence[b] if self.confidence is not None else None,
+            confidence_logits=self.confidence_logits[b] if self.confidence_logits is not None else None,
+        )
 
 
 class Drafter(nn.Module):
@@ -87,7 +99,30 @@ class Drafter(nn.Module):
         forced_tokens: Optional[torch.Tensor] = None,
         context_ids: Optional[torch.Tensor] = None,
     ) -> Draft:
-        """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1]."""
+        """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1], from the whole
+        context (no cache): the reference the cached path must reproduce."""
+        raise NotImplementedError
+
+    # The evaluator's path: the context is projected once per position into a DraftCache
+    # (deepspec/models/draft_cache.py) and B prompts are drafted together.
+    def extend_cache(
+        self, cache: DraftCache, target_feats: torch.Tensor, token_ids: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """Commit ``counts[b]`` more positions to row b of ``cache``, starting at ``cache.lengths[b]``:
+        target_feats [B, T, n·H_t] and token_ids [B, T] of those positions (a row's first
+        ``counts[b]`` entries are real, the rest padding)."""
+        raise NotImplementedError
+
+    def draft_cached(
+        self,
+        cache: DraftCache,
+        anchor_tokens: torch.Tensor,
+        temperature: float,
+        generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+        forced_tokens: Optional[torch.Tensor] = None,
+    ) -> Draft:
+        """:meth:`draft` for B rows: row b's anchor ``anchor_tokens[b]`` at position ``cache.lengths[b]``,
+        sampled with ``generators[b]``. Returns a stacked Draft (tokens [B, γ], probs [B, γ, V])."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ setup
@@ -143,3 +178,22 @@ def distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     return torch.softmax(logits / temperature, dim=-1)
+
+
+def sample_rows(
+    q: torch.Tensor,
+    temperature: float,
+    generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+    forced: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One token per row of the distributions q [B, V]: ``forced`` [B] if given, the argmax at T=0,
+    else a draw from row b with ``generators[b]`` (each prompt its own stream, so a row's draws do not
+    depend on which other rows share the batch)."""
+    if forced is not None:
+        return forced.to(q.device).long()
+    if temperature == 0:
+        return q.argmax(-1)
+    gens = list(generators) if generators is not None else [None] * q.shape[0]
+    if len(gens) != q.shape[0]:
+        raise ValueError(f"{len(gens)} generators for {q.shape[0]} rows")
+    return torch.cat([torch.multinomial(q[b], 1, generator=g) for b, g in enumerate(gens)])

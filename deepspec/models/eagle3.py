@@ -25,14 +25,15 @@ loss and the evaluator treat it like any drafter; ``draft`` needs the committed 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from deepspec.models.attention import AttnMask, attend
-from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
+from deepspec.models.base import BlockOutput, Draft, Drafter, distribution, sample_rows
 from deepspec.models.config import DrafterSpec
+from deepspec.models.draft_cache import DraftCache
 from deepspec.models.layers import MLP, Attention, RMSNorm, apply_rope
 
 
@@ -97,33 +98,50 @@ class Eagle3Drafter(Drafter):
         self.markov_head = None
         self.confidence_head = None
 
+    def _entries_kv(
+        self, f_before: torch.Tensor, f: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values [B, kv_heads, T, D] of context entries (ids [B, T] at ``positions`` [B, T]).
+
+        Entry i pairs token x_i with u_i = fc(f_{i-1}): f [B, T, H] are the fc features of these same
+        positions and f_before [B, 1, H] that of the position before the first (zeros at position 0).
+        An entry depends on nothing later, which is what lets the evaluator cache it."""
+        layer = self.layers[0]
+        u = torch.cat([f_before, f[:, :-1]], dim=1)
+        x_ctx = layer.inputs(self.embed(ids).to(f.dtype), u)
+        cos, sin = self.rotary.cos_sin(positions, x_ctx.dtype)
+        return layer.self_attn.project_kv(x_ctx, cos, sin)
+
+    def _full_context(self, target_feats: torch.Tensor, ctx_ids: torch.Tensor):
+        """(f [B, L, H], context keys, values) of every position, without a cache."""
+        b, length, _ = target_feats.shape
+        f = self.fc(target_feats.to(self.fc.weight.dtype))  # a bf16 target may feed an fp32 drafter
+        positions = torch.arange(length, device=f.device).expand(b, -1)
+        k, v = self._entries_kv(f.new_zeros(b, 1, f.shape[-1]), f, ctx_ids, positions)
+        return f, k, v
+
     def _unroll(
         self,
-        target_feats: torch.Tensor,
-        ctx_ids: torch.Tensor,
+        k_ctx: torch.Tensor,
+        v_ctx: torch.Tensor,
+        u: torch.Tensor,
         anchors: torch.Tensor,
         first_token: torch.Tensor,
         next_token: Callable[[int, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """The γ-step recurrence. target_feats [B, L, n·H_t] and ctx_ids [B, L] cover positions 0..L-1;
-        anchors [B, A] (≤ L); first_token [B, A] = x0; ``next_token(j, h_j)`` gives the input token of
-        slot j+2 from slot j+1's final-norm hidden [B, A, H]. Returns final-norm hiddens [B, A, γ, H]."""
+        """The γ-step recurrence. k_ctx/v_ctx [B, kv_heads, L, D]: the context entries' keys/values
+        (positions 0..L-1; those at or after a row's anchor are masked); anchors [B, A] (≤ L);
+        u [B, A, H] = fc(f_{p0-1}); first_token [B, A] = x0; ``next_token(j, h_j)`` gives the input
+        token of slot j+2 from slot j+1's final-norm hidden [B, A, H]. Returns final-norm hiddens
+        [B, A, γ, H]."""
         c = self.config
         layer = self.layers[0]
-        b, length, _ = target_feats.shape
-        dev = target_feats.device
-        f = self.fc(target_feats.to(self.fc.weight.dtype))  # a bf16 target may feed an fp32 drafter
-        f = torch.cat([f.new_zeros(b, 1, f.shape[-1]), f], dim=1)  # f[:, i] = fc(feature at i-1), f[:, 0] = 0
-        x_ctx = layer.inputs(self.embed(ctx_ids).to(f.dtype), f[:, :length])
-        pos = torch.arange(length, device=dev).expand(b, -1)
-        ccos, csin = self.rotary.cos_sin(pos, x_ctx.dtype)
-        k_ctx, v_ctx = layer.self_attn.project_kv(x_ctx, ccos, csin)
+        length = k_ctx.shape[2]
         keys, values = [k_ctx], [v_ctx]
-        u = torch.gather(f, 1, anchors[:, :, None].expand(-1, -1, f.shape[-1]))  # fc(f_{p0-1})
         tok = first_token
         hs = []
         for j in range(c.block_size):
-            x2 = layer.inputs(self.embed(tok).to(f.dtype), u)  # [B, A, 2H]
+            x2 = layer.inputs(self.embed(tok).to(u.dtype), u)  # [B, A, 2H]
             cos, sin = self.rotary.cos_sin(anchors + j, x2.dtype)
             k_j, v_j = layer.self_attn.project_kv(x2, cos, sin)
             keys.append(k_j)
@@ -136,6 +154,12 @@ class Eagle3Drafter(Drafter):
                 tok = next_token(j, hs[-1])
         return torch.stack(hs, dim=2)
 
+    @staticmethod
+    def _u_at(f: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """fc(f_{p0-1}) [B, A, H] for anchors p0 [B, A] (zeros for p0 = 0)."""
+        f = torch.cat([f.new_zeros(f.shape[0], 1, f.shape[-1]), f], dim=1)
+        return torch.gather(f, 1, anchors[:, :, None].expand(-1, -1, f.shape[-1]))
+
     # ------------------------------------------------------------------ training
     def forward(
         self,
@@ -146,8 +170,14 @@ class Eagle3Drafter(Drafter):
     ) -> BlockOutput:
         """Training-time test over many blocks, teacher-forced on the tokens: slot k reads the true
         x_{k-1} (``prev_tokens`` [B, A, γ], x_0 = anchor) and the drafter's own hidden of slot k-1."""
+        f, k, v = self._full_context(target_feats, input_ids)
         h = self._unroll(
-            target_feats, input_ids, anchors, prev_tokens[:, :, 0], lambda j, _h: prev_tokens[:, :, j + 1]
+            k,
+            v,
+            self._u_at(f, anchors),
+            anchors,
+            prev_tokens[:, :, 0],
+            lambda j, _h: prev_tokens[:, :, j + 1],
         )
         return BlockOutput(logits=self.compute_logits(h), confidence_logits=None, hidden=h)
 
@@ -176,28 +206,76 @@ class Eagle3Drafter(Drafter):
             raise ValueError(
                 f"context_ids has {ctx_ids.shape[1]} tokens but target_feats covers {n} positions"
             )
+        f, k, v = self._full_context(target_feats, ctx_ids)
+        anchors = torch.tensor([[n]], device=dev)
+        tok = torch.tensor([anchor_token], device=dev)
+        forced = forced_tokens.view(1, -1) if forced_tokens is not None else None
+        return self._sample_chain(
+            k, v, self._u_at(f, anchors), anchors, tok, temperature, [generator], forced
+        ).row(0)
+
+    @torch.no_grad()
+    def extend_cache(
+        self, cache: DraftCache, target_feats: torch.Tensor, token_ids: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """Commit ``counts[b]`` more positions to row b: their target features [B, T, n·H_t] and token ids
+        [B, T]. Keeps each position's fc feature (the next entry and the anchor slot read it) and the
+        layer's context keys/values."""
+        f = self.fc(target_feats.to(self.fc.weight.dtype))
+        b, t, _ = f.shape
+        if "f" in cache and cache.max_length > 0:
+            # The entry at a row's first new position reads the feature of the position before it.
+            before = cache.gather_at("f", (cache.lengths - 1).clamp(min=0))[:, None]
+            before = before * (cache.lengths > 0).to(before.dtype)[:, None, None]
+        else:
+            before = f.new_zeros(b, 1, f.shape[-1])
+        positions = cache.lengths[:, None] + torch.arange(t, device=f.device)
+        k, v = self._entries_kv(before, f, token_ids.to(f.device), positions)
+        cache.write("f", f, dim=1)
+        cache.write("k", k, dim=2)
+        cache.write("v", v, dim=2)
+        cache.advance(counts)
+
+    @torch.no_grad()
+    def draft_cached(
+        self,
+        cache: DraftCache,
+        anchor_tokens: torch.Tensor,
+        temperature: float,
+        generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+        forced_tokens: Optional[torch.Tensor] = None,
+    ) -> Draft:
+        """:meth:`draft` for B rows, reading the context entries from ``cache`` (row b's anchor sits at
+        position ``cache.lengths[b]``, which must be ≥ 1: the prompt is never empty)."""
+        anchors = cache.lengths[:, None]
+        u = cache.gather_at("f", cache.lengths - 1)[:, None]
+        return self._sample_chain(
+            cache.read("k"),
+            cache.read("v"),
+            u,
+            anchors,
+            anchor_tokens,
+            temperature,
+            generators,
+            forced_tokens,
+        )
+
+    def _sample_chain(self, k, v, u, anchors, anchor_tokens, temperature, generators, forced) -> Draft:
+        """Unroll one block per row (A = 1), drawing each slot's token from its hidden as it goes."""
         tokens, probs = [], []
 
-        def pick(k: int, h: torch.Tensor) -> torch.Tensor:
-            q = distribution(self.compute_logits(h[0, 0]).float(), temperature)
-            if forced_tokens is not None:
-                x = forced_tokens[k].view(1).to(dev)
-            elif temperature == 0:
-                x = q.argmax().view(1)
-            else:
-                x = torch.multinomial(q, 1, generator=generator)
+        def pick(j: int, h: torch.Tensor) -> torch.Tensor:
+            q = distribution(self.compute_logits(h[:, 0]).float(), temperature)
+            x = sample_rows(q, temperature, generators, forced[:, j] if forced is not None else None)
             tokens.append(x)
             probs.append(q)
-            return x.view(1, 1)
+            return x[:, None]
 
-        h = self._unroll(
-            target_feats,
-            ctx_ids,
-            torch.tensor([[n]], device=dev),
-            torch.tensor([[anchor_token]], device=dev),
-            pick,
-        )
+        h = self._unroll(k, v, u, anchors, anchor_tokens[:, None], pick)
         pick(self.config.block_size - 1, h[:, :, -1])
         return Draft(
-            tokens=torch.cat(tokens), probs=torch.stack(probs), confidence=None, confidence_logits=None
+            tokens=torch.stack(tokens, dim=1),
+            probs=torch.stack(probs, dim=1),
+            confidence=None,
+            confidence_logits=None,
         )

@@ -8,14 +8,15 @@ confidence head this is DFlash.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from deepspec.models.attention import AttnMask
-from deepspec.models.base import BlockOutput, Draft, Drafter, distribution
+from deepspec.models.base import BlockOutput, Draft, Drafter, distribution, sample_rows
 from deepspec.models.config import DrafterSpec
+from deepspec.models.draft_cache import DraftCache
 from deepspec.models.families import layer_classes
 from deepspec.models.heads import ConfidenceHead, MarkovHead
 
@@ -80,21 +81,56 @@ class ParallelDrafter(Drafter):
         # under autocast the round trip bf16 -> fp32 -> bf16 is exact.
         return self.hidden_norm(self.fc(target_feats.to(self.fc.weight.dtype)))
 
-    def backbone(self, ctx: torch.Tensor, block_tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """ctx: [B, L, H]; block_tokens: [B, A, γ]; anchors: [B, A] -> final-norm hiddens [B, A, γ, H]."""
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, longest: Optional[int] = None):
+        """The rotary table at ``positions`` [B, T], read as in a forward whose largest position is
+        ``longest`` (it matters only for RoPE types whose table depends on the sequence length)."""
+        if longest is None or positions.numel() == 0 or longest <= int(positions.max()):
+            return self.rotary.cos_sin(positions, dtype)
+        ext = torch.cat([positions, positions.new_full((positions.shape[0], 1), longest)], dim=1)
+        cos, sin = self.rotary.cos_sin(ext, dtype)
+        return cos[:, :-1], sin[:, :-1]
+
+    def context_kv(
+        self, ctx: torch.Tensor, positions: torch.Tensor, longest: Optional[int] = None
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's rotated keys/values [B, kv_heads, T, D] of context ``ctx`` [B, T, H] at ``positions`` [B, T].
+
+        A context position's keys depend on nothing but its own feature and position, which is what
+        lets the evaluator compute them once (:class:`~deepspec.models.draft_cache.DraftCache`), as
+        the target's own KV cache does. (For the length-dependent RoPE types past the target's
+        original context, the cached keys keep the table of the forward that committed them, like
+        the target's cache, while :meth:`draft` recomputes them with the current one.)"""
+        cos, sin = self._cos_sin(positions, ctx.dtype, longest)
+        return [layer.self_attn.project_kv(ctx, cos, sin) for layer in self.layers]
+
+    def backbone(
+        self,
+        ctx_kv: List[Tuple[torch.Tensor, torch.Tensor]],
+        block_tokens: torch.Tensor,
+        anchors: torch.Tensor,
+    ) -> torch.Tensor:
+        """ctx_kv: :meth:`context_kv` of context positions 0..L-1; block_tokens: [B, A, γ]; anchors: [B, A]
+        -> final-norm hiddens [B, A, γ, H]. Context keys at or after a block's anchor are masked, so
+        rows may carry stale keys past their own context length."""
         b, a, g = block_tokens.shape
-        length = ctx.shape[1]
-        x = self.embed(block_tokens).reshape(b, a * g, -1).to(ctx.dtype)
+        ctx_len, dtype = ctx_kv[0][0].shape[2], ctx_kv[0][0].dtype
+        x = self.embed(block_tokens).reshape(b, a * g, -1).to(dtype)
         pos = (anchors[:, :, None] + torch.arange(g, device=anchors.device)).reshape(b, a * g)
-        ctx_pos = torch.arange(length, device=ctx.device).expand(b, -1)
         # One table for context and block: length-dependent RoPE types see the whole sequence.
-        cos, sin = self.rotary.cos_sin(torch.cat([ctx_pos, pos], dim=1), x.dtype)
-        ccos, csin, cos, sin = cos[:, :length], sin[:, :length], cos[:, length:], sin[:, length:]
-        mask = block_attn_mask(anchors, ctx.shape[1], g)
-        for layer in self.layers:
-            ctx_k, ctx_v = layer.self_attn.project_kv(ctx, ccos, csin)
+        cos, sin = self._cos_sin(pos, x.dtype, ctx_len - 1)
+        mask = block_attn_mask(anchors, ctx_len, g)
+        for layer, (ctx_k, ctx_v) in zip(self.layers, ctx_kv):
             x = layer(x, cos, sin, ctx_k, ctx_v, mask)
         return self.norm(x).reshape(b, a, g, -1)
+
+    def full_context_kv(
+        self, target_feats: torch.Tensor, longest: Optional[int] = None
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`context_kv` of every position of ``target_feats`` [B, L, n·H_t] (no cache), in a
+        forward whose largest position is ``longest``."""
+        b, length, _ = target_feats.shape
+        positions = torch.arange(length, device=target_feats.device).expand(b, -1)
+        return self.context_kv(self.context(target_feats), positions, longest)
 
     def block_tokens(self, anchor_tokens: torch.Tensor) -> torch.Tensor:
         """[..., ] anchor ids -> [..., γ] = anchor followed by γ-1 MASKs."""
@@ -120,7 +156,10 @@ class ParallelDrafter(Drafter):
         prev_tokens [B, A, γ] = the true x_{k-1} for each slot (x_0 = the anchor).
         """
         anchor_tokens = torch.gather(input_ids, 1, anchors)
-        h = self.backbone(self.context(target_feats), self.block_tokens(anchor_tokens), anchors)
+        longest = int(anchors.max()) + self.config.block_size - 1 if anchors.numel() else None
+        h = self.backbone(
+            self.full_context_kv(target_feats, longest), self.block_tokens(anchor_tokens), anchors
+        )
         logits = self.compute_logits(h)
         feat = None
         if self.markov_head is not None:
@@ -144,7 +183,8 @@ class ParallelDrafter(Drafter):
         forced_tokens: Optional[torch.Tensor] = None,
         context_ids: Optional[torch.Tensor] = None,
     ) -> Draft:
-        """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1].
+        """Propose x1..xγ after ``anchor_token`` at position n = target_feats.shape[1], projecting the
+        whole context again (no cache; :meth:`draft_cached` is the evaluator's path).
 
         target_feats [1, n, n_feat·H_t] are the target's features for positions 0..n-1 (all
         strictly before the anchor). The Markov head samples left to right, feeding back each token.
@@ -152,38 +192,76 @@ class ParallelDrafter(Drafter):
         ``context_ids`` (the committed tokens at 0..n-1) is accepted for interface parity with drafters
         that embed the context tokens (EAGLE-3, ``uses_context_ids``); this one reads only the features.
         """
-        c = self.config
         dev = target_feats.device
         n = target_feats.shape[1]
         anchors = torch.tensor([[n]], device=dev)
-        tok = torch.tensor([[anchor_token]], device=dev)
-        h = self.backbone(self.context(target_feats), self.block_tokens(tok), anchors)[0, 0]  # [γ, H]
+        tok = torch.tensor([anchor_token], device=dev)
+        ctx_kv = self.full_context_kv(target_feats, n + self.config.block_size - 1)
+        h = self.backbone(ctx_kv, self.block_tokens(tok[:, None]), anchors)
+        forced = forced_tokens.view(1, -1) if forced_tokens is not None else None
+        return self._sample_block(h[:, 0], tok, temperature, [generator], forced).row(0)
+
+    @torch.no_grad()
+    def extend_cache(
+        self, cache: DraftCache, target_feats: torch.Tensor, token_ids: torch.Tensor, counts: torch.Tensor
+    ) -> None:
+        """Commit ``counts[b]`` more positions to row b: their features ``target_feats`` [B, T, n·H_t]
+        (only the first ``counts[b]`` of a row are real). ``token_ids`` is unused (see :meth:`draft`)."""
+        ctx = self.context(target_feats)
+        positions = cache.lengths[:, None] + torch.arange(ctx.shape[1], device=ctx.device)
+        for i, (k, v) in enumerate(self.context_kv(ctx, positions)):
+            cache.write(f"k{i}", k, dim=2)
+            cache.write(f"v{i}", v, dim=2)
+        cache.advance(counts)
+
+    @torch.no_grad()
+    def draft_cached(
+        self,
+        cache: DraftCache,
+        anchor_tokens: torch.Tensor,
+        temperature: float,
+        generators: Optional[Sequence[Optional[torch.Generator]]] = None,
+        forced_tokens: Optional[torch.Tensor] = None,
+    ) -> Draft:
+        """:meth:`draft` for B rows at once, reading the context from ``cache``: row b's anchor
+        ``anchor_tokens[b]`` sits at position ``cache.lengths[b]``. Returns tokens [B, γ], probs [B, γ, V]."""
+        ctx_kv = [(cache.read(f"k{i}"), cache.read(f"v{i}")) for i in range(len(self.layers))]
+        anchors = cache.lengths[:, None]
+        h = self.backbone(ctx_kv, self.block_tokens(anchor_tokens[:, None]), anchors)
+        return self._sample_block(h[:, 0], anchor_tokens, temperature, generators, forced_tokens)
+
+    def _sample_block(
+        self,
+        h: torch.Tensor,
+        anchor_tokens: torch.Tensor,
+        temperature: float,
+        generators: Optional[Sequence[Optional[torch.Generator]]],
+        forced_tokens: Optional[torch.Tensor],
+    ) -> Draft:
+        """Slots 1..γ left to right from the block hiddens h [B, γ, H]: the Markov head reads the token
+        just drawn at the slot before (the anchor for slot 1)."""
         base = self.compute_logits(h).float()
-        state = self.markov_head.init_state(1, dev, h.dtype) if self.markov_head is not None else None
-        prev = torch.tensor([anchor_token], device=dev)
+        b = h.shape[0]
+        state = self.markov_head.init_state(b, h.device, h.dtype) if self.markov_head is not None else None
+        prev = anchor_tokens
         tokens, probs, conf_logits = [], [], []
-        for k in range(c.block_size):
-            logits = base[k]
+        for k in range(self.config.block_size):
+            logits = base[:, k]
             feat = None
             if self.markov_head is not None:
-                bias, feat, state = self.markov_head.step(prev, h[k : k + 1], state)
-                logits = logits + bias[0].float()
+                bias, feat, state = self.markov_head.step(prev, h[:, k], state)
+                logits = logits + bias.float()
             if self.confidence_head is not None:
-                conf_logits.append(self.confidence_head(h[k : k + 1], feat)[0])
+                conf_logits.append(self.confidence_head(h[:, k], feat))
             q = distribution(logits, temperature)
-            if forced_tokens is not None:
-                x = forced_tokens[k].view(1).to(dev)
-            elif temperature == 0:
-                x = q.argmax().view(1)
-            else:
-                x = torch.multinomial(q, 1, generator=generator)
-            tokens.append(x)
+            forced = forced_tokens[:, k] if forced_tokens is not None else None
+            prev = sample_rows(q, temperature, generators, forced)
+            tokens.append(prev)
             probs.append(q)
-            prev = x
-        cl = torch.stack(conf_logits).float() if conf_logits else None
+        cl = torch.stack(conf_logits, dim=1).float() if conf_logits else None
         return Draft(
-            tokens=torch.cat(tokens),
-            probs=torch.stack(probs),
+            tokens=torch.stack(tokens, dim=1),
+            probs=torch.stack(probs, dim=1),
             confidence=torch.sigmoid(cl) if cl is not None else None,
             confidence_logits=cl,
         )
