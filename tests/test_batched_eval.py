@@ -11,7 +11,6 @@ from test_spec_decode import ALPHA, exact_joint, g_test_pvalue, make_drafter, ma
 from deepspec.config import EvalConfig
 from deepspec.eval.runner import evaluate
 from deepspec.eval.spec_decode import generate, speculative_generate, target_generate
-from deepspec.eval.target_batch import TargetBatch
 from deepspec.models.draft_cache import DraftCache
 from deepspec.target.adapter import TargetModel
 
@@ -35,6 +34,9 @@ def drafters(target):
     }
     hf = te.hf_target()
     out["eagle3"] = (TargetModel(hf, te.LAYER_IDS), te.eagle(hf, block_size=4))
+    # Another layer family (Gemma 4 layers, a target with sliding-window layers): batch 1 only.
+    gemma = make_target(vocab=32, family="gemma4")
+    out["dspark-gemma4"] = (gemma, make_drafter(gemma, markov_rank=8, head_type="gated", block_size=4))
     return out
 
 
@@ -54,7 +56,7 @@ def outcome(results):
 # ---------------------------------------------------------------- the drafter's cache
 
 
-@pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash", "eagle3"])
+@pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash", "eagle3", "dspark-gemma4"])
 def test_cache_extended_in_pieces_drafts_like_full_context(target, drafters, name):
     """Context committed a few positions at a time, rows of different lengths: every row's draft
     equals draft() on its whole context (same tokens, same distributions, same confidences)."""
@@ -91,7 +93,7 @@ def test_cache_extended_in_pieces_drafts_like_full_context(target, drafters, nam
                 torch.testing.assert_close(row.confidence, ref.confidence, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash", "eagle3"])
+@pytest.mark.parametrize("name", ["dspark-vanilla", "dspark-rnn", "dflash", "eagle3", "dspark-gemma4"])
 def test_cached_decoding_equals_uncached(target, drafters, name):
     """speculative_generate with and without the drafter cache: token for token, at T=0 and T=1."""
     tm, d = pair(target, drafters, name)
@@ -189,18 +191,12 @@ def test_bad_batch_input(target, drafters):
         generate(target, d, [[1, 2], []], 4, 0.0)
 
 
-def test_batching_refuses_caches_it_cannot_pack(target):
-    """A target whose cache has non-full-attention layers (e.g. sliding windows) batches with a clear error."""
-    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
-
-    caches = []
-    for n in (3, 5):
-        c = DynamicCache(config=target.config)
-        target(torch.arange(n)[None], past_key_values=c, use_cache=True)
-        caches.append(c)
-    caches[1].layers[0] = DynamicSlidingWindowLayer(sliding_window=4)
-    with pytest.raises(ValueError, match="eval.batch_size=1"):
-        TargetBatch(caches, [3, 5])
+def test_batching_refuses_caches_it_cannot_pack(drafters):
+    """A target with sliding-window cache layers (Gemma 4) decodes at batch 1 (the tests above) but
+    refuses larger batches with a clear error."""
+    gemma, d = drafters["dspark-gemma4"]
+    with pytest.raises(ValueError, match="DynamicSlidingWindowLayer.*eval.batch_size=1"):
+        generate(gemma, d, PROMPTS[:2], 8, 0.0)
 
 
 # ---------------------------------------------------------------- T=1 lossless, batched
