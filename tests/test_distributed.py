@@ -45,10 +45,10 @@ def reference(tiny_cache, tmp_path_factory):
     return out
 
 
-def two_process_run(tiny_cache, out, launcher):
+def two_process_run(tiny_cache, out, launcher, extra=()):
     # Three steps; step 3's loss is made NaN on every rank, so its update must be skipped.
     r = launch(
-        micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=3"],
+        micro_overrides(tiny_cache, out) + SPLIT + ["train.max_steps=3", *extra],
         launcher=launcher,
         env={"DEEPSPEC_FAULTS": "nan_loss@3"},
     )
@@ -66,13 +66,26 @@ def zero2_run(tiny_cache, tmp_path_factory):
     return two_process_run(tiny_cache, tmp_path_factory.mktemp("zero2"), "deepspeed_zero2")
 
 
-@pytest.mark.parametrize("run_name, engine", [("ddp_run", "ddp"), ("zero2_run", "deepspeed")])
+@pytest.fixture(scope="module")
+def sharded_target_run(tiny_cache, tmp_path_factory):
+    """DDP with the frozen target sharded over the 2 ranks (target.shard=fsdp)."""
+    return two_process_run(tiny_cache, tmp_path_factory.mktemp("shard"), "torchrun", ["target.shard=fsdp"])
+
+
+@pytest.mark.parametrize(
+    "run_name, engine", [("ddp_run", "ddp"), ("zero2_run", "deepspeed"), ("sharded_target_run", "ddp")]
+)
 def test_two_processes_equal_one_process(run_name, engine, reference, request):
     out = request.getfixturevalue(run_name)
     st = state(out, 1)
     assert st["world_size"] == 2 and st["engine"] == engine
     assert st["zero_stage"] == (2 if engine == "deepspeed" else -1)
     assert state(reference, 1)["world_size"] == 1
+    if run_name == "sharded_target_run":  # each rank held half of the target's weights
+        info, ref_info = (json.loads((d / "run_info.json").read_text()) for d in (out, reference))
+        assert (info["target_shard"], ref_info["target_shard"]) == ("fsdp", "none")
+        ratio = info["target_param_bytes_per_rank"] / ref_info["target_param_bytes_per_rank"]
+        assert 0.49 <= ratio <= 0.51
     for step in (1, 2):  # weights and AdamW moments (= gradients) after each step
         assert_same_tensors(
             ckpt(out, step) / "model.safetensors",
@@ -205,3 +218,59 @@ def test_fsdp2_state_round_trip_on_cpu(tmp_path):
     res = json.loads(out.read_text())
     assert res["shapes"] == {"inner.weight": [3, 8], "inner.bias": [3], "out.weight": [1, 3], "out.bias": [1]}
     assert res["adam_step"] == 1 and res["restored"] and res["redone_equal"]
+
+
+def two_node_run(overrides, env=None, timeout=600):
+    """Two ``accelerate launch`` launchers on this machine acting as two nodes (one CPU process each,
+    gloo), rendezvous on 127.0.0.1 as real nodes do on the main node's address."""
+    import subprocess
+    import sys
+
+    from train_fixtures import REPO, TRAIN_PY, free_port
+
+    port = str(free_port())
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "ACCELERATE_USE_CPU": "1",
+        **(env or {}),
+    }
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        cmd += ["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")]
+        cmd += ["--num_machines", "2", "--machine_rank", str(node), "--num_processes", "2"]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port, TRAIN_PY, *overrides]
+        procs.append(
+            subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for node, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {node}:\n{out[-4000:]}"
+
+
+def test_two_nodes_train_checkpoint_resume_equal_one_node(ddp_run, tiny_cache, tmp_path):
+    """Two simulated nodes x 1 process train the same 3 steps (step 3 NaN, skipped) as one node x 2
+    processes, bit for bit; then a two-node run resumed from step 1 redoes steps 2-3 bit for bit."""
+    args = SPLIT + ["train.max_steps=3"]
+    faults = {"DEEPSPEC_FAULTS": "nan_loss@3"}
+    out = tmp_path / "two-nodes"
+    two_node_run(micro_overrides(tiny_cache, out) + args, env=faults)
+    for step in (1, 2, 3):
+        assert state(out, step)["world_size"] == 2 and state(out, step)["engine"] == "ddp"
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            assert_same_tensors(ckpt(out, step) / f, ckpt(ddp_run, step) / f, exact=True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt(out, 1), ckpt(resumed, 1))
+    two_node_run(micro_overrides(tiny_cache, resumed) + args, env=faults)
+    assert json.loads((resumed / "train_summary.json").read_text())["resumed_from_step"] == 1
+    for step in (2, 3):
+        for f in ("model.safetensors", "optimizer.safetensors"):
+            assert_same_tensors(ckpt(resumed, step) / f, ckpt(ddp_run, step) / f, exact=True)

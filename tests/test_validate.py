@@ -79,6 +79,7 @@ def test_choice_fields_are_enums():
     choices = dict(choice_fields())
     expected = {
         "target.dtype",
+        "target.shard",
         "target.tiny.family",
         "model.kind",
         "model.markov_head_type",

@@ -16,6 +16,7 @@ from deepspec.config.choices import (  # noqa: F401
     RegenBackend,
     Strategy,
     TargetDtype,
+    TargetShard,
     TinyFamily,
     allowed,
 )

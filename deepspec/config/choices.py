@@ -18,6 +18,11 @@ class TargetDtype(StrEnum):
     float16 = "float16"
 
 
+class TargetShard(StrEnum):
+    none = "none"  # every rank holds the whole frozen target
+    fsdp = "fsdp"  # FSDP2 fully_shard of the frozen target: each rank holds about 1/world of it
+
+
 class TinyFamily(StrEnum):
     qwen3 = "qwen3"
     gemma4 = "gemma4"  # Gemma 4 text layers: the Gemma drafter path with no download

@@ -32,6 +32,7 @@ from deepspec.config.choices import (
     RegenBackend,
     Strategy,
     TargetDtype,
+    TargetShard,
     TinyFamily,
 )
 
@@ -70,6 +71,9 @@ class TargetConfig:
     name_or_path: str = "tiny"
     dtype: TargetDtype = TargetDtype.float32
     trust_remote_code: bool = False
+    # Online training with 2+ processes: fsdp shards the frozen target's weights over the ranks
+    # (deepspec/target/sharding.py; docs/training.md).
+    shard: TargetShard = TargetShard.none
     tiny: TinyTargetConfig = field(default_factory=TinyTargetConfig)
 
 

@@ -140,6 +140,9 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     from deepspec.training.setup import load_records, train_examples
 
     validate(cfg)  # every number and choice, before the target loads
+    from deepspec.target.sharding import refuse_target_shard
+
+    refuse_target_shard(cfg, "collect (deepspec/collect.py)")
     cc = cfg.collect
     if not cc.cache_dir:
         raise CacheError("collect.cache_dir is not set (the folder to write the cache into)")

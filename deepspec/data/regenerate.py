@@ -259,6 +259,9 @@ def regenerate(cfg, progress_bar: bool = True) -> Dict[str, int]:
     from deepspec.data.prompts import LoadStats, load_conversations
 
     validate(cfg)  # every number and choice, before any prompt is read or a model loads
+    from deepspec.target.sharding import refuse_target_shard
+
+    refuse_target_shard(cfg, "regeneration (deepspec/regenerate.py)")
     rc = cfg.regen
     input_path = rc.input or cfg.data.path
     if not input_path:

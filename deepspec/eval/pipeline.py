@@ -51,6 +51,9 @@ def run_evaluation(cfg) -> Dict:
     from deepspec.eval.scheduler import SPSCurve
 
     validate(cfg)  # every number and choice, before the drafter or the target loads
+    from deepspec.target.sharding import refuse_target_shard
+
+    refuse_target_shard(cfg, "evaluation (deepspec/evaluate.py)")
     e = cfg.eval
     if e.num_threads > 0:
         torch.set_num_threads(e.num_threads)

@@ -52,6 +52,7 @@ class TargetModel:
 
         check_layer_ids(list(layer_ids), self.num_layers)
         self.layer_ids: List[int] = list(layer_ids)
+        self.sharded = False  # target.shard=fsdp (deepspec/target/sharding.py)
         self._captured: dict = {}
         self._hooks = []
         for i in self.layer_ids:
@@ -91,19 +92,25 @@ class TargetModel:
 
     @property
     def embed_tokens(self) -> nn.Embedding:
-        return self.model.get_input_embeddings()
+        """The input embedding; when sharded, a view whose ``.weight`` all-gathers (on every rank)."""
+        from deepspec.target.sharding import gathered
+
+        return gathered(self.model.get_input_embeddings(), self.sharded)
 
     @property
     def lm_head(self) -> nn.Linear:
-        return self.model.get_output_embeddings()
+        """The output layer; when sharded, a view whose ``.weight`` and calls all-gather (on every rank)."""
+        from deepspec.target.sharding import gathered
+
+        return gathered(self.model.get_output_embeddings(), self.sharded)
 
     @property
     def hidden_size(self) -> int:
-        return self.embed_tokens.weight.shape[1]
+        return self.model.get_input_embeddings().weight.shape[1]  # a DTensor's shape is the global one
 
     @property
     def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
+        return self.model.get_output_embeddings().weight.shape[0]
 
     @torch.no_grad()
     def forward(

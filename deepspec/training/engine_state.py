@@ -240,10 +240,12 @@ def final_drafter(acc: Accelerator, run, model):
     if engine_kind(acc) in ("single", "ddp"):
         return acc.unwrap_model(model) if acc.is_main_process else None
     weights = full_weights(acc, model)
+    # before the main-process branch: a sharded target gathers these on every rank
+    embed, head = run.target.embed_tokens.weight, run.target.lm_head.weight
     if not acc.is_main_process:
         return None
     drafter = build_drafter(run.drafter_config)
-    drafter.load_target_head(run.target.embed_tokens.weight, run.target.lm_head.weight)
+    drafter.load_target_head(embed, head)
     missing, unexpected = drafter.load_state_dict(weights, strict=False)
     frozen = {n for n, p in drafter.named_parameters() if not p.requires_grad}
     if unexpected or set(missing) - frozen:

@@ -32,6 +32,7 @@ from deepspec.exporting.formats import check_markov_head
 from deepspec.exporting.native import save_native
 from deepspec.exporting.pipeline import check_export_settings
 from deepspec.losses import LossOutput, dspark_loss, summarise, target_logits
+from deepspec.target.sharding import check_target_shard
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.checkpoint import Checkpointer
@@ -112,6 +113,7 @@ def preflight(cfg) -> TrainPlan:
             check_markov_head(str(cfg.model.markov_head_type), str(cfg.export.format))
     strategy = dist_utils.resolve_strategy(cfg)
     world = dist_utils.launcher_world_size()
+    check_target_shard(cfg, world)
     return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))
 
 

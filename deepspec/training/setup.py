@@ -19,6 +19,7 @@ from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec, resolve_drafter_config
 from deepspec.target.adapter import TargetModel, TargetOutput
 from deepspec.target.loading import open_target
+from deepspec.target.sharding import local_param_bytes
 
 log = logging.getLogger("deepspec")
 
@@ -169,6 +170,10 @@ def build_run(cfg, accelerator) -> RunSetup:
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
+    if cfg.target.shard == "fsdp":  # after the drafter copied the embedding and lm_head whole
+        from deepspec.target.sharding import shard_target
+
+        shard_target(target)
     maybe_compile(drafter, cfg.train)
 
     feature_source, heldout_records = None, None
@@ -190,6 +195,8 @@ def build_run(cfg, accelerator) -> RunSetup:
             "train_sequences": len(examples),
             "eval_prompts": len(eval_records),
             "trainable_params": sum(p.numel() for p in drafter.trainable_parameters()),
+            "target_shard": str(cfg.target.shard),
+            "target_param_bytes_per_rank": local_param_bytes(target.model),
         }
         atomic.write_json(out_dir / "run_info.json", info)
         log.info(
