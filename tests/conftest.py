@@ -82,3 +82,20 @@ def tiny_cache(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return d
+
+
+@pytest.fixture(scope="session")
+def qwen3_target():
+    """The default tiny random Qwen3 target of tests/tiny_models.py (4 layers, vocab 128), in eval mode.
+    Shared by the whole session: do not modify it."""
+    from tiny_models import tiny_target
+
+    return tiny_target("qwen3")
+
+
+@pytest.fixture
+def qwen3_drafter(qwen3_target):
+    """A fresh default DSpark drafter (2 layers, γ = 4, vanilla Markov head of rank 16) for qwen3_target."""
+    from tiny_models import tiny_drafter
+
+    return tiny_drafter(qwen3_target)

@@ -15,9 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from tiny_models import tiny_target
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from deepspec.config import DrafterConfig
 from deepspec.exporting.native import load_native, save_native
@@ -44,19 +44,7 @@ class Acc:  # the parts of an Accelerator that engine_state reads
 
 
 def target():
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
+    return tiny_target(vocab=V, tie_word_embeddings=False, initializer_range=0.3)
 
 
 def drafter(kind: str, t):

@@ -9,8 +9,8 @@ import math
 import re
 
 import pytest
+from tiny_models import target_config
 from train_fixtures import compose
-from transformers import LlamaConfig, Qwen3Config
 
 from deepspec.config import DrafterConfig
 from deepspec.models.config import DrafterSpec, default_target_layer_ids, resolve_drafter_config
@@ -20,15 +20,7 @@ V = 64
 
 
 def qwen3_dict(layers: int = 6) -> dict:
-    return Qwen3Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    ).to_dict()
+    return target_config("qwen3", vocab_size=V, num_hidden_layers=layers).to_dict()
 
 
 def resolve(layers: int = 6, mask: int = V - 1, **kw) -> DrafterSpec:
@@ -84,15 +76,7 @@ def test_resolve_fills_target_facts():
     c = resolve(6, kind="dflash")
     assert c.markov_rank == 0 and not c.enable_confidence_head and not c.markov_enabled
     # Llama family: no q/k norm.
-    llama = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    ).to_dict()
+    llama = target_config("llama", vocab_size=V, num_hidden_layers=5).to_dict()
     c = resolve_drafter_config(DrafterConfig(), llama, mask_token_id=3)
     assert c.model_type == "llama" and not c.use_qk_norm and c.target_layer_ids == [1, 2]
     # to_dict / from_dict round trip.

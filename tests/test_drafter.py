@@ -6,11 +6,12 @@ Every target here is a tiny randomly initialised HF model (no download).
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
+import tiny_models
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from deepspec.config import DrafterConfig, LossConfig
 from deepspec.data.anchors import block_targets
@@ -28,57 +29,9 @@ H = 32
 MARKOV_KINDS = ["vanilla", "gated", "rnn", "off"]
 
 
-def tiny_target(family: str = "qwen3", layers: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    kw = dict(
-        vocab_size=V,
-        hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    if family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**kw))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(**kw))
-    return model.eval()
-
-
-def tiny_drafter(
-    target,
-    markov: str = "vanilla",
-    block_size: int = 4,
-    rank: int = 16,
-    seed: int = 0,
-    std: float = 0.1,
-    layer_ids="auto",
-    confidence: bool = True,
-) -> ParallelDrafter:
-    dc = DrafterConfig(
-        num_layers=2,
-        block_size=block_size,
-        target_layer_ids=layer_ids,
-        markov_rank=0 if markov == "off" else rank,
-        markov_head_type="vanilla" if markov == "off" else markov,
-        enable_confidence_head=confidence,
-    )
-    cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
-    d = build_drafter(cfg)
-    d.init_weights(std=std, seed=seed)
-    d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    if d.markov_head is not None:
-        # markov_w2 starts at zero; give it (and W1) weight so the head changes the logits.
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            d.markov_head.markov_w1.weight.copy_(
-                torch.randn(d.markov_head.markov_w1.weight.shape, generator=g) * 0.5
-            )
-            d.markov_head.markov_w2.weight.copy_(
-                torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5
-            )
-    return d.eval()
+tiny_target = partial(tiny_models.tiny_target, vocab=V)
+# W1 and W2 both random, so the Markov head changes the logits noticeably.
+tiny_drafter = partial(tiny_models.tiny_drafter, mask=MASK, w1_scale=0.5, w2_scale=0.5)
 
 
 def features(target, ids, layer_ids, attention_mask=None):

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from tiny_models import tiny_target
 
 from deepspec.config import DrafterConfig, EvalConfig, LossConfig
 from deepspec.data.anchors import block_targets, slot_weights
@@ -31,20 +31,15 @@ LAYER_IDS = [0, 1, 2]
 
 
 def hf_target(seed: int = 0, init_range: float = 0.3):
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=V,
+    return tiny_target(
+        layers=4,
+        vocab=V,
+        seed=seed,
         hidden_size=H,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         initializer_range=init_range,
     )
-    return Qwen3ForCausalLM(cfg).eval()
 
 
 def eagle(

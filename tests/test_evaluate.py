@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from test_spec_decode import ALPHA, g_test_pvalue, make_target, sample_counts, tiny_vocab_setup  # noqa: F401
+from tiny_models import target_config, word_tokenizer
 
 from deepspec.config import DeepSpecConfig, DrafterConfig
 from deepspec.eval import spec_decode
@@ -19,34 +20,6 @@ from deepspec.eval.spec_decode import RoundRecord, verify
 from deepspec.exporting.native import load_native, save_native
 from deepspec.models.config import resolve_drafter_config
 from deepspec.models.parallel import ParallelDrafter
-
-SPECIAL = ["<|endoftext|>", "<|mask|>", "<|im_start|>", "<|im_end|>"]
-WORDS = ["[UNK]", "user", "assistant"] + [f"w{i}" for i in range(25)]  # 4 + 28 = 32 ids
-CHATML = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=SPECIAL[0],
-        mask_token=SPECIAL[1],
-        pad_token=SPECIAL[0],
-        unk_token="[UNK]",
-        additional_special_tokens=SPECIAL[2:],
-    )
-    fast.chat_template = CHATML
-    return fast
 
 
 def save_drafter(target, path, mask="auto", seed=1, hidden_config=None, markov_rank=8):
@@ -80,7 +53,7 @@ def setup_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaljob")
     target = make_target(vocab=32)
     target.model.save_pretrained(root / "target")
-    make_tokenizer().save_pretrained(root / "target")
+    word_tokenizer().save_pretrained(root / "target")
     save_drafter(target, root / "run" / "drafter")
     rng = random.Random(0)
     with open(root / "prompts.jsonl", "w") as f:
@@ -223,16 +196,14 @@ def no_work(monkeypatch):
 
 
 def test_mismatched_drafter_fails_before_loading(setup_dirs, tmp_path, no_work):
-    from transformers import Qwen3Config
-
     from deepspec.eval.pipeline import run_evaluation
 
     root, target = setup_dirs
     base = {k: v for k, v in target.config.to_dict().items() if k != "layer_types"}
     cases = {
-        "vocab_size": Qwen3Config(**{**base, "vocab_size": 40}),
-        "hidden size": Qwen3Config(**{**base, "hidden_size": 64}),
-        "num_target_layers": Qwen3Config(**{**base, "num_hidden_layers": 6}),
+        "vocab_size": target_config("qwen3", **{**base, "vocab_size": 40}),
+        "hidden size": target_config("qwen3", **{**base, "hidden_size": 64}),
+        "num_target_layers": target_config("qwen3", **{**base, "num_hidden_layers": 6}),
     }
     for msg, other in cases.items():
         d = save_drafter(target, tmp_path / msg.replace(" ", "_"), hidden_config=other)

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import target_config
 
 from deepspec.models.families import FAMILIES, family_for_target, text_config
 from deepspec.models.gemma4 import Gemma4DrafterLayer
@@ -61,7 +62,6 @@ def test_qwen3_moe_target_gets_a_dense_qwen3_drafter():
 
 
 def test_llama3_rope_is_copied_and_unhonourable_fields_are_refused():
-    from transformers import LlamaConfig
 
     rope = {
         "rope_type": "llama3",
@@ -71,7 +71,7 @@ def test_llama3_rope_is_copied_and_unhonourable_fields_are_refused():
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32,
     }
-    t = LlamaConfig(hidden_size=32, num_attention_heads=4, rope_parameters=rope).to_dict()
+    t = target_config("llama", rope_parameters=rope).to_dict()
     arch = FAMILIES["llama"].arch(t)
     assert arch["rope_parameters"] == rope and not arch["use_qk_norm"]
     with pytest.raises(ValueError, match=r"mlp_bias=True.*llama.*\[False\]"):

@@ -23,16 +23,11 @@ LLAMA3_ROPE = {
 
 def family_config(family: str, vocab: int, tok):
     """A tiny random config of each family, with the family's own quirks switched on."""
-    from transformers import Gemma4TextConfig, LlamaConfig, Qwen3Config, Qwen3MoeConfig
+    from tiny_models import target_config
+    from transformers import Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         initializer_range=0.1,
@@ -41,20 +36,19 @@ def family_config(family: str, vocab: int, tok):
         pad_token_id=tok.pad_token_id,
     )
     if family == "qwen3":
-        return Qwen3Config(**common)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(**common, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
-    if family == "llama":
-        return LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE))
-    if family == "gemma4":
-        return Gemma4TextConfig(
-            **common,
-            global_head_dim=16,
-            layer_types=["sliding_attention", "full_attention"] * 2,
-            sliding_window=16,
-            hidden_size_per_layer_input=0,
-            final_logit_softcapping=30.0,
+        return target_config("qwen3", **common)
+    if family == "qwen3_moe":  # the MoE variant keeps the shared tiny sizes
+        moe = target_config("qwen3", **common).to_dict()
+        keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        keep += ("num_key_value_heads", "head_dim")
+        sizes = {k: moe[k] for k in keep}
+        return Qwen3MoeConfig(
+            **common, **sizes, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2
         )
+    if family == "llama":
+        return target_config("llama", **common, rope_parameters=dict(LLAMA3_ROPE))
+    if family == "gemma4":
+        return target_config("gemma4", **common, sliding_window=16, final_logit_softcapping=30.0)
     raise AssertionError(family)
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_target
 
 from deepspec.config import LossConfig
 from deepspec.data.anchors import BlockTargets
@@ -144,7 +145,6 @@ def test_auto_chunk_rows():
 
 def test_drafter_parameter_grads_equal():
     """Through a real DSpark drafter: parameter gradients of lean vs reference agree."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from deepspec.config import DrafterConfig
     from deepspec.data.anchors import block_targets
@@ -153,18 +153,7 @@ def test_drafter_parameter_grads_equal():
     from deepspec.models.config import resolve_drafter_config
     from deepspec.target.adapter import TargetModel
 
-    torch.manual_seed(0)
-    t = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-    ).eval()
+    t = tiny_target(vocab=V)
     c = resolve_drafter_config(
         DrafterConfig(num_layers=1, block_size=4, markov_rank=8), t.config.to_dict(), mask_token_id=V - 1
     )

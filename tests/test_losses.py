@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
+import tiny_models
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from deepspec.config import DrafterConfig, LossConfig
+from deepspec.config import LossConfig
 from deepspec.data.anchors import anchor_candidates, block_targets, sample_anchors, slot_weights
 from deepspec.data.batching import Example, collate
 from deepspec.losses import dspark_loss, target_logits, weighted_valid
-from deepspec.models.config import resolve_drafter_config
-from deepspec.models.parallel import ParallelDrafter
 from deepspec.target.adapter import TargetModel
 
 V = 80
@@ -22,33 +21,8 @@ PAD = 0
 G = 4  # block size
 
 
-def tiny_target(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=5,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    return Qwen3ForCausalLM(cfg).eval()
-
-
-def tiny_drafter(target, kind: str = "dspark", markov: str = "vanilla", seed: int = 0) -> ParallelDrafter:
-    dc = DrafterConfig(kind=kind, num_layers=1, block_size=G, markov_rank=8, markov_head_type=markov)
-    cfg = resolve_drafter_config(dc, target.config.to_dict(), mask_token_id=MASK)
-    d = ParallelDrafter(cfg)
-    d.init_weights(std=0.1, seed=seed)
-    d.load_target_head(target.get_input_embeddings().weight, target.get_output_embeddings().weight)
-    if d.markov_head is not None:
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            d.markov_head.markov_w2.weight.copy_(
-                torch.randn(d.markov_head.markov_w2.weight.shape, generator=g) * 0.5
-            )
-    return d
+tiny_target = partial(tiny_models.tiny_target, layers=5, vocab=V)
+tiny_drafter = partial(tiny_models.tiny_drafter, mask=MASK, num_layers=1, block_size=G, rank=8, w2_scale=0.5)
 
 
 def examples():

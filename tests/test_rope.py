@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import target_config
 
 from deepspec.models.rope import RotaryEmbedding, check_rope, rope_parameters_of
 
@@ -31,10 +32,10 @@ LLAMA_ROPES = {
 
 
 def _llama_rotary(rope):
-    from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(
+    cfg = target_config(
+        "llama",
         hidden_size=64,
         num_attention_heads=2,
         head_dim=32,

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from scipy.stats import chi2
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from tiny_models import tiny_target
 
 from deepspec.config import DrafterConfig, EvalConfig
 from deepspec.eval import metrics, spec_decode
@@ -30,41 +30,22 @@ ALPHA = 1e-3  # false-alarm rate of each statistical test (seeds are fixed, so r
 
 
 def make_target(vocab=32, hidden=32, seed=0, init_range=0.3, layers=4, family="qwen3") -> TargetModel:
-    torch.manual_seed(seed)
+    extra = {}
     if family == "gemma4":  # sliding + full attention layers, soft-capped logits, scaled embeddings
-        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
-
-        g = Gemma4TextConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            global_head_dim=16,
-            layer_types=["sliding_attention", "full_attention"] * (layers // 2),
-            sliding_window=4,
-            hidden_size_per_layer_input=0,
-            final_logit_softcapping=5.0,
-            max_position_embeddings=256,
-            tie_word_embeddings=False,
-            initializer_range=init_range,
-        )
-        return TargetModel(Gemma4ForCausalLM(g), LAYER_IDS)
-    cfg = Qwen3Config(
-        vocab_size=vocab,
+        extra = dict(sliding_window=4, final_logit_softcapping=5.0)
+    model = tiny_target(
+        family,
+        layers=layers,
+        vocab=vocab,
+        seed=seed,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         initializer_range=init_range,  # large init: peaked, non-trivial p
+        **extra,
     )
-    return TargetModel(Qwen3ForCausalLM(cfg), LAYER_IDS)
+    return TargetModel(model.train(), LAYER_IDS)
 
 
 def make_drafter(

@@ -4,7 +4,7 @@ names (exports unchanged). Uses the "eager" dynamo backend so the test needs no 
 from __future__ import annotations
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from tiny_models import tiny_target
 
 from deepspec.config import DrafterConfig, LossConfig, TrainConfig
 from deepspec.data.anchors import block_targets
@@ -18,18 +18,7 @@ V = 64
 
 
 def test_compiled_drafter_same_grads_and_names():
-    torch.manual_seed(0)
-    t = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-        )
-    ).eval()
+    t = tiny_target(vocab=V)
     c = resolve_drafter_config(
         DrafterConfig(num_layers=1, block_size=4, target_layer_ids=[0, 1, 2], markov_rank=8),
         t.config.to_dict(),

@@ -65,12 +65,12 @@ def test_the_logged_loss_is_the_mix_the_step_backpropagates():
     )
 
 
-def test_finish_run_saves_the_final_drafter_evaluates_and_writes_the_summary(tmp_path, monkeypatch):
-    from export_fixtures import tiny_drafter, tiny_target
-
+def test_finish_run_saves_the_final_drafter_evaluates_and_writes_the_summary(
+    tmp_path, monkeypatch, qwen3_drafter
+):
     from deepspec.exporting.native import load_native
 
-    drafter = tiny_drafter(tiny_target())
+    drafter = qwen3_drafter
     cfg = SimpleNamespace(eval=SimpleNamespace(enabled=True), export=SimpleNamespace(after_training=False))
     calls = []
 

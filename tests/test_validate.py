@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from tiny_models import target_config
 
 from deepspec.config import DeepSpecConfig, DrafterConfig, TrainConfig, allowed, validate
 from deepspec.config.validate import (
@@ -338,19 +339,10 @@ def test_resolved_spec_holds_plain_strings():
     """Choices reach the drafter spec as plain strings: it is written to JSON, YAML (the model card's
     front matter is yaml.safe_dump, which refuses Enum members) and compared with loaded files."""
     import yaml
-    from transformers import Qwen3Config
 
     from deepspec.models.config import resolve_drafter_config
 
-    target = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    ).to_dict()
+    target = target_config("qwen3", vocab_size=64, num_hidden_layers=6).to_dict()
     for model in ("dspark", "dflash", "eagle3"):
         cfg = compose(overrides=[f"model={model}", "model.markov_head_type=gated", "model.attn_impl=sdpa"])
         spec = resolve_drafter_config(cfg.model, target, mask_token_id=63)
