@@ -72,9 +72,9 @@ def parse(argv=None):
 def load_target(args) -> tuple:
     layer_ids = None
     if args.target:
-        from transformers import AutoModelForCausalLM
+        from deepspec.target.loading import check_target_source, load_causal_lm
 
-        model = AutoModelForCausalLM.from_pretrained(args.target, use_safetensors=True)
+        model = load_causal_lm(check_target_source(args.target))
         what = f"{args.target} (loaded)"
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM

@@ -74,12 +74,11 @@ def main(argv=None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     from deepspec.data.chat import end_of_turn_ids
     from deepspec.engine.check import run_engine_check
     from deepspec.engine.procs import EngineError, interrupt_on_sigterm
     from deepspec.eval.datasets import load_prompt_texts, select, tokenize_prompts
+    from deepspec.target.loading import load_tokenizer
 
     export_dir = Path(args.export_dir)
     cfg = _run_config(export_dir)
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
         if cfg is None:
             print(f"error: {export_dir} is not inside a training run; pass --target", file=sys.stderr)
             return 2
-        from deepspec.training.setup import resolve_target_path
+        from deepspec.target.loading import resolve_target_path
 
         target = resolve_target_path(cfg)
     if args.prompts:
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     else:
         print("error: pass --prompts (the export is not inside a training run)", file=sys.stderr)
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    tokenizer = load_tokenizer(str(target))
     prompts = tokenize_prompts(tokenizer, select(texts, args.num_prompts, args.seed))
     try:
         with interrupt_on_sigterm():
