@@ -163,17 +163,21 @@ def build_run(cfg, accelerator) -> RunSetup:
     dc.num_anchors = cfg.data.num_anchors
     if cfg.export.after_training and dc.kind != "eagle3":  # the target's family is known now: before training
         check_format_carries(dc, str(cfg.export.format))
-    target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
+    shard = cfg.target.shard == "fsdp"
+    # A target to shard is read into host memory; fully_shard then moves one unit at a time to the device,
+    # so a device never holds the whole target.
+    load_on = "cpu" if shard else accelerator.device
+    target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, load_on, trc)
 
     torch.manual_seed(cfg.train.seed)
     drafter = build_drafter(dc)
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
-    if cfg.target.shard == "fsdp":  # after the drafter copied the embedding and lm_head whole
+    if shard:  # after the drafter copied the embedding and lm_head whole
         from deepspec.target.sharding import shard_target
 
-        shard_target(target)
+        shard_target(target, accelerator.device.type)
     maybe_compile(drafter, cfg.train)
 
     feature_source, heldout_records = None, None
