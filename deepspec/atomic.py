@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -112,19 +113,29 @@ def write_tensors(path: PathLike, tensors: Dict[str, Any], metadata: Optional[Di
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+def writer_tag() -> str:
+    """``<host>-<pid>-``: part of every stage's name, so a later run can tell the leftovers of a dead
+    writer from the folder of one still running (deepspec.exporting.io.clean_leftovers)."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
 @contextmanager
-def staged_dir(final: PathLike, *, replace: bool = True) -> Iterator[Path]:
+def staged_dir(final: PathLike, *, replace: bool = True, fault: Optional[str] = None) -> Iterator[Path]:
     """Yield an empty sibling folder to fill; when the block succeeds it becomes ``final`` in one rename.
 
     Everything inside is fsynced before the rename. An existing ``final`` is moved aside first and
     deleted afterwards (``replace=True``); with ``replace=False`` a ``final`` that appeared meanwhile
     (another process finished the same work) is kept and :class:`FileExistsError` is raised. On an
     exception, or a kill, ``final`` is left as it was and the stage is removed (or, after a kill,
-    left for :func:`remove_stale` to find).
+    left for :func:`remove_stale` to find). ``fault``: the name of the fault points
+    ``kill_in_<fault>`` (stage complete) and ``kill_in_<fault>_swap`` (old one moved aside) of the
+    fault-injection tests (deepspec/training/faults.py).
     """
+    from deepspec.training.faults import maybe_kill
+
     final = Path(final).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-"))
+    stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging-{writer_tag()}"))
     try:
         yield stage
         for p in sorted(stage.rglob("*"), reverse=True):  # children before their folder
@@ -133,12 +144,16 @@ def staged_dir(final: PathLike, *, replace: bool = True) -> Iterator[Path]:
                 fsync(p)
         _share(stage)
         fsync(stage)
+        if fault:
+            maybe_kill(f"kill_in_{fault}", 0)
         old = None
         if final.exists() or final.is_symlink():
             if not replace:
                 raise FileExistsError(f"{final} already exists")
-            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+            old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{writer_tag()}"))
             os.replace(final, old / final.name)
+            if fault:
+                maybe_kill(f"kill_in_{fault}_swap", 0)
         os.replace(stage, final)
         fsync(final.parent)
         if old is not None:

@@ -356,3 +356,17 @@ def test_offline_training_refuses_other_layers(bf16_cache, micro_target, tmp_pat
         CacheError, match=r"layer ids \[1\] differ from the drafter's target_layer_ids \[0, 2\]"
     ):
         build_run(cfg, accelerator())
+
+
+def test_damaged_shard_header_without_verification_is_named(bf16_cache, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(bf16_cache, bad)
+    p = bad / "shard-00001.safetensors"
+    data = bytearray(p.read_bytes())
+    data[8:12] = b"\x00\xff\x00\xff"  # same size: only data.verify_cache=true would notice before reading
+    p.write_bytes(bytes(data))
+    r = CacheReader(bad, verify=False)
+    with pytest.raises(
+        CacheError, match=r"shard-00001\.safetensors: not a readable cache shard .*verify_cache=true"
+    ):
+        r.token_data()

@@ -330,3 +330,25 @@ def test_t1_noncausal_cut_is_detected(tiny_vocab_setup, monkeypatch):  # noqa: F
     monkeypatch.setattr(spec_decode, "verify", _peeking_cut)
     counts, _ = sample_counts(target, drafter, prompt, 3, 3000, seed=22)
     assert g_test_pvalue(counts, exact) < ALPHA
+
+
+def test_damaged_drafter_header_is_named(setup_dirs, tmp_path):
+    """A damaged safetensors header (or config.json) of the drafter: an error naming the file, not a bare
+    SafetensorError / JSONDecodeError."""
+    import shutil
+
+    from deepspec.eval.pipeline import run_evaluation
+    from deepspec.exporting.io import ExportInputError
+
+    root, _ = setup_dirs
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    weights = run / "drafter" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"\x00\xff\x00\xff"  # inside the JSON header: same size, unreadable header
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportInputError, match=f"{weights}: not a readable safetensors file"):
+        run_evaluation(job_config(root, drafter=str(run), output_dir=str(tmp_path / "out")))
+    (run / "drafter" / "config.json").write_text('{"block_size": 7,')
+    with pytest.raises(ExportInputError, match=r"drafter/config\.json: invalid JSON at line 1"):
+        run_evaluation(job_config(root, drafter=str(run), output_dir=str(tmp_path / "out")))

@@ -176,6 +176,7 @@ def run_dir(tmp_path_factory):
 
 def _cfg(run_dir, out, **kw):
     kw.setdefault("repo_id", "alice/tiny-dspark")
+    kw.setdefault("base_model", "Qwen/Qwen3-0.6B")  # a push names a verifier others can load
     return ExportConfig(checkpoint=str(run_dir), output_dir=str(out), push_to_hub=True, **kw)
 
 

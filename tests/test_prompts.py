@@ -182,3 +182,24 @@ def test_sample_prompt_file_loads_for_regeneration_and_evaluation():
     cfg = OmegaConf.create({"eval": {"prompt_column": "messages"}})
     texts = load_prompt_texts(str(path), cfg)
     assert texts == [j.users[0] for j in jobs]  # the first user turn, also after a system message
+
+
+def test_non_utf8_bytes_name_file_and_line_and_skip_applies(tmp_path):
+    good = {"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(
+        (json.dumps(good) + "\n").encode()
+        + b'{"id": "b", "messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+        + (json.dumps({**good, "id": "c"}) + "\n").encode()
+    )
+    with pytest.raises(
+        DataError, match=r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column \d+\).*on_error=skip"
+    ):
+        load_conversations(str(p))
+    stats = LoadStats()
+    recs = load_conversations(str(p), on_error="skip", stats=stats)
+    assert [r["id"] for r in recs] == ["a", "c"] and stats.skipped == {"not_utf8": 1}
+    doc = tmp_path / "doc.json"  # one JSON document: named, with the line of the bad byte
+    doc.write_bytes(b'[\n {"id": "a",\n  "messages": "caf\xe9"}\n]\n')
+    with pytest.raises(DataError, match=r"doc\.json:3: not valid UTF-8 \(byte 0xe9\)"):
+        load_conversations(str(doc), on_error="skip")

@@ -295,6 +295,7 @@ class ExportConfig:
     include_embeddings: Optional[bool] = None  # None = format default (native/speculators yes, dflash never)
     include_sts: bool = True  # write the STS temperatures when the drafter has them
     overwrite: bool = False  # replace a non-empty output_dir
+    overwrite_training_run: bool = False  # let `overwrite` delete a folder that holds a training run
     check: bool = True  # run the checker on the staged export before it appears
     target: Optional[str] = None  # local target folder for the checker (None = the run's target if local)
     base_model: Optional[str] = None  # hub id of the target for the card / verifier (None = from the run)

@@ -34,6 +34,7 @@ import torch
 
 from deepspec import atomic
 from deepspec.config import CacheDtype, allowed
+from deepspec.training.faults import maybe_kill
 
 FORMAT = "deepspec-target-cache"
 VERSION = 1
@@ -162,9 +163,13 @@ def write_shard(cache_dir: Path, k: int, tensors: Dict[str, torch.Tensor], info:
     final = cache_dir / shard_name(k)
     # One metadata key: safetensors writes a metadata map in no fixed order, and shards must be
     # byte-identical from run to run (resume, checksums).
-    atomic.write_tensors(
-        final, tensors, metadata={"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})}
-    )
+    from safetensors.torch import save_file
+
+    meta = {"deepspec": json.dumps({"format": FORMAT, "version": VERSION, "shard": k})}
+    with atomic.atomic_path(final) as tmp:  # atomic.write_tensors, with a fault point inside
+        save_file({n: v.contiguous() for n, v in tensors.items()}, str(tmp), metadata=meta)
+        maybe_kill("kill_in_shard", k)
+    maybe_kill("kill_before_sidecar", k)
     side = {**info, "file": final.name, "bytes": final.stat().st_size, "sha256": sha256_file(final)}
     atomic.write_json(sidecar_path(cache_dir, k), side, sort_keys=True)
     return side
@@ -294,9 +299,16 @@ class CacheReader:
 
         h = self._handles.get(k)
         if h is None:
-            h = safe_open(str(self.dir / self.shards[k]["file"]), framework="pt")
+            path = self.dir / self.shards[k]["file"]
+            try:
+                h = safe_open(str(path), framework="pt")
+                self._offsets[k] = h.get_tensor("offsets").tolist()
+            except Exception as e:  # safetensors' own error type, which names no file
+                raise CacheError(
+                    f"{path}: not a readable cache shard ({e}); it is damaged. Check the whole cache with "
+                    "data.verify_cache=true, and re-collect (deepspec/collect.py keeps the shards that verify)"
+                ) from None
             self._handles[k] = h
-            self._offsets[k] = h.get_tensor("offsets").tolist()
         return h
 
     def token_data(self) -> List[Tuple[List[int], List[int]]]:

@@ -37,6 +37,7 @@ from deepspec.data.cache import (
     target_fingerprint,
     write_shard,
 )
+from deepspec.training.faults import maybe_kill
 
 log = logging.getLogger("deepspec")
 
@@ -280,6 +281,7 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
             "total_bytes": sum(s["bytes"] for s in shards),
             "shards": shards,
         }
+        maybe_kill("kill_before_manifest", 0)
         atomic.write_json(cache_dir / MANIFEST, manifest, sort_keys=True)
         print(
             f"cache written: {cache_dir} ({num_shards} shards, {format_bytes(manifest['total_bytes'])}, "

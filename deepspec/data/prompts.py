@@ -216,27 +216,47 @@ def resolve_files(path: str) -> Tuple[List[Path], List[str]]:
 
 
 def _iter_jsonl(path: Path, on_error: str, stats: LoadStats) -> Iterator[Tuple[dict, str]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Read bytes and decode line by line: a stray non-UTF-8 byte is then one bad record (named, and
+    # skippable), not an exception from the middle of the file reader.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 obj = json.loads(line)
+            except UnicodeDecodeError as e:
+                reason, err = (
+                    "not_utf8",
+                    f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                )
             except json.JSONDecodeError as e:
-                err = f"{where}: malformed JSON ({e.msg} at column {e.colno})"
-                if on_error == "stop":
-                    raise DataError(err + "; set data.on_error=skip to skip and count such lines") from None
-                stats.read += 1
-                stats.skip("malformed_json", err)
+                reason, err = "malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+            else:
+                yield obj, where
                 continue
-            yield obj, where
+            if on_error == "stop":
+                raise DataError(err + "; set data.on_error=skip to skip and count such lines") from None
+            stats.read += 1
+            stats.skip(reason, err)
 
 
 def _iter_json(path: Path, on_error: str, stats: LoadStats) -> Iterator[Tuple[dict, str]]:
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
     try:
-        obj = json.loads(text)
+        obj = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        try:  # one JSON document: nothing to skip, name the place
+            json.loads(data.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError:
+            yield from _iter_jsonl(path, on_error, stats)  # JSON lines: the bad line is skippable
+            return
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x}); fix the file or convert it to "
+            "JSON lines, where data.on_error=skip can skip such a record"
+        ) from None
     except json.JSONDecodeError:
         # Many ".json" files are JSON lines.
         yield from _iter_jsonl(path, on_error, stats)

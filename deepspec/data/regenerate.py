@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from deepspec import atomic
+from deepspec.training import faults
 
 log = logging.getLogger("deepspec")
 
@@ -147,8 +148,15 @@ class OrderedSink:
 
     def write(self, o: Outcome) -> None:
         f = self.out if o.error is None else self.err
-        f.write(json.dumps(o.record, ensure_ascii=False) + "\n")
+        line = json.dumps(o.record, ensure_ascii=False) + "\n"
+        n = self.written + self.errors + 1
+        if faults.armed("kill_in_record", n):  # a torn line, as a kill in the middle of a write leaves
+            f.write(line[: len(line) // 2])
+            f.flush()
+            faults.maybe_kill("kill_in_record", n)
+        f.write(line)
         f.flush()  # a SIGKILL loses nothing already written
+        faults.maybe_kill("kill_after_record", n)
         if o.error is None:
             self.written += 1
         else:

@@ -81,13 +81,12 @@ def check_inputs(cfg) -> Dict[str, Any]:
 
     Returns {drafter_dir, from_run_dir, drafter_config, target_path, tokenizer}.
     """
-    import json
-
+    from deepspec.exporting.io import read_json
     from deepspec.exporting.native import config_from_native
     from deepspec.target.loading import open_target
 
     drafter_dir, from_run = resolve_drafter_dir(cfg.eval.drafter)
-    dc = config_from_native(json.loads((drafter_dir / "config.json").read_text()))
+    dc = config_from_native(read_json(drafter_dir / "config.json"))
     info = open_target(cfg)
     path, tokenizer, target_config = info.path, info.tokenizer, info.config
     check_against_target_config(dc, target_config, tokenizer, target_name=f"target {path}")

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from deepspec import atomic
 from deepspec.config import validate
+from deepspec.secrets import config_yaml
 
 log = logging.getLogger("deepspec")
 
@@ -72,7 +72,7 @@ def run_evaluation(cfg) -> Dict:
     drafter_dir = inputs["drafter_dir"]
     out_dir = Path(e.output_dir) if e.output_dir else default_output_dir(drafter_dir, inputs["from_run_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic.write_text(out_dir / "config.yaml", config_yaml(cfg))  # credentials redacted
 
     report = evaluate_datasets(
         target,

@@ -8,25 +8,20 @@ section instead of failing the export, because the eval schema is still evolving
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from deepspec.exporting.formats import SAMPLE_FROM_ANCHOR
+from deepspec.exporting.public import is_hub_id, public_value
 from deepspec.models.config import DrafterSpec
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _SOURCES = {
     "tiny_chat": "chat pairs cut from the Python standard library sources of the training machine "
     "(user: a function's signature and docstring; assistant: its body), tokenised with the "
     "tiny target's chat template; loss on assistant tokens only",
 }
-
-
-def is_hub_id(name: Optional[str]) -> bool:
-    return bool(name) and bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -200,7 +195,7 @@ def build_card(
     run_cfg = summary = None
     plots: Dict[str, Path] = {}
     if run_dir is not None:
-        run_cfg = read_run_file(run_dir / "config.yaml")
+        run_cfg = public_value(read_run_file(run_dir / "config.yaml"))  # no local paths in a card
         summary = read_run_file(run_dir / "train_summary.json")
         if eval_result is None:
             eval_result = read_run_file(run_dir / "eval.json")
@@ -281,7 +276,8 @@ def serving_section(
     from deepspec.engine.serving import serve_command, serving_settings
 
     settings = serving_settings({"speculators_model_type": kind}, gamma, confidence_head=confidence)
-    target = base_model or "<target>"
+    # An export names no local folder: a target known only locally is shown as a placeholder.
+    target = base_model if is_hub_id(base_model) else f"<path or Hub id of {base_model or 'the target'}>"
     out = [
         "## Serving with vLLM",
         "",

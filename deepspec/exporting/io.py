@@ -7,13 +7,21 @@ unfinished training run or an interrupted copy, and the user needs to know which
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
+import os
+import re
+import shutil
+import socket
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+log = logging.getLogger("deepspec")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -72,8 +80,28 @@ def _corrupt(path: Path, err: Exception) -> ExportInputError:
     )
 
 
-def check_output_dir(out: Path, overwrite: bool, protected: Tuple[Path, ...] = ()) -> None:
-    """Refuse a non-empty output folder unless overwriting, and never one that holds an input."""
+# Files only a training run writes: a folder holding one of them is a run, not an old export.
+_RUN_MARKERS = ("run_info.json", "trainer_state.json", "train_summary.json", "run.lock", "metrics.jsonl")
+
+
+def training_run_in(folder: Path, depth: int = 4) -> Optional[Path]:
+    """The first training-run file found in ``folder`` (or up to ``depth`` levels below), else None."""
+    root = len(folder.parts)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        for marker in _RUN_MARKERS:
+            if marker in filenames:
+                return here / marker
+        if len(here.parts) - root >= depth:
+            dirnames.clear()
+    return None
+
+
+def check_output_dir(
+    out: Path, overwrite: bool, protected: Tuple[Path, ...] = (), overwrite_training_run: bool = False
+) -> None:
+    """Refuse a non-empty output folder unless overwriting, never one that holds an input, and never
+    one that holds a training run unless ``overwrite_training_run``."""
     out = out.resolve()
     for p in protected:
         p = p.resolve()
@@ -87,3 +115,29 @@ def check_output_dir(out: Path, overwrite: bool, protected: Tuple[Path, ...] = (
         raise ExportInputError(
             f"output folder {out} exists and is not empty; pass export.overwrite=true to replace it"
         )
+    run = training_run_in(out) if out.is_dir() and overwrite and not overwrite_training_run else None
+    if run is not None:
+        raise ExportInputError(
+            f"export.overwrite=true would delete {out}, which holds a training run ({run}); choose another "
+            "export.output_dir, or also pass export.overwrite_training_run=true to delete it"
+        )
+
+
+def clean_leftovers(out: Path) -> None:
+    """Remove what a killed export of ``out`` left next to it: its staging folder, and the folder the
+    previous export was moved into during the final swap (put back first if ``out`` went missing).
+    Folders of a writer still running, or of another host, are left alone."""
+    from deepspec.training.run_dir import pid_alive
+
+    host = socket.gethostname()
+    for kind in ("staging", "old"):
+        for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")):
+            m = re.match(rf"^\.{re.escape(out.name)}\.{kind}-(.+)-(\d+)-[^-]*$", p.name)
+            if m and (m.group(1) != host or int(m.group(2)) == os.getpid() or pid_alive(int(m.group(2)))):
+                continue
+            if kind == "old" and not out.exists() and (p / out.name).is_dir():
+                os.replace(p / out.name, out)
+                log.warning("restored %s, which an interrupted export had moved aside", out)
+            else:
+                log.warning("removing %s, left by an interrupted export", p)
+            shutil.rmtree(p, ignore_errors=True)

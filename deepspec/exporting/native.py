@@ -7,13 +7,11 @@ drafter's own state_dict names, so saving is a dump and loading is a strict ``lo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
-from safetensors.torch import load_file
 
 from deepspec import atomic
 from deepspec.models import Drafter, build_drafter
@@ -164,9 +162,12 @@ def load_native(
             raise FileNotFoundError(
                 f"{p / name} not found: not a native drafter folder (DSpark, DFlash or EAGLE-3)"
             )
-    cfg = config_from_native(json.loads((p / "config.json").read_text()))
+    from deepspec.exporting.io import read_json, read_tensors
+
+    # Both readers name the file when it is truncated or damaged (not a bare JSON / safetensors error).
+    cfg = config_from_native(read_json(p / "config.json"))
     drafter = build_drafter(cfg)
-    state = load_file(str(p / "model.safetensors"))
+    state = read_tensors(p / "model.safetensors")
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from deepspec.config import validate
-from deepspec.exporting.card import build_card, is_hub_id, read_run_file
+from deepspec.exporting.card import build_card, read_run_file
 from deepspec.exporting.check import check_export
 from deepspec.exporting.formats import default_include_embeddings, format_config
 from deepspec.exporting.hub import HubError, PushPlan, push_folder, resolve_token, validate_repo_id
 from deepspec.exporting.io import ExportInputError, check_output_dir
+from deepspec.exporting.public import public_name, public_value, require_hub_verifier
 from deepspec.exporting.target_info import TargetInfo, read_target
 from deepspec.exporting.writer import export_drafter, load_export, resolve_checkpoint
 from deepspec.models import Drafter
@@ -41,6 +42,15 @@ def check_export_settings(e) -> None:
             "export.push_to_hub=true but no Hugging Face token: set HF_TOKEN or run `hf auth login` "
             "(checked before any export or upload work)"
         )
+
+
+def check_push_verifier(cfg) -> None:
+    """Training with ``export.push_to_hub``: refuse at start-up a push whose verifier would only be a
+    local folder (``export.base_model`` unset and ``target.name_or_path`` not a Hub id)."""
+    e = cfg.export
+    if e.after_training and (e.push_to_hub or e.dry_run):
+        name = e.base_model or cfg.target.name_or_path
+        require_hub_verifier(public_name(name), name)
 
 
 def _target_path(e, run_dir: Optional[Path]) -> Optional[str]:
@@ -88,17 +98,21 @@ def run_export(
         else (Path(run_dir) / "export" / e.format if run_dir else Path(f"{src}-{e.format}"))
     )
     overwrite = e.overwrite or (default_overwrite and not e.output_dir)
-    check_output_dir(out, overwrite, protected)
+    check_output_dir(out, overwrite, protected, e.overwrite_training_run)
     if drafter is None:
         drafter = load_export(src)
     run_dir = Path(run_dir) if run_dir else None
 
     target_path = _target_path(e, run_dir)
-    base_model = _base_model(e, drafter, run_dir, target_path)
+    known_as = _base_model(e, drafter, run_dir, target_path)
+    # An export may be published: it names the verifier by Hub id, or by a local folder's name only.
+    base_model = public_name(known_as)
+    if e.push_to_hub or e.dry_run:
+        require_hub_verifier(base_model, known_as)
     c = drafter.config
-    if base_model and (is_hub_id(base_model) or not c.target_config.get("_name_or_path")):
-        # Engines resolve the verifier by this name: prefer a hub id, else whatever we know.
-        c = dataclasses.replace(c, target_config={**c.target_config, "_name_or_path": base_model})
+    c = dataclasses.replace(
+        c, target_config={**public_value(dict(c.target_config)), "_name_or_path": base_model}
+    )
     format_config(
         c, e.format, e.dtype, e.include_sts
     )  # refuses e.g. a Markov head in dflash, before any write
@@ -145,6 +159,7 @@ def run_export(
         source=source,
         verify=verify if e.check else None,
         config=c,
+        overwrite_training_run=e.overwrite_training_run,
     )
     echo(f"exported {e.format} ({e.dtype}) to {out}")
     if result.report is not None:

@@ -27,6 +27,7 @@ from deepspec.exporting.io import (
     WEIGHTS_NAME,
     ExportInputError,
     check_output_dir,
+    clean_leftovers,
     read_json,
     read_tensors,
 )
@@ -110,6 +111,7 @@ def export_drafter(
     source: str = "",
     verify: Optional[Callable[[Path], None]] = None,
     config: Optional[DrafterSpec] = None,
+    overwrite_training_run: bool = False,
 ) -> Path:
     """Write ``drafter`` as ``fmt`` into ``out_dir`` atomically; ``verify(stage)`` runs before it appears.
 
@@ -121,7 +123,7 @@ def export_drafter(
     config = format_config(c, fmt, dtype, include_sts)  # refuses impossible formats before any write
     with_embed = default_include_embeddings(fmt, include_embeddings)
     out = Path(out_dir)
-    check_output_dir(out, overwrite, protected)
+    check_output_dir(out, overwrite, protected, overwrite_training_run)
 
     tensors = {
         k: v.detach().to("cpu", DTYPES[dtype])
@@ -144,7 +146,8 @@ def export_drafter(
         # What vLLM's --speculative-config needs beyond the checkpoint (docs/engine.md).
         "serving": serving_settings(config, c.block_size, c.enable_confidence_head),
     }
-    with atomic.staged_dir(out.resolve()) as stage:
+    clean_leftovers(out.resolve())  # what a killed export of this folder left next to it
+    with atomic.staged_dir(out.resolve(), fault="export") as stage:
         atomic.write_tensors(stage / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         atomic.write_json(stage / CONFIG_NAME, config, sort_keys=True)
         atomic.write_json(stage / SIDECAR_NAME, sidecar, sort_keys=True)

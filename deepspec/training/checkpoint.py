@@ -9,14 +9,16 @@ Layout of ``train.checkpoint.dir`` (default ``<output_dir>/checkpoints``)::
       rng/rank-00000.safetensors   torch / CUDA / python / numpy RNG state of each rank
       drafter_config.json    the resolved drafter config (resume refuses a different one)
       config.yaml            the resolved run config
-      trainer_state.json     step, data position, AdamW step, world size, engine, held-out τ, metrics
+      trainer_state.json     step, data position, AdamW step, world size, engine, held-out τ, metrics,
+                             size + sha256 of every other file, and a sha256 of itself
     index.json               latest / best / kept checkpoints (informational)
 
 A checkpoint is written into a ``.step-XXXXXXXX.staging-*`` folder and renamed into place only when
 complete (``deepspec.atomic.staged_dir``), so a directory named ``step-*`` is always whole; pruning
 renames a checkpoint aside before deleting it. The frozen embedding and lm_head are not stored: they
 are copies of the target's and are restored from it.
-Everything is read back with safetensors or json; nothing is unpickled.
+Everything is read back with safetensors or json; nothing is unpickled. Resuming verifies every
+file's sha256 first (deepspec/training/resume_checks.py).
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from deepspec import atomic
+from deepspec import atomic, secrets
 from deepspec.models.config import upgrade_spec_dict
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.faults import maybe_kill
+from deepspec.training.resume_checks import apply_hparams, file_digests, pick_verified, seal, set_aside
 from deepspec.training.rng import capture_rng, restore_rng, rng_tensors
 
 log = logging.getLogger("deepspec")
@@ -173,6 +175,8 @@ class Checkpointer:
         self.scorer = scorer
         self.last_good: Optional[Path] = None
         self.last_heldout: Optional[dict] = None
+        self.continued_with: Optional[str] = None  # the resumed run's settings, for the log
+        self.resumed_metrics: dict = {}
         if acc.is_main_process:
             self.dir.mkdir(parents=True, exist_ok=True)
             for stale in atomic.remove_stale(self.dir):
@@ -215,7 +219,7 @@ class Checkpointer:
                     self.run.drafter_config.to_dict() | {"target_config": "<omitted>"},
                     sort_keys=True,
                 )
-                atomic.write_text(tmp / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+                atomic.write_text(tmp / "config.yaml", secrets.config_yaml(cfg))
                 g = cfg.train.global_batch_size
                 n = len(self.run.train_examples)
                 state = {
@@ -241,14 +245,10 @@ class Checkpointer:
                     "target": self.run.target_path,
                     "heldout": heldout,
                     "metrics": metrics or {},
-                    "files": {
-                        p.relative_to(tmp).as_posix(): p.stat().st_size
-                        for p in sorted(tmp.rglob("*"))
-                        if p.is_file()
-                    },
+                    "files": file_digests(tmp),
                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
-                atomic.write_json(tmp / STATE_FILE, state, sort_keys=True)  # written last
+                atomic.write_json(tmp / STATE_FILE, seal(state), sort_keys=True)  # written last
             prune_checkpoints(self.dir, self.c.keep_last, self.c.keep_best)
             log.info(
                 "checkpoint %s written in %.1fs%s",
@@ -267,6 +267,11 @@ class Checkpointer:
         """Restore the newest (or the given) checkpoint; return the step to continue from (0 = fresh)."""
         acc, cfg = self.acc, self.cfg
         path = find_checkpoint(cfg.train.resume, self.dir)
+        corrupted = []
+        if path is not None:
+            explicit = cfg.train.resume != "auto"
+            candidates = [path] if explicit else [c.path for c in list_checkpoints(self.dir)]
+            path, corrupted = pick_verified(candidates, explicit)
         existing = list_checkpoints(self.dir)
         newer = [c for c in existing if path is None or (c.path != path and c.step >= _step_of(path))]
         if newer and cfg.train.resume != "auto":
@@ -282,19 +287,15 @@ class Checkpointer:
             return 0
         state = json.loads((path / STATE_FILE).read_text())
         self._check_compatible(path, state)
-        files = state.get("files", {})
-        for rel, size in files.items():
-            f = path / rel
-            if rel.startswith("rng/"):
-                continue
-            if not f.is_file() or f.stat().st_size != size:
-                raise ValueError(f"checkpoint {path}: {rel} is missing or truncated (expected {size} bytes)")
+        acc.wait_for_everyone()  # every rank verified the files before one of them moves any
+        if acc.is_main_process:
+            set_aside(corrupted, path)
         with LazyTensors(path / "model.safetensors") as weights:
             engine_state.load_full_weights(acc, model, weights)
         with LazyTensors(path / "optimizer.safetensors") as moments:
             engine_state.load_full_optimizer_state(acc, model, optimizer, moments, int(state["adam_step"]))
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        dist_utils.set_lr(scheduler)
+        continued = apply_hparams(cfg, path, state, scheduler, self.total_steps)
         same_world = state["world_size"] == acc.num_processes
         rng_file = path / "rng" / f"rank-{acc.process_index:05d}.safetensors"
         if same_world and rng_file.is_file():
@@ -318,6 +319,9 @@ class Checkpointer:
                 "lr are restored exactly, gradient sums are reduced in a different order (float rounding differs) "
                 "and per-rank RNG streams are re-seeded",
             )
+            log.info("%s", continued)
+        self.continued_with = continued
+        self.resumed_metrics = state.get("metrics") or {}
         self.last_good = path
         return step
 
@@ -355,13 +359,4 @@ class Checkpointer:
                 path,
                 data["num_train_sequences"],
                 n,
-            )
-        if state["total_steps"] != self.total_steps:
-            log.warning(
-                "checkpoint %s planned %d steps, this run plans %d: the lr schedule is recomputed for the new "
-                "length from step %d on",
-                path,
-                state["total_steps"],
-                self.total_steps,
-                state["step"],
             )

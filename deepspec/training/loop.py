@@ -24,23 +24,24 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from accelerate.utils import set_seed
 
-from deepspec import atomic
 from deepspec.config import validate
 from deepspec.data.anchors import block_targets, slot_weights
 from deepspec.data.batching import Batch, collate, global_indices
 from deepspec.exporting.formats import check_markov_head
 from deepspec.exporting.native import save_native
-from deepspec.exporting.pipeline import check_export_settings
+from deepspec.exporting.pipeline import check_export_settings, check_push_verifier
 from deepspec.losses import LossOutput, dspark_loss, summarise, target_logits
 from deepspec.target.sharding import check_target_shard
 from deepspec.training import distributed as dist_utils
 from deepspec.training import engine_state
 from deepspec.training.checkpoint import Checkpointer
+from deepspec.training.faults import maybe_kill
 from deepspec.training.heldout import HeldoutScorer
 from deepspec.training.metrics_log import RunLogger, peak_memory_gb
 from deepspec.training.nonfinite import NonFiniteGuard
 from deepspec.training.optim import build_optimizer, build_scheduler
 from deepspec.training.plan import dry_run, plan_batches, total_steps
+from deepspec.training.run_dir import RunDir, write_summary
 from deepspec.training.setup import RunSetup, build_run
 
 
@@ -107,8 +108,10 @@ def preflight(cfg) -> TrainPlan:
     no trace. New checks of the same kind (the output folder, an earlier run in it) belong here."""
     validate(cfg)  # every number and choice
     if cfg.export.after_training:
-        # A bad repo id, a missing Hub token or a Markov head the format cannot carry fails now.
+        # A bad repo id, a missing Hub token, a Markov head the format cannot carry or a local verifier
+        # for a push fails now.
         check_export_settings(cfg.export)
+        check_push_verifier(cfg)
         if cfg.model.kind == "dspark" and cfg.model.markov_rank:
             check_markov_head(str(cfg.model.markov_head_type), str(cfg.export.format))
     strategy = dist_utils.resolve_strategy(cfg)
@@ -153,7 +156,9 @@ class Training:
     accum: int
 
 
-def setup(cfg, acc, plan: TrainPlan) -> Training:
+def setup(cfg, acc, plan: TrainPlan, owned: RunDir) -> Training:
+    """Load, build, resume. ``owned`` (the locked run dir) gets its provenance only once the resume
+    checks passed: a refused start writes nothing."""
     with dist_utils.frozen_target_outside_deepspeed():
         run = build_run(cfg, acc)
     steps = total_steps(cfg, len(run.train_examples))
@@ -166,6 +171,7 @@ def setup(cfg, acc, plan: TrainPlan) -> Training:
         cfg, acc, run, steps, scorer=HeldoutScorer(run, acc, cfg.train.checkpoint.heldout_sequences)
     )
     start = ckpt.resume(model, optimizer, scheduler)  # 0 unless a checkpoint is restored
+    owned.commit(run.info)  # every start-up check passed: only now config.yaml, run_info.json, train.log
     block_size, gamma = run.drafter_config.block_size, cfg.loss.decay_gamma
     parts = StepParts(
         acc=acc,
@@ -276,16 +282,21 @@ def checkpoint_hook(t: Training, done: int, metrics: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def finish_run(cfg, acc, run: RunSetup, model, summary: Dict[str, Any]) -> Path:
+def finish_run(
+    cfg, acc, run: RunSetup, model, summary: Dict[str, Any], checkpoint_metrics: Optional[dict] = None
+) -> Path:
     """After the last step, on every rank: gather the final weights; the main process saves them
     (``<out>/drafter``), evaluates, exports and writes ``train_summary.json`` (``summary`` plus the
-    evaluation and export results)."""
+    evaluation and export results). A re-run that trained no step (re-evaluate / re-export a finished
+    run) keeps the earlier record and appends to it; ``checkpoint_metrics`` (the resumed checkpoint's)
+    stand in when that record is missing."""
     acc.wait_for_everyone()
     drafter = engine_state.final_drafter(acc, run, model)  # full fp32 weights, gathered from any engine
     out_dir = run.out_dir
     if acc.is_main_process:
         result = dict(summary)
         save_native(drafter, out_dir / "drafter")
+        maybe_kill("kill_after_drafter", 0)
         if cfg.eval.enabled:
             from deepspec.training.setup import run_eval
 
@@ -295,7 +306,8 @@ def finish_run(cfg, acc, run: RunSetup, model, summary: Dict[str, Any]) -> Path:
         exported = export_after_training(cfg, drafter, out_dir, result.get("eval"))
         if exported is not None:
             result["export"] = str(exported.output_dir)
-        atomic.write_json(out_dir / "train_summary.json", result)
+        trained = summary.get("resumed_from_step", 0) < summary.get("train_steps", 1)
+        write_summary(out_dir, result, trained=trained, checkpoint_metrics=checkpoint_metrics)
     acc.wait_for_everyone()
     return out_dir
 
@@ -306,20 +318,21 @@ def train(cfg) -> Path:
         return Path(cfg.train.output_dir)
     plan = preflight(cfg)  # fails before anything is loaded or written
     acc = launch(cfg, plan)
-    t = setup(cfg, acc, plan)
-    metrics = MetricsHook(t)
-    t0 = time.time()
-    for step in range(t.start, t.steps):
-        batches = [b.to(acc.device) for b in rank_micro_batches(t.run, step, t.accum, acc.process_index)]
-        result = train_step(t.parts, step, batches)
-        metrics(step + 1, result)
-        checkpoint_hook(t, step + 1, metrics.last)
-    t.logger.close()
-    summary = {
-        "train_steps": t.steps,
-        "resumed_from_step": t.start,
-        "skipped_steps": t.parts.guard.skipped,
-        "train_time_s": time.time() - t0,
-        "final_metrics": metrics.last,
-    }
-    return finish_run(cfg, acc, t.run, t.parts.model, summary)
+    with RunDir(cfg, acc.is_main_process) as owned:  # the lock: refuses a folder another run is using
+        t = setup(cfg, acc, plan, owned)
+        metrics = MetricsHook(t)
+        t0 = time.time()
+        for step in range(t.start, t.steps):
+            batches = [b.to(acc.device) for b in rank_micro_batches(t.run, step, t.accum, acc.process_index)]
+            result = train_step(t.parts, step, batches)
+            metrics(step + 1, result)
+            checkpoint_hook(t, step + 1, metrics.last)
+        t.logger.close()
+        summary = {
+            "train_steps": t.steps,
+            "resumed_from_step": t.start,
+            "skipped_steps": t.parts.guard.skipped,
+            "train_time_s": time.time() - t0,
+            "final_metrics": metrics.last,
+        }
+        return finish_run(cfg, acc, t.run, t.parts.model, summary, t.ckpt.resumed_metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import resource
 import time
 from pathlib import Path
@@ -21,24 +20,18 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from deepspec import atomic
+from deepspec.secrets import redact
+from deepspec.training.faults import maybe_kill
 
 log = logging.getLogger("deepspec")
 
-_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd|credentials?)$", re.IGNORECASE)
 # Flat metric name -> TensorBoard / W&B tag.
 _GROUPS = {"tokens_per_s": "perf", "peak_mem_gb": "perf", "step_time_s": "perf", "skipped_steps": "train"}
 
 
 def scrub_secrets(obj):
     """A copy of a nested dict/list with credential-like keys (hub/API tokens, passwords) redacted."""
-    if isinstance(obj, dict):
-        return {
-            k: ("<redacted>" if _SECRET_KEY.search(str(k)) and obj[k] not in (None, "") else scrub_secrets(v))
-            for k, v in obj.items()
-        }
-    if isinstance(obj, list):
-        return [scrub_secrets(v) for v in obj]
-    return obj
+    return redact(obj)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -101,6 +94,7 @@ class RunLogger:
         rec = {"step": step, **metrics}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        maybe_kill("kill_after_metrics", step)
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
         if self.tb is not None:
             for k, v in numeric.items():

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from omegaconf import OmegaConf
-
 from deepspec.config import validate
 
 
@@ -91,6 +89,8 @@ def describe_plan(cfg) -> str:
 
 
 def dry_run(cfg) -> str:
-    text = OmegaConf.to_yaml(cfg, resolve=True) + "\n" + describe_plan(cfg)
+    from deepspec.secrets import config_yaml
+
+    text = config_yaml(cfg) + "\n" + describe_plan(cfg)
     print(text)
     return text

@@ -8,9 +8,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
-from deepspec import atomic
 from deepspec.config import DataSource, check_choice
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
@@ -38,6 +36,7 @@ class RunSetup:
     pad_id: int
     heldout_records: Optional[List[dict]] = None  # held-out chat records (checkpoint-time τ estimate)
     feature_source: Optional[Callable] = None  # data.source=cache: batch -> TargetOutput from the cache
+    info: Optional[dict] = None  # run_info.json, written once the start is accepted
 
     @property
     def lm_head(self):
@@ -152,11 +151,8 @@ def train_examples(cfg, tokenizer, records: List[dict]) -> List[Example]:
 
 
 def build_run(cfg, accelerator) -> RunSetup:
+    # Nothing is written here: provenance waits until every start-up check passed (run_dir.RunDir.commit).
     out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        atomic.write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
     info = open_target(cfg, accelerator)
     path, tokenizer, target_config, trc = info.path, info.tokenizer, info.config, info.trust_remote_code
     dc = resolve_drafter_config(cfg.model, target_config, mask_token_id=tokenizer.mask_token_id)
@@ -192,17 +188,16 @@ def build_run(cfg, accelerator) -> RunSetup:
         heldout_records = splits["heldout"]
         eval_records = heldout_records[: cfg.eval.num_prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run_info = {
+        "target": path,
+        "drafter": dc.to_dict() | {"target_config": "<omitted>"},
+        "train_sequences": len(examples),
+        "eval_prompts": len(eval_records),
+        "trainable_params": sum(p.numel() for p in drafter.trainable_parameters()),
+        "target_shard": str(cfg.target.shard),
+        "target_param_bytes_per_rank": local_param_bytes(target.model),
+    }
     if accelerator.is_main_process:
-        info = {
-            "target": path,
-            "drafter": dc.to_dict() | {"target_config": "<omitted>"},
-            "train_sequences": len(examples),
-            "eval_prompts": len(eval_records),
-            "trainable_params": sum(p.numel() for p in drafter.trainable_parameters()),
-            "target_shard": str(cfg.target.shard),
-            "target_param_bytes_per_rank": local_param_bytes(target.model),
-        }
-        atomic.write_json(out_dir / "run_info.json", info)
         log.info(
             "target %s | drafter layers=%s ids=%s | %d train sequences",
             path,
@@ -210,7 +205,7 @@ def build_run(cfg, accelerator) -> RunSetup:
             dc.target_layer_ids,
             len(examples),
         )
-    return RunSetup(
+    run = RunSetup(
         cfg,
         out_dir,
         path,
@@ -224,6 +219,8 @@ def build_run(cfg, accelerator) -> RunSetup:
         heldout_records,
         feature_source,
     )
+    run.info = run_info
+    return run
 
 
 def maybe_compile(drafter, train_cfg) -> None:
