@@ -189,8 +189,11 @@ def test_resume_reads_a_checkpoint_written_before_the_drafter_key_rename(one_ste
 
     def write_old(spec: dict) -> None:
         f.write_text(json.dumps(spec))
-        trainer = ckpt(out, 1) / "trainer_state.json"  # it records each file's size
+        # A checkpoint of that time: trainer_state.json recorded sizes only, no hashes, no self-hash.
+        trainer = ckpt(out, 1) / "trainer_state.json"
         st = json.loads(trainer.read_text())
+        st.pop("state_sha256", None)
+        st["files"] = {k: (v["size"] if isinstance(v, dict) else v) for k, v in st["files"].items()}
         st["files"]["drafter_config.json"] = f.stat().st_size
         trainer.write_text(json.dumps(st))
 
