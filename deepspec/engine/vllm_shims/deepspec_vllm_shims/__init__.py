@@ -3,6 +3,4 @@
 - ``triton_cpu``: a Triton backend named "cpu" whose kernels run in Triton's interpreter
   (``TRITON_INTERPRET=1``). vLLM's Model Runner V2, the only runner that drafts with DSpark, launches
   Triton kernels for its input preparation and sampling; the PyPI Triton has no CPU backend.
-- ``kv_connector``: a KV connector for ``method="extract_hidden_states"`` that keeps everything on
-  the CPU (no pinned memory, no CUDA streams).
 """
