@@ -43,7 +43,8 @@ def vllm_server(
     if served_name:
         cmd += ["--served-model-name", served_name]
     cmd += list(extra_args)
-    with started(cmd, engine_env(), Path(log)) as proc:
+    spec = any(a.startswith("--speculative") for a in extra_args)
+    with started(cmd, engine_env(spec_decode=spec), Path(log)) as proc:
         wait_http(f"http://127.0.0.1:{port}/health", proc, Path(log), timeout_s, "vLLM server")
         yield Server(f"http://127.0.0.1:{port}/v1", port, proc.pid, Path(log))
     deadline = time.monotonic() + 10

@@ -65,9 +65,12 @@ def find_vllm_python(vllm_python: Optional[str] = None, setup: bool = True, log=
     return str(python)
 
 
-def engine_env(on_cpu: Optional[bool] = None, kv_cache_gib: int = 1) -> Dict[str, str]:
-    """Environment for a vLLM process. On a CPU-only machine: Model Runner V2 (the one that drafts
-    with DSpark) and Triton's interpreter behind our "cpu" Triton backend."""
+def engine_env(
+    on_cpu: Optional[bool] = None, kv_cache_gib: int = 1, spec_decode: bool = True
+) -> Dict[str, str]:
+    """Environment for a vLLM process. On a CPU-only machine with ``spec_decode``: Model Runner V2
+    (the one that drafts with DSpark) and Triton's interpreter behind our "cpu" Triton backend.
+    Without speculative decoding the default CPU runner needs no Triton (and is much faster)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     if on_cpu is None:
         import torch
@@ -75,10 +78,7 @@ def engine_env(on_cpu: Optional[bool] = None, kv_cache_gib: int = 1) -> Dict[str
         on_cpu = not torch.cuda.is_available()
     env.update(TOKENIZERS_PARALLELISM="false", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     if on_cpu:
-        env.update(
-            TRITON_INTERPRET="1",
-            VLLM_USE_V2_MODEL_RUNNER="1",
-            VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib),
-            OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
-        )
+        env.update(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
+        if spec_decode:
+            env.update(TRITON_INTERPRET="1", VLLM_USE_V2_MODEL_RUNNER="1")
     return env

@@ -13,6 +13,12 @@ import time
 from triton.backends.compiler import GPUTarget
 from triton.backends.driver import DriverBase
 
+from deepspec_vllm_shims.triton_cpu import interpreter_fix
+
+# Triton imports this module while it discovers backends, before any kernel runs: the place to
+# arrange the interpreter fix in every process that uses Triton.
+interpreter_fix.install()
+
 TARGET = GPUTarget("cpu", "interpreter", 1)
 
 
