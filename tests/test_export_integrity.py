@@ -113,3 +113,16 @@ def test_a_killed_exports_staging_folder_is_removed_next_time(local_run, tmp_pat
     assert not stale.exists() and not legacy.exists() and live.exists()
     assert "left by an interrupted export" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name])
+
+
+def test_training_with_a_push_and_a_local_verifier_is_refused_at_start(monkeypatch, tmp_path):
+    from train_fixtures import compose
+
+    from deepspec.training.loop import preflight
+
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 30)
+    push = ["export.push_to_hub=true", "export.repo_id=u/r", f"train.output_dir={tmp_path / 'run'}"]
+    with pytest.raises(LocalVerifierError, match="local model 'tiny'.*export.base_model="):
+        preflight(compose(push))
+    assert not (tmp_path / "run").exists()
+    preflight(compose(push + ["export.base_model=Qwen/Qwen3-0.6B"]))  # a Hub id: accepted
