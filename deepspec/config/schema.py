@@ -92,6 +92,9 @@ class DrafterConfig:
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     init_std: float = 0.02
+    # 0 = the target's whole vocabulary; d > 0 keeps the d target tokens most frequent in the training
+    # answers (plus the tokens decoding needs: EOS, end of turn, ...) as the drafter's output vocabulary
+    draft_vocab_size: int = 0
     attn_impl: AttnImpl = AttnImpl.auto  # auto = flex attention on CUDA when available, else SDPA
 
 
@@ -109,6 +112,9 @@ class LossConfig:
     # Hand the loss the target's final hiddens + lm_head instead of its [B, A, γ, V] logits; the lean
     # loss computes them per chunk (one fewer batch x vocab tensor, two extra lm_head matmuls).
     lazy_target_logits: bool = False
+    # Also the drafter's logits and the Markov bias a chunk of block positions at a time (lean loss
+    # only): no [positions x vocab] tensor at all; the head matmuls are recomputed in backward.
+    chunked_head: bool = False
 
 
 @dataclass

@@ -102,6 +102,7 @@ RANGES: Dict[str, Range] = {
     "model.num_target_features": _ge(1),
     "model.markov_rank": _ge(0, "0 = Markov head off"),
     "model.init_std": _gt(0),
+    "model.draft_vocab_size": _ge(0, "0 = the target's whole vocabulary"),
     # loss
     "loss.ce_weight": _ge(0),
     "loss.l1_weight": _ge(0),
@@ -304,6 +305,19 @@ def _check_across(get) -> None:
                     else ""
                 )
                 + ": the drafter would learn nothing; give at least one a positive weight"
+            )
+    d = get("model.draft_vocab_size")
+    if d not in (_MISSING, None, 0):
+        if kind == "eagle3":
+            raise ConfigError(
+                f"model.draft_vocab_size={d}: the EAGLE-3 baseline drafts over the whole vocabulary here; "
+                "use 0 or model.kind=dspark|dflash"
+            )
+        tiny_v = get("target.tiny.vocab_size")
+        if get("target.name_or_path") == "tiny" and tiny_v is not _MISSING and d > tiny_v:
+            raise ConfigError(
+                f"model.draft_vocab_size={d} is larger than the target's vocabulary "
+                f"(target.tiny.vocab_size={tiny_v}); expected 0 or a size in [1, {tiny_v}]"
             )
     g, m = get("train.global_batch_size"), get("train.micro_batch_size")
     if _MISSING not in (g, m) and g % m:

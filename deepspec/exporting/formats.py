@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from deepspec.config import ExportFormat, allowed, check_choice
 from deepspec.exporting.io import ExportInputError
-from deepspec.exporting.native import config_from_native, gemma4_keys, native_config
+from deepspec.exporting.native import config_from_native, draft_vocab_from, gemma4_keys, native_config
 from deepspec.models.config import DrafterSpec
 from deepspec.models.families import family_named
 
@@ -67,6 +67,7 @@ _NOT_LAYER_KEYS = (
     "target_model_type",
     "target_text_model_type",
     "drafter_kind",
+    "draft_vocab_size",
 )
 # Markov heads each format's runtime computes (the native format is DeepSpec's: all of them).
 MARKOV_HEADS_BY_FORMAT = {"native": ("vanilla", "gated", "rnn"), "speculators": ("vanilla",), "dflash": ()}
@@ -144,6 +145,13 @@ def check_format_carries(c: DrafterSpec, fmt: str) -> None:
         )
     if c.markov_enabled:
         check_markov_head(c.markov_head_type, fmt)
+    if c.pruned and fmt == "dflash":
+        raise FormatError(
+            f"export.format=dflash cannot carry a draft vocabulary (model.draft_vocab_size="
+            f"{c.draft_vocab_size}): the z-lab DFlash format has no d2t/t2d maps and shares the target's "
+            "whole lm_head. Export with export.format=native or speculators, or train with "
+            "model.draft_vocab_size=0"
+        )
 
 
 def check_markov_head(head_type: str, fmt: str) -> None:
@@ -212,7 +220,8 @@ def to_speculators(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
         "mask_token_id": c.mask_token_id,
         "block_size": c.block_size,
         "target_hidden_size": c.target_hidden_size,
-        "draft_vocab_size": c.vocab_size,
+        # d2t (int64 offsets: target id = i + d2t[i]) and t2d (bool [V]) travel in the weights.
+        "draft_vocab_size": c.out_vocab_size,
         "markov_rank": c.markov_rank,
         "markov_head_type": c.markov_head_type,
         "enable_confidence_head": c.enable_confidence_head,
@@ -255,6 +264,7 @@ def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> Drafter
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
         sts_temperatures=cfg.get("sts_temperatures"),
+        draft_vocab_size=draft_vocab_from(cfg, int(arch["vocab_size"])),
         target_config=target,
     )
 

@@ -17,6 +17,7 @@ from deepspec import atomic
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec
 from deepspec.models.families import family_named, text_config
+from deepspec.models.vocab import check_maps
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -34,6 +35,7 @@ _ARCH_KEYS = (
 # Keys of the native config.json that are the drafter's, not the target's.
 DRAFTER_KEYS = (
     "architectures",
+    "draft_vocab_size",
     "num_target_layers",
     "block_size",
     "mask_token_id",
@@ -94,6 +96,8 @@ def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
         markov_head_type=c.markov_head_type,
         enable_confidence_head=c.enable_confidence_head,
         confidence_head_with_markov=c.confidence_head_with_markov,
+        # The output layer's rows (vLLM's meaning): vocab_size when the drafter has the whole vocabulary.
+        draft_vocab_size=c.out_vocab_size,
         tie_word_embeddings=False,
         torch_dtype=dtype,
         dtype=dtype,  # transformers 5 reads `dtype`; the target's own value would be stale here
@@ -135,10 +139,28 @@ def config_from_native(cfg: Dict[str, Any]) -> DrafterSpec:
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
         sts_temperatures=cfg.get("sts_temperatures"),
+        draft_vocab_size=draft_vocab_from(cfg, int(arch["vocab_size"])),
         # drafter_architecture: the key's name in exports written before drafter_kind (dspark|eagle3).
         kind=cfg.get("drafter_kind", cfg.get("drafter_architecture", "dspark")),
         target_config=target,
     )
+
+
+def draft_vocab_from(cfg: Dict[str, Any], vocab_size: int) -> int:
+    """``model.draft_vocab_size`` from a config's ``draft_vocab_size`` (absent or = vocab_size: 0, whole)."""
+    d = int(cfg.get("draft_vocab_size") or 0)
+    return d if 0 < d < vocab_size else 0
+
+
+def export_tensor(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A state-dict tensor as written: weights in the export dtype, the int64/bool vocabulary maps as they are."""
+    v = v.detach().to("cpu")
+    return (v.to(dtype) if v.is_floating_point() else v).contiguous()
+
+
+def check_drafter_maps(drafter: Drafter, where: str) -> None:
+    if drafter.config.pruned:
+        check_maps(drafter.d2t, drafter.t2d, drafter.config.vocab_size, where)
 
 
 def save_native(drafter: Drafter, out_dir: str | os.PathLike, dtype: str = "bfloat16") -> Path:
@@ -147,7 +169,7 @@ def save_native(drafter: Drafter, out_dir: str | os.PathLike, dtype: str = "bflo
         raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in drafter.state_dict().items()}
+    tensors = {k: export_tensor(v, DTYPES[dtype]) for k, v in drafter.state_dict().items()}
     atomic.write_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
     atomic.write_json(out / "config.json", native_config(drafter.config, dtype), sort_keys=True)
     return out
@@ -173,5 +195,6 @@ def load_native(
         raise ValueError(
             f"{p / 'model.safetensors'}: missing tensors {missing}, unexpected tensors {unexpected}"
         )
+    check_drafter_maps(drafter, str(p / "model.safetensors"))
     drafter.freeze_target_head()
     return drafter.to(device=device, dtype=dtype).eval()

@@ -31,9 +31,10 @@ from deepspec.exporting.io import (
     read_json,
     read_tensors,
 )
-from deepspec.exporting.native import DTYPES
+from deepspec.exporting.native import DTYPES, check_drafter_maps, export_tensor
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec
+from deepspec.models.vocab import ids_from_d2t
 
 SIDECAR_NAME = "deepspec_export.json"
 EXPORT_DTYPES = allowed(ExportDtype)
@@ -125,10 +126,11 @@ def export_drafter(
     out = Path(out_dir)
     check_output_dir(out, overwrite, protected, overwrite_training_run)
 
+    # A pruned drafter's lm_head holds only its draft vocabulary's rows: an engine cannot share the
+    # target's, so it is written even when the embeddings are left out.
+    dropped = () if with_embed else (EMBED_KEYS[:1] if c.pruned else EMBED_KEYS)
     tensors = {
-        k: v.detach().to("cpu", DTYPES[dtype])
-        for k, v in drafter.state_dict().items()
-        if with_embed or k not in EMBED_KEYS
+        k: export_tensor(v, DTYPES[dtype]) for k, v in drafter.state_dict().items() if k not in dropped
     }
     logits, conf = drafter_outputs(drafter)
     sidecar = {
@@ -182,13 +184,28 @@ def load_export(
     state = read_tensors(p / WEIGHTS_NAME)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build_drafter(c).state_dict().items()}
-    if not any(k in state for k in EMBED_KEYS):
-        if target_embed is None or target_lm_head is None:
+    if (
+        c.pruned
+        and "t2d" in state
+        and target_embed is not None
+        and state["t2d"].numel() != target_embed.shape[0]
+    ):
+        raise ExportInputError(
+            f"{p / WEIGHTS_NAME}: the draft vocabulary maps a {state['t2d'].numel()}-token target vocabulary, "
+            f"but the target's embedding has {target_embed.shape[0]} rows; pair it with the target it was trained against"
+        )
+    if not any(k in state for k in EMBED_KEYS[:1]):
+        if target_embed is None or (EMBED_KEYS[1] not in state and target_lm_head is None):
             raise ExportInputError(
                 f"{p / WEIGHTS_NAME} has no embed_tokens/lm_head (shared from the verifier); pass the target's "
                 "embedding and lm_head weights (load_export(..., target_embed=..., target_lm_head=...) or --target)"
             )
-        state = {**state, EMBED_KEYS[0]: target_embed, EMBED_KEYS[1]: target_lm_head}
+        state = {**state, EMBED_KEYS[0]: target_embed}
+        if EMBED_KEYS[1] not in state:
+            head = target_lm_head
+            if c.pruned and "d2t" in state and head.shape[0] == c.vocab_size:
+                head = head.index_select(0, ids_from_d2t(state["d2t"]))  # the draft vocabulary's rows
+            state[EMBED_KEYS[1]] = head
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
@@ -203,7 +220,10 @@ def load_export(
     if bad:
         raise ExportInputError(f"{p / WEIGHTS_NAME}: wrong tensor shapes: {'; '.join(bad)}")
     drafter = build_drafter(c)
-    drafter.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    drafter.load_state_dict(
+        {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
+    )
+    check_drafter_maps(drafter, str(p / WEIGHTS_NAME))
     drafter.freeze_target_head()
     return drafter.to(dtype).eval()
 

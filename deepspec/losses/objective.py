@@ -82,9 +82,15 @@ def dspark_loss(
     targets: BlockTargets,
     loss_cfg,
     denominator: float,
+    draft_ids: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """draft_logits/tgt_logits [B, A, γ, V] (tgt_logits may be lazy: ``target_logits(..., lazy=True)``);
-    confidence_logits [B, A, γ] or None.
+    """draft_logits [B, A, γ, d], tgt_logits [B, A, γ, V] (tgt_logits may be lazy:
+    ``target_logits(..., lazy=True)``; draft_logits may be the drafter's HeadFactors with
+    ``loss.chunked_head``); confidence_logits [B, A, γ] or None.
+
+    ``draft_ids`` [d]: the target id of each draft id when the drafter has a draft vocabulary
+    (docs/training.md, "Draft vocabulary"): a label it cannot draft adds no CE, and the target's
+    mass outside the draft vocabulary counts fully in L1 (q is 0 there).
 
     ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/losses/vocab_terms.py)
     or "reference" (the literal full-vocabulary version); both give the same values and gradients.
@@ -102,11 +108,14 @@ def dspark_loss(
             targets.valid,
             int(getattr(loss_cfg, "chunk_size", 0)),
             with_soft_ce=soft_w != 0,
+            draft_ids=draft_ids,
         )
     else:
-        ce, sce, l1 = reference_row_stats(draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0)
+        ce, sce, l1 = reference_row_stats(
+            draft_logits, tgt_logits, targets.labels, with_soft_ce=soft_w != 0, draft_ids=draft_ids
+        )
     accept = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)  # c*_k, analytic acceptance at T=1
-    zero = draft_logits.new_zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=targets.valid.device)
     bce = zero
     if confidence_logits is not None:
         bce = F.binary_cross_entropy_with_logits(confidence_logits.float(), accept, reduction="none")

@@ -118,29 +118,94 @@ def _for_each(fn: Callable, chunks: List, device: torch.device) -> None:
         torch.set_num_threads(threads)
 
 
+class Vocab:
+    """How the draft vocabulary sits in the target's (None throughout for a whole-vocabulary drafter).
+
+    ``ids`` [d]: target id of each draft id; ``outside`` [V]: True where a target token cannot be
+    drafted. Labels reach the loss already mapped to draft ids, -1 where they cannot be drafted.
+    """
+
+    def __init__(self, ids: Optional[torch.Tensor], vocab_size: int = 0) -> None:
+        self.ids = ids
+        self.outside = None
+        if ids is not None:
+            self.outside = torch.ones(vocab_size, dtype=torch.bool, device=ids.device)
+            self.outside[ids] = False
+
+    def target_probs(self, tgt_rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """p over the draft vocabulary [c, d] and the target's mass outside it [c] (None when full)."""
+        p = torch.softmax(tgt_rows, dim=-1)
+        if self.ids is None:
+            return p, None
+        return p.index_select(1, self.ids), p.masked_fill_(~self.outside, 0.0).sum(-1)
+
+
+def row_stats(zrows, tgt_rows, lab, vocab: Vocab, with_soft_ce: bool):
+    """(ce, soft_ce, l1) of one chunk of rows (fp32). A label that cannot be drafted (-1) adds no CE;
+    the target mass outside the draft vocabulary adds to L1 (q is 0 there: |0 - p| = p)."""
+    logq = torch.log_softmax(zrows, dim=-1)
+    ok = lab >= 0
+    ce = -torch.gather(logq, 1, lab.clamp(min=0).unsqueeze(1)).squeeze(1) * ok
+    p, out = vocab.target_probs(tgt_rows)
+    sce = -_rowdot(p, logq) if with_soft_ce else None
+    l1 = logq.exp_().sub_(p).abs_().sum(-1)
+    if out is not None:
+        l1 = l1 + out
+    return ce, sce, l1
+
+
+def row_grad(zrows, tgt_rows, lab, vocab: Vocab, gc, gs, gl, use_l1: bool, use_sce: bool) -> torch.Tensor:
+    """d(gc·ce + gs·sce + gl·l1)/dz for one chunk of rows (fp32 [c, d])."""
+    # exp(log_softmax) as in the forward (and the literal version), so that sign(q - p) agrees with
+    # it even where q and p differ only by rounding.
+    q = torch.log_softmax(zrows, dim=-1).exp_()
+    if use_l1 or use_sce:
+        p, _ = vocab.target_probs(tgt_rows)
+    # soft CE: d/dz = q·Σp - p (Σp = 1 over the whole vocabulary, less over a draft vocabulary)
+    ok = lab >= 0
+    gc = gc * ok  # a label that cannot be drafted adds no CE, so no gradient either
+    qs = gc + gs if not (use_sce and vocab.ids is not None) else gc + gs * p.sum(-1)
+    if use_l1:  # q ⊙ (s - <s, q>) · g_l1
+        s = torch.sub(q, p).sign_()
+        g = s.sub_(_rowdot(s, q).unsqueeze(1)).mul_(q).mul_(gl.unsqueeze(1))
+        g.addcmul_(q, qs.unsqueeze(1))
+    else:
+        g = q.mul_(qs.unsqueeze(1))
+    if use_sce:
+        g.addcmul_(p, gs.unsqueeze(1), value=-1.0)
+    g.scatter_add_(1, lab.clamp(min=0).unsqueeze(1), -gc.unsqueeze(1))
+    return g
+
+
+def grad_scales(g_ce, g_sce, g_l1, n: int, device):
+    zeros = torch.zeros(n, dtype=torch.float32, device=device)
+    g_ce = zeros if g_ce is None else g_ce.float()
+    g_sce = zeros if g_sce is None else g_sce.float()
+    use_l1 = g_l1 is not None and bool(g_l1.any())
+    g_l1 = zeros if g_l1 is None else g_l1.float()
+    return g_ce, g_sce, g_l1, use_l1, bool(g_sce.any())
+
+
 class BlockRowStats(torch.autograd.Function):
-    """(ce, soft_ce, l1) per row of ``logits`` [N, V] against ``tgt_logits`` [N, V] (a tensor, or a
-    :class:`HeadLogits` with hidden [N, H]) and ``labels`` [N].
+    """(ce, soft_ce, l1) per row of ``logits`` [N, d] against ``tgt_logits`` [N, V] (a tensor, or a
+    :class:`HeadLogits` with hidden [N, H]) and ``labels`` [N] (draft ids, -1 = cannot be drafted).
 
     ``active`` (1-D long, sorted) restricts the work to rows that carry weight; the others get 0 and
     a zero gradient. Only ``logits`` receives a gradient.
     """
 
     @staticmethod
-    def forward(ctx, logits, tgt_logits, labels, active, chunk_rows: int, with_soft_ce: bool):
+    def forward(ctx, logits, tgt_logits, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab):
         n = logits.shape[0]
         ce = torch.zeros(n, dtype=torch.float32, device=logits.device)
         sce = torch.zeros_like(ce)
         l1 = torch.zeros_like(ce)
 
         def chunk(sel):  # fp32 throughout, like the literal version's elementwise ops
-            logq = torch.log_softmax(_rows(logits, sel), dim=-1)
-            ce[sel] = -torch.gather(logq, 1, labels[sel].unsqueeze(1)).squeeze(1)
-            p = torch.softmax(_rows(tgt_logits, sel), dim=-1)
-            if with_soft_ce:
-                sce[sel] = -_rowdot(p, logq)
-            q = logq.exp_()
-            l1[sel] = q.sub_(p).abs_().sum(-1)
+            c, s, l_ = row_stats(_rows(logits, sel), _rows(tgt_logits, sel), labels[sel], vocab, with_soft_ce)
+            ce[sel], l1[sel] = c, l_
+            if s is not None:
+                sce[sel] = s
 
         _for_each(chunk, _chunks(active, n, chunk_rows), logits.device)
         ctx.lazy_tgt = tgt_logits if isinstance(tgt_logits, HeadLogits) else None
@@ -148,6 +213,7 @@ class BlockRowStats(torch.autograd.Function):
         ctx.save_for_backward(logits, tgt_saved, labels, active if active is not None else torch.empty(0))
         ctx.has_active = active is not None
         ctx.chunk_rows = chunk_rows
+        ctx.vocab = vocab
         return ce, sce, l1
 
     @staticmethod
@@ -156,77 +222,97 @@ class BlockRowStats(torch.autograd.Function):
         if ctx.lazy_tgt is not None:
             tgt_logits = ctx.lazy_tgt
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         active = active if ctx.has_active else None
         n = logits.shape[0]
-        zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
-        g_ce = zeros if g_ce is None else g_ce.float()
-        g_sce = zeros if g_sce is None else g_sce.float()
-        use_l1 = g_l1 is not None and bool(g_l1.any())
-        use_sce = bool(g_sce.any())
-        g_l1 = zeros if g_l1 is None else g_l1.float()
+        g_ce, g_sce, g_l1, use_l1, use_sce = grad_scales(g_ce, g_sce, g_l1, n, logits.device)
         full = active is None or active.numel() == n
         grad = (torch.empty_like if full else torch.zeros_like)(logits)
 
         def chunk(sel):
-            # exp(log_softmax) as in the forward (and the literal version), so that sign(q - p)
-            # agrees with it even where q and p differ only by rounding.
-            q = torch.log_softmax(_rows(logits, sel), dim=-1).exp_()
-            gc, gs, gl = g_ce[sel], g_sce[sel], g_l1[sel]
-            if use_l1 or use_sce:
-                p = torch.softmax(_rows(tgt_logits, sel), dim=-1)
-            if use_l1:  # q ⊙ (s - <s, q>) · g_l1
-                s = torch.sub(q, p).sign_()
-                g = s.sub_(_rowdot(s, q).unsqueeze(1)).mul_(q).mul_(gl.unsqueeze(1))
-                g.addcmul_(q, (gc + gs).unsqueeze(1))
-            else:
-                g = q.mul_((gc + gs).unsqueeze(1))
-            if use_sce:
-                g.addcmul_(p, gs.unsqueeze(1), value=-1.0)
-            g.scatter_add_(1, labels[sel].unsqueeze(1), -gc.unsqueeze(1))
+            g = row_grad(
+                _rows(logits, sel), _rows(tgt_logits, sel), labels[sel], ctx.vocab,
+                g_ce[sel], g_sce[sel], g_l1[sel], use_l1, use_sce,
+            )  # fmt: skip
             grad[sel] = g.to(grad.dtype)
 
         _for_each(chunk, _chunks(active, n, ctx.chunk_rows), logits.device)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def block_row_stats(
-    logits: torch.Tensor,
+    logits,
     tgt_logits: Logits,
     labels: torch.Tensor,
     valid: Optional[torch.Tensor] = None,
     chunk_rows: int = 0,
     with_soft_ce: bool = False,
+    draft_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits/tgt_logits [..., V], labels [...] -> (ce, soft_ce, l1), each [...] fp32.
+    """logits [..., d], tgt_logits [..., V], labels [...] (target ids) -> (ce, soft_ce, l1), each [...] fp32.
 
     ``valid`` [...] (optional): rows where it is 0 are skipped (their values and gradients are 0).
-    ``tgt_logits`` may be a :class:`HeadLogits` (computed per chunk, never stored whole).
+    ``tgt_logits`` may be a :class:`HeadLogits` (computed per chunk, never stored whole); ``logits``
+    may be the drafter's :class:`~deepspec.models.base.HeadFactors` (``loss.chunked_head``).
+    ``draft_ids`` [d]: the target id of each draft id when the drafter has a draft vocabulary.
     """
+    from deepspec.losses.chunked_head import factored_row_stats
+    from deepspec.models.base import HeadFactors
+    from deepspec.models.vocab import target_to_draft_index
+
     shape = labels.shape
-    v = logits.shape[-1]
-    z = logits.reshape(-1, v)
-    t = tgt_logits.reshape_rows() if isinstance(tgt_logits, HeadLogits) else tgt_logits.reshape(-1, v)
+    big_v = tgt_logits.shape[-1]
+    t = tgt_logits.reshape_rows() if isinstance(tgt_logits, HeadLogits) else tgt_logits.reshape(-1, big_v)
     y = labels.reshape(-1)
+    if draft_ids is not None:
+        y = target_to_draft_index(draft_ids, big_v)[y]  # -1: cannot be drafted
+    vocab = Vocab(draft_ids, big_v)
     active = None
     if valid is not None:
         mask = valid.reshape(-1) > 0
         if not bool(mask.all()):
             active = torch.nonzero(mask).flatten()
-    rows = auto_chunk_rows(v, chunk_rows, logits.device)
+    if isinstance(logits, HeadFactors):
+        ce, sce, l1 = factored_row_stats(logits, t, y, active, chunk_rows, with_soft_ce, vocab)
+        return ce.view(shape), sce.view(shape), l1.view(shape)
+    v = logits.shape[-1]
+    z = logits.reshape(-1, v)
+    rows = auto_chunk_rows(max(v, big_v), chunk_rows, logits.device)
     if chunk_rows <= 0 and isinstance(t, HeadLogits):
         rows = max(rows, LAZY_MIN_ROWS)  # a chunk's target matmul reads all of lm_head: amortise it
-    ce, sce, l1 = BlockRowStats.apply(z, t, y, active, rows, with_soft_ce)
+    ce, sce, l1 = BlockRowStats.apply(z, t, y, active, rows, with_soft_ce, vocab)
     return ce.view(shape), sce.view(shape), l1.view(shape)
 
 
-def reference_row_stats(logits, tgt_logits, labels, with_soft_ce: bool = False):
-    """The literal version: full-vocabulary fp32 log-softmax and softmax of both, autograd keeps them."""
+def reference_row_stats(logits, tgt_logits, labels, with_soft_ce: bool = False, draft_ids=None):
+    """The literal version: full-vocabulary fp32 log-softmax and softmax of both, autograd keeps them.
+
+    With a draft vocabulary, q is scattered into the target's whole vocabulary (0 outside it) and
+    every term is taken there: CE counts only labels q can give (others: 0, no gradient), L1 is
+    Σ_V |q - p|, soft CE is -Σ p·log q over the tokens q can give.
+    """
+    from deepspec.models.base import HeadFactors
+
     if isinstance(tgt_logits, HeadLogits):
         tgt_logits = tgt_logits.materialize()
+    if isinstance(logits, HeadFactors):
+        f = logits
+        logits = f.hidden @ f.lm_head.t().to(f.hidden.dtype)
+        if f.markov_z is not None:
+            logits = logits + f.markov_z @ f.markov_w2.t().to(f.markov_z.dtype)
     logq = torch.log_softmax(logits.float(), dim=-1)
-    ce = -torch.gather(logq, -1, labels.unsqueeze(-1)).squeeze(-1)
     p = torch.softmax(tgt_logits.float(), dim=-1)
-    sce = -(p * logq).sum(-1) if with_soft_ce else torch.zeros_like(ce)
-    l1 = (logq.exp() - p).abs().sum(-1)
+    if draft_ids is None:
+        ce = -torch.gather(logq, -1, labels.unsqueeze(-1)).squeeze(-1)
+        sce = -(p * logq).sum(-1) if with_soft_ce else torch.zeros_like(ce)
+        l1 = (logq.exp() - p).abs().sum(-1)
+        return ce, sce, l1
+    full = logq.new_full((*logq.shape[:-1], p.shape[-1]), float("-inf")).index_copy(-1, draft_ids, logq)
+    lq = torch.gather(full, -1, labels.unsqueeze(-1)).squeeze(-1)
+    ce = torch.where(torch.isfinite(lq), -lq, torch.zeros_like(lq))
+    inside = torch.isfinite(full)
+    sce = (
+        -torch.where(inside, p * full, torch.zeros_like(p)).sum(-1) if with_soft_ce else torch.zeros_like(ce)
+    )
+    l1 = (full.exp() - p).abs().sum(-1)
     return ce, sce, l1

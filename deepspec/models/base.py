@@ -18,13 +18,30 @@ import torch.nn as nn
 from deepspec.models.config import DrafterSpec
 from deepspec.models.draft_cache import DraftCache
 from deepspec.models.rope import RotaryEmbedding
+from deepspec.models.vocab import check_maps, ids_from_d2t, maps_from_ids
 
 
 @dataclass
 class BlockOutput:
-    logits: torch.Tensor  # [B, A, γ, V] draft logits (backbone + Markov bias)
+    logits: torch.Tensor  # [B, A, γ, d] draft logits (backbone + Markov bias), or HeadFactors
     confidence_logits: Optional[torch.Tensor]  # [B, A, γ] pre-sigmoid, or None without the head
     hidden: torch.Tensor  # [B, A, γ, H] final-norm block hiddens
+
+
+@dataclass
+class HeadFactors:
+    """The drafter's logits ``hidden @ lm_head.T + markov_z @ markov_w2.T`` left unmultiplied
+    (``loss.chunked_head``): the lean loss forms them a chunk of block positions at a time and
+    recomputes them in backward, so no [positions x vocabulary] tensor exists."""
+
+    hidden: torch.Tensor  # [B, A, γ, H] final-norm block hiddens (carries the gradient)
+    lm_head: torch.Tensor  # [d, H] frozen
+    markov_z: Optional[torch.Tensor] = None  # [B, A, γ, r] the Markov head's factor (carries the gradient)
+    markov_w2: Optional[torch.Tensor] = None  # [d, r] trainable
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.lm_head.shape[0]))
 
 
 @dataclass
@@ -66,6 +83,41 @@ class Drafter(nn.Module):
         self.config = spec
         # The target's rotary table (RoPE scaling included): positions mean what they meant to the target.
         self.rotary = RotaryEmbedding(spec.rope, spec.head_dim, spec.max_position_embeddings)
+        if spec.pruned:
+            # The draft vocabulary's maps (deepspec/models/vocab.py), saved with the weights under the
+            # names engines read. Identity until set_draft_vocab / a loaded state dict fills them.
+            d2t, t2d = maps_from_ids(torch.arange(spec.draft_vocab_size), spec.vocab_size)
+            self.register_buffer("d2t", d2t)
+            self.register_buffer("t2d", t2d)
+
+    # ------------------------------------------------------------------ the draft vocabulary
+    def draft_ids(self) -> Optional[torch.Tensor]:
+        """Target id of each draft id (int64 [d]), or None for a drafter over the whole vocabulary."""
+        return ids_from_d2t(self.d2t) if self.config.pruned else None
+
+    def set_draft_vocab(self, draft_ids: torch.Tensor) -> None:
+        """Fill the maps from ascending target ids (call before :meth:`load_target_head`)."""
+        c = self.config
+        if not c.pruned:
+            raise ValueError(
+                "set_draft_vocab: this drafter has the whole vocabulary (model.draft_vocab_size=0)"
+            )
+        if draft_ids.numel() != c.draft_vocab_size:
+            raise ValueError(
+                f"{draft_ids.numel()} draft ids given; model.draft_vocab_size={c.draft_vocab_size}"
+            )
+        d2t, t2d = maps_from_ids(draft_ids.to(self.d2t.device), c.vocab_size)
+        check_maps(d2t, t2d, c.vocab_size)
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., d] -> target-vocabulary logits [..., V], -inf outside the draft
+        vocabulary (so the drafter's distribution is 0 there); unchanged for a whole-vocabulary drafter."""
+        if not self.config.pruned:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.draft_ids(), logits)
 
     # ------------------------------------------------------------------ the target's conventions
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -143,7 +195,15 @@ class Drafter(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def load_target_head(self, embed_weight: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
-        """Copy the target's embedding and lm_head in and freeze them."""
+        """Copy the target's embedding and lm_head in and freeze them. A pruned drafter keeps the
+        lm_head rows of its draft vocabulary (its maps must be set first)."""
+        if self.config.pruned:
+            if lm_head_weight.shape[0] != self.config.vocab_size:
+                raise ValueError(
+                    f"target lm_head has {lm_head_weight.shape[0]} rows; this drafter's draft vocabulary maps a "
+                    f"{self.config.vocab_size}-token target vocabulary"
+                )
+            lm_head_weight = lm_head_weight.index_select(0, self.draft_ids().to(lm_head_weight.device))
         for mod, w, name in (
             (self.embed_tokens, embed_weight, "embedding"),
             (self.lm_head, lm_head_weight, "lm_head"),

@@ -56,6 +56,10 @@ class DrafterSpec:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    # Draft vocabulary (docs/training.md, "Draft vocabulary"): 0 = the target's whole vocabulary; else
+    # the drafter's output layer and the Markov head's output factor have this many rows, mapped to
+    # target ids by the drafter's ``d2t``/``t2d`` buffers.
+    draft_vocab_size: int = 0
     kind: str = "dspark"  # one of KINDS; a dspark with both heads off is stored as dflash
     # Attention kernel: sdpa (explicit boolean mask), flex (CUDA flex attention), auto = flex on CUDA
     # when importable, else sdpa. A runtime choice: it never changes the numbers beyond rounding.
@@ -80,6 +84,15 @@ class DrafterSpec:
         if self.kind == "dspark" and not self.markov_rank and not self.enable_confidence_head:
             self.kind = "dflash"
         validate(self)
+
+    @property
+    def out_vocab_size(self) -> int:
+        """Rows of the drafter's output layer: the draft vocabulary, or the target's whole vocabulary."""
+        return self.draft_vocab_size or self.vocab_size
+
+    @property
+    def pruned(self) -> bool:
+        return 0 < self.draft_vocab_size < self.vocab_size
 
     @property
     def num_features(self) -> int:
@@ -162,6 +175,16 @@ def validate(c: DrafterSpec) -> None:
             f"(vocab_size={c.vocab_size}); expected an id in [0, {c.vocab_size - 1}]"
         )
     check_layer_ids(list(c.target_layer_ids), c.num_target_layers)
+    if not 0 <= c.draft_vocab_size <= c.vocab_size:
+        raise ValueError(
+            f"model.draft_vocab_size={c.draft_vocab_size} is larger than the target's vocabulary "
+            f"(vocab_size={c.vocab_size}); expected 0 (the whole vocabulary) or a size in [1, {c.vocab_size}]"
+        )
+    if c.draft_vocab_size and c.kind == "eagle3":
+        raise ValueError(
+            "model.draft_vocab_size: the EAGLE-3 baseline drafts over the whole vocabulary here; "
+            "set model.draft_vocab_size=0 or use model.kind=dspark|dflash"
+        )
     validate_user_config(c, prefix="model")
     if c.kind in ("dflash", "eagle3") and (c.markov_rank or c.enable_confidence_head):
         raise ValueError(
@@ -222,6 +245,7 @@ def resolve_drafter_config(
         markov_head_type=str(drafter_cfg.markov_head_type),
         enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
         confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
+        draft_vocab_size=int(getattr(drafter_cfg, "draft_vocab_size", 0) or 0),
         kind=str(kind),  # a plain string: the spec is written to json, yaml and model cards
         attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),
         target_config=dict(target_config),

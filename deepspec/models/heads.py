@@ -24,7 +24,8 @@ class MarkovHead(nn.Module):
         self.kind = c.markov_head_type
         self.rank = r
         self.markov_w1 = nn.Embedding(c.vocab_size, r)
-        self.markov_w2 = nn.Linear(r, c.vocab_size, bias=False)
+        # The input factor reads any target token; the output factor writes the draft vocabulary.
+        self.markov_w2 = nn.Linear(r, getattr(c, "out_vocab_size", c.vocab_size), bias=False)
         # Names and shapes as DeepSpec's own heads load them (docs/families.md, "Markov heads").
         if self.kind == "gated":
             self.gate_proj = nn.Linear(h + r, r)
@@ -39,6 +40,13 @@ class MarkovHead(nn.Module):
         self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """One slot. prev: [N] token ids; h: [N, H]. Returns (bias [N, V], W1[prev] [N, r], new state)."""
+        z, e, state = self.step_factors(prev, h, state)
+        return self.markov_w2(z), e, state
+
+    def step_factors(
+        self, prev: torch.Tensor, h: torch.Tensor, state: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One slot before the output factor: (z [N, r], W1[prev] [N, r], new state); bias = markov_w2(z)."""
         e = self.markov_w1(prev)
         if self.kind == "vanilla":
             z = e
@@ -50,24 +58,28 @@ class MarkovHead(nn.Module):
             state = g * state + (1 - g) * torch.tanh(b)
             # The bias reads the projection's output part, not the new state.
             z = torch.tanh(o)
-        return self.markov_w2(z), e, state
+        return z, e, state
 
     def forward(self, prev: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced, all slots. prev: [N, G]; h: [N, G, H] -> (bias [N, G, V], e [N, G, r])."""
+        z, e = self.factors(prev, h)
+        return self.markov_w2(z), e
+
+    def factors(self, prev: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced, all slots, before the output factor: (z [N, G, r], e [N, G, r]); the bias is
+        ``markov_w2(z)`` (the fully chunked loss multiplies it out a chunk at a time)."""
         if self.kind != "rnn":
             e = self.markov_w1(prev)
             if self.kind == "vanilla":
-                z = e
-            else:
-                z = torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e
-            return self.markov_w2(z), e
+                return e, e
+            return torch.sigmoid(self.gate_proj(torch.cat([h, e], dim=-1))) * e, e
         state = self.init_state(prev.shape[0], h.device, h.dtype)
-        biases, feats = [], []
+        zs, feats = [], []
         for k in range(prev.shape[1]):
-            b, e, state = self.step(prev[:, k], h[:, k], state)
-            biases.append(b)
+            z, e, state = self.step_factors(prev[:, k], h[:, k], state)
+            zs.append(z)
             feats.append(e)
-        return torch.stack(biases, dim=1), torch.stack(feats, dim=1)
+        return torch.stack(zs, dim=1), torch.stack(feats, dim=1)
 
 
 class ConfidenceHead(nn.Module):

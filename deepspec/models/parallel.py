@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from deepspec.models.attention import AttnMask
-from deepspec.models.base import BlockOutput, Draft, Drafter, distribution, sample_rows
+from deepspec.models.base import BlockOutput, Draft, Drafter, HeadFactors, distribution, sample_rows
 from deepspec.models.config import DrafterSpec
 from deepspec.models.draft_cache import DraftCache
 from deepspec.models.families import layer_classes
@@ -70,7 +70,7 @@ class ParallelDrafter(Drafter):
         self.hidden_norm = norm(c.hidden_size, c.rms_norm_eps)
         self.layers = nn.ModuleList(layer(c) for _ in range(c.num_layers))
         self.norm = norm(c.hidden_size, c.rms_norm_eps)
-        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.hidden_size, c.out_vocab_size, bias=False)  # the draft vocabulary
         self.markov_head = MarkovHead(c) if c.markov_enabled else None
         self.confidence_head = ConfidenceHead(c) if c.enable_confidence_head else None
 
@@ -149,17 +149,21 @@ class ParallelDrafter(Drafter):
         input_ids: torch.Tensor,
         anchors: torch.Tensor,
         prev_tokens: torch.Tensor,
+        chunked_head: bool = False,
     ) -> BlockOutput:
         """Teacher-forced forward over many blocks.
 
         target_feats [B, L, n·H_t]; input_ids [B, L]; anchors [B, A] (positions p0);
         prev_tokens [B, A, γ] = the true x_{k-1} for each slot (x_0 = the anchor).
+        ``chunked_head``: return the logits as :class:`HeadFactors` (not for soft-capped logits).
         """
         anchor_tokens = torch.gather(input_ids, 1, anchors)
         longest = int(anchors.max()) + self.config.block_size - 1 if anchors.numel() else None
         h = self.backbone(
             self.full_context_kv(target_feats, longest), self.block_tokens(anchor_tokens), anchors
         )
+        if chunked_head and self.config.final_logit_softcapping is None:
+            return self._factored(h, prev_tokens)
         logits = self.compute_logits(h)
         feat = None
         if self.markov_head is not None:
@@ -171,6 +175,15 @@ class ParallelDrafter(Drafter):
             feat = feat.reshape(b, a, g, -1)
         conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
         return BlockOutput(logits=logits, confidence_logits=conf, hidden=h)
+
+    def _factored(self, h: torch.Tensor, prev_tokens: torch.Tensor) -> BlockOutput:
+        b, a, g, _ = h.shape
+        z = feat = w2 = None
+        if self.markov_head is not None:
+            z, feat = self.markov_head.factors(prev_tokens.reshape(b * a, g), h.reshape(b * a, g, -1))
+            z, feat, w2 = z.reshape(b, a, g, -1), feat.reshape(b, a, g, -1), self.markov_head.markov_w2.weight
+        conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
+        return BlockOutput(HeadFactors(h, self.lm_head.weight, z, w2), confidence_logits=conf, hidden=h)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -253,7 +266,8 @@ class ParallelDrafter(Drafter):
                 logits = logits + bias.float()
             if self.confidence_head is not None:
                 conf_logits.append(self.confidence_head(h[:, k], feat))
-            q = distribution(logits, temperature)
+            # Over the target's vocabulary, 0 outside the draft vocabulary: accept/resample stay exact.
+            q = distribution(self.to_target_vocab(logits), temperature)
             forced = forced_tokens[:, k] if forced_tokens is not None else None
             prev = sample_rows(q, temperature, generators, forced)
             tokens.append(prev)

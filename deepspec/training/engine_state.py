@@ -245,6 +245,8 @@ def final_drafter(acc: Accelerator, run, model):
     if not acc.is_main_process:
         return None
     drafter = build_drafter(run.drafter_config)
+    if run.draft_ids is not None:
+        drafter.set_draft_vocab(run.draft_ids.cpu())
     drafter.load_target_head(embed, head)
     missing, unexpected = drafter.load_state_dict(weights, strict=False)
     frozen = {n for n, p in drafter.named_parameters() if not p.requires_grad}

@@ -82,7 +82,10 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
     targets = block_targets(
         batch.input_ids, batch.loss_mask, batch.anchors, batch.anchor_valid, dc.block_size
     )
-    out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens)
+    # loss.chunked_head: the parallel drafter hands over its head's factors, not [.., V] logits.
+    chunked = run.cfg.loss.chunked_head and run.cfg.loss.impl == "lean" and dc.kind != "eagle3"
+    extra = {"chunked_head": True} if chunked else {}
+    out = model(feats.aux, batch.input_ids, batch.anchors, targets.prev_tokens, **extra)
     tgt = target_logits(
         feats.final,
         targets.target_pos,
@@ -90,7 +93,9 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
         lazy=run.cfg.loss.lazy_target_logits,
         softcap=dc.final_logit_softcapping,  # the target's own logits (Gemma 4 soft-caps them)
     )
-    return dspark_loss(out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator)
+    return dspark_loss(
+        out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator, draft_ids=run.draft_ids
+    )
 
 
 # ----------------------------------------------------------------------------- pre-flight and setup

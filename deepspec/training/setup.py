@@ -15,6 +15,7 @@ from deepspec.data.batching import Example
 from deepspec.exporting.formats import check_format_carries
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec, resolve_drafter_config
+from deepspec.models.vocab import always_kept_ids, answer_token_counts, select_draft_ids
 from deepspec.target.adapter import TargetModel, TargetOutput
 from deepspec.target.loading import open_target
 from deepspec.target.sharding import local_param_bytes
@@ -37,6 +38,7 @@ class RunSetup:
     heldout_records: Optional[List[dict]] = None  # held-out chat records (checkpoint-time τ estimate)
     feature_source: Optional[Callable] = None  # data.source=cache: batch -> TargetOutput from the cache
     info: Optional[dict] = None  # run_info.json, written once the start is accepted
+    draft_ids: Optional[torch.Tensor] = None  # model.draft_vocab_size > 0: target id of each draft id
 
     @property
     def lm_head(self):
@@ -168,13 +170,6 @@ def build_run(cfg, accelerator) -> RunSetup:
     torch.manual_seed(cfg.train.seed)
     drafter = build_drafter(dc)
     drafter.init_weights(cfg.model.init_std, seed=cfg.train.seed)
-    drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
-    drafter.to(accelerator.device)
-    if shard:  # after the drafter copied the embedding and lm_head whole
-        from deepspec.target.sharding import shard_target
-
-        shard_target(target, accelerator.device.type)
-    maybe_compile(drafter, cfg.train)
 
     feature_source, heldout_records = None, None
     if cfg.data.source == "cache":  # features come from the offline cache, not from target forwards
@@ -187,6 +182,22 @@ def build_run(cfg, accelerator) -> RunSetup:
         examples = train_examples(cfg, tokenizer, splits["train"])
         heldout_records = splits["heldout"]
         eval_records = heldout_records[: cfg.eval.num_prompts]
+    draft_ids = None
+    if dc.pruned:  # the d tokens most often trained on (every rank counts the same examples)
+        draft_ids = select_draft_ids(
+            answer_token_counts(examples, dc.vocab_size),
+            dc.draft_vocab_size,
+            always_kept_ids(tokenizer, target_config, dc.mask_token_id),
+        )
+        drafter.set_draft_vocab(draft_ids)
+        draft_ids = draft_ids.to(accelerator.device)
+    drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
+    drafter.to(accelerator.device)
+    if shard:  # after the drafter copied the embedding and lm_head whole
+        from deepspec.target.sharding import shard_target
+
+        shard_target(target, accelerator.device.type)
+    maybe_compile(drafter, cfg.train)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run_info = {
         "target": path,
@@ -218,6 +229,7 @@ def build_run(cfg, accelerator) -> RunSetup:
         pad,
         heldout_records,
         feature_source,
+        draft_ids=draft_ids,
     )
     run.info = run_info
     return run
