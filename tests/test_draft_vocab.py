@@ -246,9 +246,13 @@ def test_pruned_draft_is_zero_outside_the_draft_vocabulary(qwen):
 @pytest.mark.parametrize("fmt", ["native", "speculators"])
 @pytest.mark.parametrize("embed", [True, False])
 def test_exports_carry_the_maps(qwen, tmp_path, fmt, embed):
-    target, _ = qwen
+    from deepspec.exporting.check import check_export
+
+    target, tdir = qwen
     m = pruned_drafter(target)
     out = export_drafter(m, tmp_path / "x", fmt, "bfloat16", include_embeddings=embed)
+    rep = check_export(out, target=tdir, reference=m)
+    assert rep.ok, rep.render()
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["d2t"].dtype == torch.int64 and torch.equal(tensors["d2t"], m.d2t)
     assert tensors["t2d"].dtype == torch.bool and torch.equal(tensors["t2d"], m.t2d)
@@ -291,3 +295,55 @@ def test_native_round_trip_and_mismatched_maps(qwen, tmp_path):
     write_tensors(out / "model.safetensors", bad)
     with pytest.raises(ValueError, match="d2t and t2d disagree"):
         load_native(out)
+
+
+# ----------------------------------------------------------------------------- lossless, end to end
+@pytest.mark.slow
+def test_t1_lossless_with_a_draft_vocabulary():
+    from test_spec_decode import ALPHA, LAYER_IDS, exact_joint, g_test_pvalue, make_target, sample_counts
+
+    target = make_target(vocab=6, seed=3, init_range=0.15)
+    tc = target.config.to_dict()
+    dc = DrafterConfig(
+        num_layers=1, block_size=2, target_layer_ids=LAYER_IDS, markov_rank=8, draft_vocab_size=3
+    )
+    m = ParallelDrafter(resolve_drafter_config(dc, tc, mask_token_id=5))
+    m.init_weights(std=0.3, seed=5)
+    m.set_draft_vocab(torch.tensor([0, 2, 3]))
+    m.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
+    with torch.no_grad():
+        m.markov_head.markov_w2.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(105))
+    m.eval()
+    prompt = [1, 4, 2]
+    counts, rounds = sample_counts(target, m, prompt, 3, 3000, seed=21)
+    acc = [r.accepted for r in rounds]
+    assert 0.1 < sum(a > 0 for a in acc) / len(acc) < 0.9 and 2 in acc
+    assert g_test_pvalue(counts, exact_joint(target, prompt, 3)) > ALPHA
+
+
+@pytest.mark.slow
+def test_training_with_a_draft_vocabulary_end_to_end(tmp_path, tiny_cache):
+    from train_fixtures import micro_overrides, train_here
+
+    base = micro_overrides(tiny_cache, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"model.draft_vocab_size=2 is smaller than the \d+ special tokens"):
+        train_here(base + ["model.draft_vocab_size=2", "train.max_steps=1"])
+    extra = ["model.draft_vocab_size=256", "loss.chunked_head=true", "train.max_steps=3"]
+    extra += [
+        "eval.enabled=true",
+        "eval.num_prompts=2",
+        "eval.max_new_tokens=12",
+        "export.format=speculators",
+    ]
+    run = train_here(base + extra)
+    tensors = load_file(str(run / "drafter" / "model.safetensors"))
+    assert tensors["lm_head.weight"].shape[0] == 256 and tensors["t2d"].numel() == 1024
+    kept = (torch.arange(256) + tensors["d2t"]).tolist()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(next(tiny_cache.glob("tiny-target-*"))))
+    assert tok.eos_token_id in kept  # decoding's stop token is always draftable
+    report = json.loads((run / "eval.json").read_text())
+    assert report["temperatures"]["0.0"]["identical_outputs"] == report["num_prompts"] == 2
+    spec = json.loads((run / "export" / "speculators" / "config.json").read_text())
+    assert spec["draft_vocab_size"] == 256

@@ -249,6 +249,8 @@ def _check_target(rep, raw, c, tgt: Optional[TargetInfo]) -> None:
         vocab_keys["draft_vocab_size"] = raw.get("draft_vocab_size")
     before = len(rep.errors)
     for k, v in vocab_keys.items():
+        if k == "draft_vocab_size" and c.pruned and v == c.draft_vocab_size < tgt.vocab_size:
+            continue  # a draft vocabulary: its d2t/t2d maps are checked with the tensors
         if v != tgt.vocab_size:
             rep.errors.append(
                 f"{where}: vocab mismatch with the target: {k}={v} but the target ({tgt.where}) has "
@@ -318,9 +320,11 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
                 f"{wpath}: tensor '{k}' belongs to a Markov/confidence head, which the z-lab "
                 "DFlash format cannot hold"
             )
-    omitted = not has_embed and not (sidecar or {}).get("embeddings_included", False)
+    omitted = EMBED_KEYS[0] not in header and not (sidecar or {}).get("embeddings_included", False)
     if omitted:
-        expected = {k: v for k, v in expected.items() if k not in EMBED_KEYS}
+        # A pruned drafter's lm_head (its draft vocabulary's rows) is always written.
+        dropped = EMBED_KEYS[:1] if c.pruned else EMBED_KEYS
+        expected = {k: v for k, v in expected.items() if k not in dropped}
     before = len(rep.errors)
     for k, shape in expected.items():
         if k not in header:
@@ -338,8 +342,14 @@ def _check_tensors(rep, raw, c, sidecar) -> None:
     declared = raw.get("torch_dtype") or raw.get("dtype")
     if declared is None:
         rep.warnings.append(f"{rep.path / CONFIG_NAME}: no torch_dtype/dtype declared")
+    # The draft vocabulary's maps keep their own dtypes (engines read d2t as int64 offsets).
+    own = {"d2t": "I64", "t2d": "BOOL"} if c.pruned else {}
     wrong = sorted(
-        {f"{k}: {_ST_DTYPES.get(d, d)}" for k, (_, d) in header.items() if _ST_DTYPES.get(d, d) != declared}
+        {
+            f"{k}: {_ST_DTYPES.get(d, d)}"
+            for k, (_, d) in header.items()
+            if (own[k] != d if k in own else _ST_DTYPES.get(d, d) != declared)
+        }
     )
     if declared is not None and wrong:
         rep.errors.append(
