@@ -53,6 +53,9 @@ from deepspec.data.anchors import BlockTargets, block_targets  # noqa: E402
 from deepspec.losses import dspark_loss, target_logits, weighted_valid  # noqa: E402
 
 VARIANTS = ("reference", "lean", "lean_lazy")  # lean_lazy: loss.lazy_target_logits=true (step scope)
+# Step scope, with --draft-vocab > 0: lean_lazy plus loss.chunked_head=true (the fully chunked head),
+# a drafter with a draft vocabulary of --draft-vocab tokens, and both.
+STEP_EXTRA = ("chunked", "draft_vocab", "draft_vocab_chunked")
 SCOPES = ("loss", "step")
 
 
@@ -66,6 +69,10 @@ def parse(argv=None):
     ap.add_argument("--ctx", type=int, default=96, help="sequence length of the random target features")
     ap.add_argument("--markov-rank", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=0, help="lean loss rows per chunk (0 = auto)")
+    ap.add_argument(
+        "--draft-vocab", type=int, default=0, help="d of the draft-vocabulary variants (0 = skip them)"
+    )
+    ap.add_argument("--variants", default="", help="comma list of step variants to run (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -134,6 +141,23 @@ class Workload:
                 torch.randn(a.vocab, a.markov_rank, generator=g) * 0.05
             )
         self.model.to(dev).train()
+        if a.draft_vocab:
+            # The same drafter with a draft vocabulary: the lm_head and W2 rows of d target tokens.
+            import dataclasses
+
+            self.pruned = build_drafter(dataclasses.replace(c, draft_vocab_size=a.draft_vocab))
+            self.draft_ids = torch.randperm(a.vocab - 1, generator=g)[: a.draft_vocab].sort().values
+            self.pruned.set_draft_vocab(self.draft_ids)
+            self.pruned.load_target_head(emb, head)
+            full = self.model.state_dict()
+            w2_key = "markov_head.markov_w2.weight"
+            self.pruned.load_state_dict(
+                {k: (v[self.draft_ids] if k in (w2_key, "lm_head.weight") else v) for k, v in full.items()}
+                | {"d2t": self.pruned.d2t, "t2d": self.pruned.t2d}
+            )
+            self.pruned.freeze_target_head()
+            self.pruned.to(dev).train()
+            self.draft_ids = self.draft_ids.to(dev)
         self.t_head = torch.nn.Linear(h, a.vocab, bias=False).to(dev)
         with torch.no_grad():
             self.t_head.weight.copy_((torch.randn(a.vocab, h, generator=g) * 0.5).to(dev))
@@ -153,7 +177,7 @@ class Workload:
         )
 
     def run(self, variant: str, want_grads: bool = False):
-        impl = "lean" if variant.startswith("lean") else "reference"
+        impl = "reference" if variant == "reference" else "lean"
         cfg = LossConfig(impl=impl, chunk_size=self.args.chunk)
         if self.scope == "loss":
             z = self.logits.detach().requires_grad_(True)
@@ -164,13 +188,17 @@ class Workload:
             loss = float(out.loss.detach())
             del out, z, c
             return loss, grads
-        m = self.model
+        pruned = variant.startswith("draft_vocab")
+        m = self.pruned if pruned else self.model
         for p in m.parameters():
             p.grad = None
-        out = m(self.feats, self.ids, self.anchors, self.targets.prev_tokens)
+        chunked = variant in ("chunked", "draft_vocab_chunked")
+        out = m(self.feats, self.ids, self.anchors, self.targets.prev_tokens, chunked_head=chunked)
         # As the training loop does with loss.lazy_target_logits=true: hidden + lm_head, per chunk.
-        tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=variant == "lean_lazy")
-        lo = dspark_loss(out.logits, out.confidence_logits, tgt, self.targets, cfg, self.denom)
+        lazy = variant not in ("reference", "lean")
+        tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=lazy)
+        ids = self.draft_ids if pruned else None
+        lo = dspark_loss(out.logits, out.confidence_logits, tgt, self.targets, cfg, self.denom, draft_ids=ids)
         lo.loss.backward()
         loss = float(lo.loss.detach())
         del out, tgt, lo
@@ -278,15 +306,21 @@ def main(argv=None) -> dict:
         f"{args.block} = {n_rows} rows; one fp32 [rows, V] tensor = {unit / 2**20:.0f} MiB",
         f"machine: {results['machine']}",
         "",
-        "| scope | impl | wall median s | wall min s | CPU median s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scope | impl | wall median s | wall min s | CPU median s | head GFLOP/s | peak MiB | peak / [rows,V] fp32 | |Δloss| | max |Δgrad| (rel) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for scope in args.scopes.split(","):
         variants = VARIANTS if scope == "step" else VARIANTS[:2]
+        if scope == "step" and args.draft_vocab:
+            variants = VARIANTS + STEP_EXTRA
+        if scope == "step" and args.variants:
+            variants = tuple(v for v in variants if v in args.variants.split(",") or v == "reference")
         w = Workload(args, scope)
         ref_loss, ref_grads = w.run("reference", want_grads=True)
         eq = {}
         for v in variants[1:]:
+            if v.startswith("draft_vocab"):
+                continue  # another model (fewer output rows): nothing to equal
             loss, grads = w.run(v, want_grads=True)
             eq[v] = {
                 "loss_reference": ref_loss,
@@ -320,6 +354,19 @@ def main(argv=None) -> dict:
             "memory_method": mem["lean"]["method"],
             "ratios_vs_reference": {},
         }
+        if scope == "step":
+            s["head_gflop"] = {v: head_flops(args, v) / 1e9 for v in variants}
+            s["gflop_per_s"] = {v: s["head_gflop"][v] / s["median_s"][v] for v in variants}
+            base = "lean_lazy" if "lean_lazy" in variants else None
+            if base:
+                s["ratios_vs_lean_lazy"] = {
+                    v: {
+                        "wall_time": s["median_s"][v] / s["median_s"][base],
+                        "peak_memory": s["peak_bytes"][v] / max(s["peak_bytes"][base], 1),
+                    }
+                    for v in variants
+                    if v != base
+                }
         for v in variants[1:]:
             s["ratios_vs_reference"][v] = {
                 "wall_time": s["median_s"][v] / s["median_s"]["reference"],
@@ -335,9 +382,10 @@ def main(argv=None) -> dict:
                 if e
                 else "- | -"
             )
+            gf = f"{s['gflop_per_s'][v]:.0f}" if "gflop_per_s" in s else "-"
             lines.append(
                 f"| {scope} | {v} | {s['median_s'][v]:.3f} | {min(times[v]):.3f} | "
-                f"{s['median_cpu_s'][v]:.3f} | {pb / 2**20:.0f} | {pb / unit:.2f} | {diff} |"
+                f"{s['median_cpu_s'][v]:.3f} | {gf} | {pb / 2**20:.0f} | {pb / unit:.2f} | {diff} |"
             )
             print(lines[-1], flush=True)
     lines.append("")
@@ -347,7 +395,16 @@ def main(argv=None) -> dict:
                 f"- {scope}, {v} / reference: wall time ×{r['wall_time']:.2f} (CPU time ×{r['cpu_time']:.2f}), "
                 f"peak memory ×{r['peak_memory']:.2f}"
             )
+        for v, r in s.get("ratios_vs_lean_lazy", {}).items():
+            lines.append(
+                f"- {scope}, {v} / lean_lazy (today's leanest full-vocabulary step): wall time "
+                f"×{r['wall_time']:.2f}, peak memory ×{r['peak_memory']:.2f}"
+            )
     lines.append(f"- memory: {mem['lean']['method']}")
+    lines.append(
+        "- head GFLOP/s: the step's nominal head matmul FLOPs (draft logits + Markov bias + target logits "
+        "forward, their gradients backward; recomputation not counted) over the median wall time"
+    )
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
@@ -355,6 +412,15 @@ def main(argv=None) -> dict:
     (out / "bench_train_step.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "bench_train_step.md").write_text(table + "\n")
     return results
+
+
+def head_flops(args, variant: str) -> float:
+    """Nominal head FLOPs of one step: forward 2N·d·(H + r) (draft logits + Markov bias) + 2N·V·H
+    (target logits); backward 2N·d·(H + 2r) (dh, dz, dW2). N = block positions, d = output rows."""
+    n = args.batch * args.anchors * args.block
+    d = args.draft_vocab if variant.startswith("draft_vocab") else args.vocab
+    h, r = args.hidden, args.markov_rank
+    return 2.0 * n * (d * (h + r) + args.vocab * h + d * (h + 2 * r))
 
 
 def machine(args) -> str:
