@@ -316,13 +316,14 @@ def generate(
                 # Keep the drafter's context in step with the target's cache: both cover x0..x_accepted.
                 r.feats = torch.cat([r.feats, out.aux[j : j + 1, : accepted + 1].to(r.feats.dtype)], dim=1)
                 r.context = torch.cat([r.context, block[j : j + 1, : accepted + 1]], dim=1)
-        if dcache is not None:
-            drafter.extend_cache(dcache, out.aux, block, keep)
         going = [j for j, r in enumerate(live) if not r.stopped and len(r.tokens) < max_new_tokens]
         index = torch.tensor(going, dtype=torch.long, device=dev)
         batch.commit(keep, index)
-        if dcache is not None and len(going) < len(live):
-            dcache.select(index)
+        if dcache is not None and going:
+            # Finished rows leave first, so no round is spent projecting positions nobody will read.
+            if len(going) < len(live):
+                dcache.select(index)
+            drafter.extend_cache(dcache, out.aux[index], block[index], keep[index])
         t_d = device_clock(dev)
         for r in live:
             r.decode_time += (t_d - t_a) * share
