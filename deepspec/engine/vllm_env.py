@@ -81,4 +81,8 @@ def engine_env(
         env.update(VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
         if spec_decode:
             env.update(TRITON_INTERPRET="1", VLLM_USE_V2_MODEL_RUNNER="1")
+        else:
+            # Triton discovers only its own (GPU) backends, so vLLM's CPU build switches Triton off and
+            # the default runner samples with torch, as on a machine without our shim.
+            env.update(TRITON_BACKENDS_IN_TREE="1")
     return env
