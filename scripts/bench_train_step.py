@@ -55,7 +55,8 @@ from deepspec.losses import dspark_loss, target_logits, weighted_valid  # noqa: 
 VARIANTS = ("reference", "lean", "lean_lazy")  # lean_lazy: loss.lazy_target_logits=true (step scope)
 # Step scope, with --draft-vocab > 0: lean_lazy plus loss.chunked_head=true (the fully chunked head),
 # a drafter with a draft vocabulary of --draft-vocab tokens, and both.
-STEP_EXTRA = ("chunked", "draft_vocab", "draft_vocab_chunked")
+# draft_vocab_eager: the draft vocabulary with the target's logits materialised (loss.lazy_target_logits=false).
+STEP_EXTRA = ("chunked", "draft_vocab", "draft_vocab_chunked", "draft_vocab_eager")
 SCOPES = ("loss", "step")
 
 
@@ -195,7 +196,7 @@ class Workload:
         chunked = variant in ("chunked", "draft_vocab_chunked")
         out = m(self.feats, self.ids, self.anchors, self.targets.prev_tokens, chunked_head=chunked)
         # As the training loop does with loss.lazy_target_logits=true: hidden + lm_head, per chunk.
-        lazy = variant not in ("reference", "lean")
+        lazy = variant not in ("reference", "lean", "draft_vocab_eager")
         tgt = target_logits(self.final, self.targets.target_pos, self.t_head, lazy=lazy)
         ids = self.draft_ids if pruned else None
         lo = dspark_loss(out.logits, out.confidence_logits, tgt, self.targets, cfg, self.denom, draft_ids=ids)

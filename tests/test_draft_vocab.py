@@ -347,3 +347,14 @@ def test_training_with_a_draft_vocabulary_end_to_end(tmp_path, tiny_cache):
     assert report["temperatures"]["0.0"]["identical_outputs"] == report["num_prompts"] == 2
     spec = json.loads((run / "export" / "speculators" / "config.json").read_text())
     assert spec["draft_vocab_size"] == 256
+
+
+def test_chunked_head_refused_where_the_drafter_is_sharded(tmp_path):
+    from train_fixtures import compose
+
+    from deepspec.training.loop import preflight
+
+    cfg = compose([f"train.output_dir={tmp_path / 'run'}", "train.strategy=fsdp", "loss.chunked_head=true"])
+    with pytest.raises(ValueError, match="loss.chunked_head=true is not supported with train.strategy=fsdp"):
+        preflight(cfg)
+    assert not (tmp_path / "run").exists()

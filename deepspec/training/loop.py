@@ -120,6 +120,13 @@ def preflight(cfg) -> TrainPlan:
         if cfg.model.kind == "dspark" and cfg.model.markov_rank:
             check_markov_head(str(cfg.model.markov_head_type), str(cfg.export.format))
     strategy = dist_utils.resolve_strategy(cfg)
+    if cfg.loss.chunked_head and strategy in ("fsdp", "deepspeed"):
+        # The chunked head reads the drafter's lm_head and W2 in the loss, after the forward, when
+        # FSDP / ZeRO-3 have already released the gathered weights.
+        raise ValueError(
+            f"loss.chunked_head=true is not supported with train.strategy={strategy} (it shards the "
+            "drafter's weights); use train.strategy=ddp|single or loss.chunked_head=false"
+        )
     world = dist_utils.launcher_world_size()
     check_target_shard(cfg, world)
     return TrainPlan(strategy=strategy, world_size=world, accum=plan_batches(cfg, world))
