@@ -89,7 +89,10 @@ def main(out: Path) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     acc = Acc()
     t = target()
-    run = SimpleNamespace(target=SimpleNamespace(embed_tokens=t.model.embed_tokens, lm_head=t.lm_head))
+    # the RunSetup fields final_drafter reads; a full-vocabulary drafter has no draft_ids
+    run = SimpleNamespace(
+        target=SimpleNamespace(embed_tokens=t.model.embed_tokens, lm_head=t.lm_head), draft_ids=None
+    )
     results = {}
     for kind in ("eagle3", "dspark"):
         d = drafter(kind, t)
