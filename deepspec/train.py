@@ -23,8 +23,14 @@ def main(cfg) -> None:
     except ConfigError as e:  # a bad value: one line naming the key, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if not cfg.train.dry_run and PartialState().is_main_process:  # once, not once per process
+    state = PartialState()
+    if not cfg.train.dry_run and state.is_main_process:  # once, not once per process
         print(f"run finished: {out}")
+    if state.num_processes > 1:
+        # Left to interpreter exit, gloo's worker threads are torn down mid-flight and a rank now and
+        # then aborts ("terminate called without an active exception") after a run that succeeded.
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 if __name__ == "__main__":
