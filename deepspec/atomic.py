@@ -12,6 +12,7 @@ stages that clean up after a killed run can find them (``STALE_GLOBS``).
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -161,6 +162,28 @@ def staged_dir(final: PathLike, *, replace: bool = True, fault: Optional[str] = 
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def build_lock(path: PathLike, on_wait=None) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the block, waiting for it if another
+    process holds it. For work several processes may start at once (two benchmark runs finding the
+    same target unbuilt): the second waits, then finds the first one's result instead of redoing it.
+    The kernel drops the lock when its holder dies, so a killed builder never blocks the next.
+    ``on_wait()`` is called once if the lock is busy (to say why the caller is waiting)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def remove_dir(path: PathLike) -> None:

@@ -197,3 +197,43 @@ def test_tiny_chat_splits_helper(corpus_dir):
     splits = tiny_chat_splits(cfg)
     assert splits["train"] and splits["heldout"]
     assert not {p["id"] for p in splits["train"]} & {p["id"] for p in splits["heldout"]}
+
+
+def test_second_builder_waits_then_reuses_the_first_ones_target(micro_builds, corpus_dir, tmp_path):
+    # Two runs starting at once on a fresh machine (bench --jobs 2) must not both train the target.
+    import shutil
+    import threading
+
+    from deepspec import atomic
+
+    a, _, _ = micro_builds
+    cache = tmp_path / "cache"
+    logs = []
+    with atomic.build_lock(cache / f".build-lock-{a.name}"):  # "the first builder", still at work
+        t = threading.Thread(
+            target=lambda: logs.append(build_tiny_target(_micro_cfg(corpus_dir, cache), logs.append))
+        )
+        t.start()
+        deadline = time.time() + 30
+        while not any("waiting for" in str(m) for m in logs) and time.time() < deadline:
+            time.sleep(0.05)
+        assert any("waiting for" in str(m) for m in logs) and t.is_alive()
+        shutil.copytree(a, cache / a.name)  # the first builder finishes
+    t.join(30)
+    assert logs[-1] == cache / a.name
+    assert not any("building" in str(m) for m in logs) and any("reusing" in str(m) for m in logs)
+
+
+def test_build_lock_is_released_when_its_holder_dies(tmp_path):
+    import subprocess
+    import sys
+
+    from deepspec import atomic
+
+    lock = tmp_path / "l"
+    code = f"import os, fcntl; f = open({str(lock)!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); os._exit(0)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    waited = []
+    with atomic.build_lock(lock, lambda: waited.append(1)):
+        pass
+    assert waited == []

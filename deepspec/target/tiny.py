@@ -386,7 +386,16 @@ def _build_or_reuse(cfg: TinyTargetConfig, log) -> Path:
     if (final / COMPLETE_MARKER).is_file():
         log(f"tiny target: reusing {final}")
         return final
+    with atomic.build_lock(
+        cache / f".build-lock-{final.name}", lambda: log(f"tiny target: waiting for {final.name}")
+    ):
+        if (final / COMPLETE_MARKER).is_file():  # another process built it while this one waited
+            log(f"tiny target: reusing {final}")
+            return final
+        return _build(cfg, files, final, bf16, log)
 
+
+def _build(cfg: TinyTargetConfig, files, final: Path, bf16: bool, log) -> Path:
     # Cut the chat data first: a corpus that gives none stops here, not after the whole build.
     pairs = {split: chat_pairs(files, split) for split in (TRAIN, HELDOUT)}
     check_pairs(cfg, {k: len(v) for k, v in pairs.items()})
