@@ -1,21 +1,24 @@
-"""Drafter benchmark: DSpark vs DFlash vs EAGLE-3 on one target, same data, steps and held-out prompts.
+"""Drafter benchmark: DSpark vs DFlash vs EAGLE-3 on one target, over several seeds, with 95 % intervals.
 
-    PYTHONPATH=. python scripts/bench_drafters.py                          # recipe=tiny defaults
-    PYTHONPATH=. python scripts/bench_drafters.py --steps 200 --prompts 12 -- target.tiny.cache_dir=/path
-    PYTHONPATH=. python scripts/bench_drafters.py --only sweep --gammas 4,8,12,16
+    PYTHONPATH=. python scripts/bench_drafters.py                          # recipe=tiny, 3 seeds, γ = 7 and 15
+    PYTHONPATH=. python scripts/bench_drafters.py --seeds 3 --prompts 32 --jobs 2 --reuse
+    PYTHONPATH=. python scripts/bench_drafters.py --gammas 7 --runs DSpark-2L,DSpark-2L-d1024 -- train.lr=5e-4
 
-Trains (deepspec/train.py in a subprocess each, so every run is an ordinary run folder):
+Trains (deepspec/train.py in a subprocess each, so every run is an ordinary run folder) every drafter
+of ``--runs`` at every block size of ``--gammas`` (``--sweep-runs`` narrows the drafters trained at the
+block sizes after the first), once per seed. Seed s sets ``train.seed`` and ``eval.seed`` and draws the
+held-out prompts with it (``eval.sample_heldout``): every drafter of one seed is evaluated on the same
+prompts, so comparisons are paired, and the next seed brings other prompts and another initialisation.
+A name ``<drafter>-d<N>`` (``DSpark-2L-d1024``) is that drafter with ``model.draft_vocab_size=N``,
+compared with its full-vocabulary run.
 
-* main table: DSpark-2L, DFlash-2L, DFlash-5L, EAGLE-3-1L at the recipe's block size (γ = 7);
-* block-size sweep: DSpark-2L and DFlash-2L at each γ in ``--gammas``.
+τ and every ratio of τ carry a 95 % bootstrap interval over seeds and prompts
+(deepspec/eval/intervals.py; docs/benchmarks.md, Intervals). "X beats Y" is written only where the
+interval of τ_X / τ_Y excludes 1; otherwise "within noise".
 
-Every run uses the same recipe, seed, data order, global batch and number of optimizer steps, and is
-evaluated by the same evaluator (docs/method.md, Evaluation protocol: chain drafting, batch 1, full block) on the same held-out
-prompts at T=0 and T=1. Arguments after ``--`` are Hydra overrides applied to every run.
-
-Writes ``<out>/bench_drafters.json`` (everything, including each run's eval.json) and
-``<out>/bench_drafters.md`` (the tables), and prints the tables. ``--reuse`` keeps finished runs
-(a run folder with eval.json and train_summary.json), so an interrupted benchmark resumes.
+Writes ``<out>/bench_drafters.json`` and ``<out>/bench_drafters.md`` and prints the tables.
+``--reuse`` keeps finished runs (a run folder with eval.json and train_summary.json), so an
+interrupted benchmark resumes. Arguments after ``--`` are Hydra overrides applied to every run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,16 +34,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from deepspec import atomic
+from deepspec.eval import intervals
+
 ROOT = Path(__file__).resolve().parents[1]
 
-MAIN_RUNS = [
-    # name, model group, drafter layers
-    ("DSpark-2L", "dspark", 2),
-    ("DFlash-2L", "dflash", 2),
-    ("DFlash-5L", "dflash", 5),
-    ("EAGLE-3-1L", "eagle3", 1),
-]
-SWEEP_KINDS = [("DSpark-2L", "dspark", 2), ("DFlash-2L", "dflash", 2)]
+DRAFTERS = {  # name: (model group, drafter layers)
+    "DSpark-2L": ("dspark", 2),
+    "DFlash-2L": ("dflash", 2),
+    "DFlash-5L": ("dflash", 5),
+    "EAGLE-3-1L": ("eagle3", 1),
+}
+BASELINE = "DFlash-2L"
+PAIRS = [("DSpark-2L", "EAGLE-3-1L")]  # compared besides everything vs the baseline
+PRUNE_GOAL = 0.02  # docs/benchmarks.md: a pruned draft vocabulary may cost at most 2 % of τ
+_PRUNED = re.compile(r"^(?P<base>.+)-d(?P<d>\d+)$")
+_HEAVY = ("confidence", "threshold_sweep", "scheduler", "mean_confidence")
+
+
+def drafter_spec(name: str):
+    """``(model group, layers, draft vocabulary or None, full-vocabulary name)`` of a run name."""
+    m = _PRUNED.match(name)
+    base, d = (m["base"], int(m["d"])) if m and m["base"] in DRAFTERS else (name, None)
+    if base not in DRAFTERS:
+        raise SystemExit(
+            f"unknown drafter {name!r}: expected one of {sorted(DRAFTERS)}, optionally + '-d<N>'"
+        )
+    return (*DRAFTERS[base], d, base)
 
 
 def parse(argv: Optional[List[str]] = None):
@@ -48,42 +69,53 @@ def parse(argv: Optional[List[str]] = None):
     if "--" in argv:
         i = argv.index("--")
         argv, overrides = argv[:i], argv[i + 1 :]
-    ap = argparse.ArgumentParser(
-        description="Train and evaluate DSpark / DFlash / EAGLE-3 drafters side by side."
-    )
+    ap = argparse.ArgumentParser(description="Train and evaluate drafters side by side over seeds.")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (training seed and prompt sample)")
+    ap.add_argument("--gammas", default="7,15", help="block sizes; the first is the main table's")
+    ap.add_argument("--runs", default=",".join(DRAFTERS), help="drafters trained at every γ")
+    ap.add_argument("--sweep-runs", default=None, help="drafters trained at the later γ (default: --runs)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the recipe's)")
-    ap.add_argument(
-        "--sweep-steps", type=int, default=None, help="steps for the γ sweep runs (default: --steps)"
-    )
-    ap.add_argument(
-        "--prompts", type=int, default=None, help="held-out prompts per evaluation (default: recipe's)"
-    )
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts per seed (default: recipe's)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--gammas", default="4,8,12,16", help="block sizes of the sweep")
-    ap.add_argument("--only", choices=["all", "main", "sweep"], default="all")
-    ap.add_argument("--runs", default=None, help="comma-separated subset of the main-table names")
     ap.add_argument("--out", default="outputs/bench_drafters")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
     ap.add_argument("--recipe", default="tiny")
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: need at least 1")
+    args.gamma_list = [int(g) for g in args.gammas.split(",") if g]
+    if not args.gamma_list:
+        ap.error("--gammas: give at least one block size")
+    args.run_list = [n for n in args.runs.split(",") if n]
+    args.sweep_list = [n for n in args.sweep_runs.split(",") if n] if args.sweep_runs else args.run_list
+    for n in args.run_list + args.sweep_list:
+        drafter_spec(n)
     args.overrides = overrides
+    args.argv = argv + (["--", *overrides] if overrides else [])
     return args
 
 
-def run_overrides(args, kind: str, layers: int, gamma: Optional[int], steps: Optional[int]) -> List[str]:
+def run_overrides(args, name: str, gamma: int, seed: int) -> List[str]:
+    kind, layers, draft_vocab, _ = drafter_spec(name)
     o = [
         f"recipe={args.recipe}",
         f"model={kind}",
         f"model.num_layers={layers}",
+        f"model.block_size={gamma}",
+        f"train.seed={seed}",
+        f"eval.seed={seed}",
+        "eval.sample_heldout=true",
+        "eval.scheduler=false",  # the scheduler's SPS profile is not used here and costs minutes
+        "eval.plots=false",
         "train.progress_bar=false",
         "export.after_training=false",
     ]
-    if gamma is not None:
-        o.append(f"model.block_size={gamma}")
-    if steps is not None:
-        o.append(f"train.max_steps={steps}")
+    if draft_vocab is not None:
+        o.append(f"model.draft_vocab_size={draft_vocab}")
+    if args.steps is not None:
+        o.append(f"train.max_steps={args.steps}")
     if args.prompts is not None:
         o.append(f"eval.num_prompts={args.prompts}")
     if args.max_new_tokens is not None:
@@ -91,107 +123,281 @@ def run_overrides(args, kind: str, layers: int, gamma: Optional[int], steps: Opt
     return o + list(args.overrides)
 
 
-def train_and_eval(name: str, out: Path, overrides: List[str], threads: int, reuse: bool) -> Dict:
-    done = (out / "eval.json").is_file() and (out / "train_summary.json").is_file()
-    if not (reuse and done):
-        cmd = [sys.executable, str(ROOT / "deepspec" / "train.py"), f"train.output_dir={out}", *overrides]
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS=str(threads),
-            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        print(f"[{name}] " + " ".join(cmd[1:]), flush=True)
-        t0 = time.time()
-        with open(out / "bench.log", "w") as log:
-            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-        if proc.returncode != 0:
-            tail = (out / "bench.log").read_text()[-3000:]
-            raise RuntimeError(
-                f"run {name} failed (exit {proc.returncode}); log {out / 'bench.log'}:\n{tail}"
-            )
-        print(f"[{name}] done in {time.time() - t0:.0f}s", flush=True)
-    summary = json.loads((out / "train_summary.json").read_text())
-    info = json.loads((out / "run_info.json").read_text())
+def plan(args) -> List[tuple]:
+    """``(seed, γ, name, run folder, overrides)`` of every run, seed-major so early seeds finish first."""
+    jobs = []
+    for seed in range(args.seeds):
+        for i, gamma in enumerate(args.gamma_list):
+            for name in args.run_list if i == 0 else args.sweep_list:
+                d = Path(args.out) / f"seed{seed}" / f"gamma{gamma}" / name
+                jobs.append((seed, gamma, name, d, run_overrides(args, name, gamma, seed)))
+    return jobs
+
+
+def train(label: str, out: Path, overrides: List[str], threads: int, reuse: bool) -> None:
+    if reuse and (out / "eval.json").is_file() and (out / "train_summary.json").is_file():
+        return
+    cmd = [sys.executable, str(ROOT / "deepspec" / "train.py"), f"train.output_dir={out}", *overrides]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[{label}] " + " ".join(cmd[1:]), flush=True)
+    t0 = time.time()
+    with open(out / "bench.log", "w") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+    if proc.returncode != 0:
+        tail = (out / "bench.log").read_text()[-3000:]
+        raise RuntimeError(f"run {label} failed (exit {proc.returncode}); log {out / 'bench.log'}:\n{tail}")
+    print(f"[{label}] done in {time.time() - t0:.0f}s", flush=True)
+
+
+def load_run(d: Path) -> Dict:
+    """What the tables need from a finished run folder: its summary and per-prompt, per-slot counts."""
+    ev = json.loads((d / "eval.json").read_text())
+    summary = json.loads((d / "train_summary.json").read_text())
+    info = json.loads((d / "run_info.json").read_text())
+    records = [json.loads(line) for line in (d / "rounds.jsonl").read_text().splitlines() if line.strip()]
+    temps = {}
+    for key, m in ev["temperatures"].items():
+        recs = [r for r in records if float(r["temperature"]) == float(key)]
+        gamma = ev["block_size"]
+        reached = [
+            sum(r["verified"] >= k and r["accepted"] >= k - 1 for r in recs) for k in range(1, gamma + 1)
+        ]
+        passed = [sum(r["verified"] >= k and r["accepted"] >= k for r in recs) for k in range(1, gamma + 1)]
+        temps[key] = {k: v for k, v in m.items() if k not in _HEAVY} | {
+            "counts": intervals.prompt_counts(recs, float(key), num_prompts=m["num_prompts"]),
+            "slot_reached": reached,
+            "slot_accepted": passed,
+        }
     return {
-        "name": name,
-        "dir": str(out),
-        "overrides": overrides,
+        "dir": str(d),
         "trainable_params": info["trainable_params"],
-        "target_layer_ids": info["drafter"]["target_layer_ids"],
         "train_steps": summary["train_steps"],
         "train_time_s": summary["train_time_s"],
-        "final_metrics": summary.get("final_metrics", {}),
-        "eval": json.loads((out / "eval.json").read_text()),
+        "block_size": ev["block_size"],
+        "max_new_tokens": ev["max_new_tokens"],
+        "temperatures": temps,
     }
 
 
-def _fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
+# ----------------------------------------------------------------------------- figures from runs
+def _seeds(*by_seed: Dict[int, Dict]) -> List[int]:
+    return sorted(set.intersection(*(set(b) for b in by_seed)))
 
 
-def main_table(results: Dict[str, Dict]) -> List[str]:
+def tau_iv(by_seed: Dict[int, Dict], temp: str) -> intervals.Interval:
+    return intervals.tau_interval([by_seed[s]["temperatures"][temp]["counts"] for s in sorted(by_seed)])
+
+
+def ratio_iv(a: Dict[int, Dict], b: Dict[int, Dict], temp: str) -> Optional[intervals.Interval]:
+    """τ_a / τ_b over the seeds both ran, paired by seed and prompt."""
+    seeds = _seeds(a, b)
+    if not seeds:
+        return None
+    return intervals.tau_ratio_interval(
+        [a[s]["temperatures"][temp]["counts"] for s in seeds],
+        [b[s]["temperatures"][temp]["counts"] for s in seeds],
+    )
+
+
+def verdict(a: str, b: str, iv: intervals.Interval) -> str:
+    if iv.low > 1:
+        return f"{a} beats {b}"
+    if iv.high < 1:
+        return f"{b} beats {a}"
+    return "within noise"
+
+
+def comparisons(runs: Dict[int, Dict[str, Dict[int, Dict]]]) -> List[Dict]:
+    """Every ratio the report states, with its interval and verdict: each drafter vs the baseline,
+    the fixed pairs, and each pruned drafter vs its full-vocabulary run."""
+    out = []
+    for gamma, by_name in sorted(runs.items()):
+        todo = []
+        for name in by_name:
+            full = drafter_spec(name)[3]
+            if full != name:
+                todo.append((name, full, "pruning"))
+            elif name != BASELINE:
+                todo.append((name, BASELINE, "vs baseline"))
+        todo += [(a, b, "pair") for a, b in PAIRS]
+        for a, b, kind in todo:
+            if a not in by_name or b not in by_name:
+                continue
+            for temp in next(iter(by_name[a].values()))["temperatures"]:
+                iv = ratio_iv(by_name[a], by_name[b], temp)
+                if iv is None:
+                    continue
+                row = {"gamma": gamma, "temperature": float(temp), "a": a, "b": b, "kind": kind}
+                row |= {"ratio": iv.to_dict(), "verdict": verdict(a, b, iv)}
+                if kind == "pruning":
+                    row["cost"] = {"value": 1 - iv.value, "low": 1 - iv.high, "high": 1 - iv.low}
+                    row["goal"] = prune_goal_text(iv)
+                out.append(row)
+    return out
+
+
+def prune_goal_text(iv: intervals.Interval) -> str:
+    if 1 - iv.low <= PRUNE_GOAL:
+        return f"met: the whole interval costs ≤ {PRUNE_GOAL:.0%}"
+    if 1 - iv.value <= PRUNE_GOAL:
+        return f"point estimate within {PRUNE_GOAL:.0%}, but the interval reaches {1 - iv.low:.1%}"
+    return f"missed: costs {1 - iv.value:.1%} (interval {1 - iv.high:.1%} to {1 - iv.low:.1%})"
+
+
+def gain_growth(runs, a: str = "DSpark-2L", b: str = BASELINE) -> List[Dict]:
+    """Does a's gain over b grow with γ? (τ_a/τ_b at the largest γ) / (at the smallest), paired: every
+    run of one seed saw the same prompts at every γ."""
+    gs = sorted(g for g in runs if a in runs[g] and b in runs[g])
+    if len(gs) < 2:
+        return []
+    lo, hi = gs[0], gs[-1]
+    sides = [runs[hi][a], runs[hi][b], runs[lo][a], runs[lo][b]]
+    seeds = _seeds(*sides)
+    out = []
+    for temp in next(iter(runs[lo][a].values()))["temperatures"]:
+        iv = intervals.gain_ratio_interval(
+            *([side[s]["temperatures"][temp]["counts"] for s in seeds] for side in sides)
+        )
+        if iv.low > 1:
+            text = f"the gain grows from γ={lo} to γ={hi}"
+        elif iv.high < 1:
+            text = f"the gain shrinks from γ={lo} to γ={hi}"
+        else:
+            text = "within noise"
+        row = {"a": a, "b": b, "gammas": [lo, hi], "temperature": float(temp)}
+        out.append(row | {"ratio": iv.to_dict(), "verdict": text})
+    return out
+
+
+# ----------------------------------------------------------------------------- tables
+def _iv(d: Dict, digits: int = 3) -> str:
+    return f"{d['value']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
+
+
+def tau_table(runs) -> List[str]:
     rows = [
-        "| drafter | trainable params | train s | T | τ | accept rate | τ vs DFlash-2L | draft ms/round | "
-        "conditional acceptance, slot 1..γ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| γ | drafter | T | τ [95 %] | seeds × prompts | accept rate | T=0 identical | draft ms/round | "
+        "trainable params | train s (mean) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = results.get("DFlash-2L")
-    for name, r in results.items():
-        for temp, m in r["eval"]["temperatures"].items():
-            cond = " ".join(_fmt(a, 2) for a in m["conditional_acceptance"])
-            rel = "-"
-            if base is not None and m["tau"] is not None and base["eval"]["temperatures"][temp]["tau"]:
-                rel = f"{(m['tau'] / base['eval']['temperatures'][temp]['tau'] - 1) * 100:+.1f}%"
-            draft_ms = 1000 * m["draft_time_s"] / m["rounds"] if m.get("rounds") else None
-            rows.append(
-                f"| {name} | {r['trainable_params']:,} | {r['train_time_s']:.0f} | {float(temp):g} | "
-                f"{_fmt(m['tau'])} | {_fmt(m['acceptance_rate'])} | {rel} | {_fmt(draft_ms, 1)} | {cond} |"
-            )
-    return rows
-
-
-def sweep_table(sweep: Dict[int, Dict[str, Dict]]) -> List[str]:
-    rows = ["| γ | T | DSpark-2L τ | DFlash-2L τ | DSpark gain |", "| --- | --- | --- | --- | --- |"]
-    for gamma in sorted(sweep):
-        pair = sweep[gamma]
-        if "DSpark-2L" not in pair or "DFlash-2L" not in pair:
-            continue
-        for temp in pair["DSpark-2L"]["eval"]["temperatures"]:
-            a = pair["DSpark-2L"]["eval"]["temperatures"][temp]["tau"]
-            b = pair["DFlash-2L"]["eval"]["temperatures"][temp]["tau"]
-            gain = f"{(a / b - 1) * 100:+.1f}%" if a and b else "-"
-            rows.append(f"| {gamma} | {float(temp):g} | {_fmt(a)} | {_fmt(b)} | {gain} |")
-    return rows
-
-
-def verdicts(results: Dict[str, Dict], sweep: Dict[int, Dict[str, Dict]]) -> Dict:
-    """The acceptance questions, answered from the numbers (no judgement beyond the comparison)."""
-    v: Dict = {}
-    if "DSpark-2L" in results and "DFlash-2L" in results:
-        for temp, m in results["DSpark-2L"]["eval"]["temperatures"].items():
-            b = results["DFlash-2L"]["eval"]["temperatures"][temp]["tau"]
-            v[f"dspark2_beats_dflash2_T{float(temp):g}"] = bool(m["tau"] and b and m["tau"] > b)
-    if results:
-        for temp in next(iter(results.values()))["eval"]["temperatures"]:
-            order = sorted(results, key=lambda n: -(results[n]["eval"]["temperatures"][temp]["tau"] or 0))
-            v[f"order_by_tau_T{float(temp):g}"] = order
-    gains: Dict[str, List] = {}
-    for gamma in sorted(sweep):
-        pair = sweep[gamma]
-        if "DSpark-2L" in pair and "DFlash-2L" in pair:
-            for temp in pair["DSpark-2L"]["eval"]["temperatures"]:
-                a = pair["DSpark-2L"]["eval"]["temperatures"][temp]["tau"]
-                b = pair["DFlash-2L"]["eval"]["temperatures"][temp]["tau"]
-                gains.setdefault(f"T{float(temp):g}", []).append(
-                    (gamma, (a / b - 1) * 100 if a and b else None)
+    for gamma, by_name in sorted(runs.items()):
+        for name, by_seed in by_name.items():
+            seeds = sorted(by_seed)
+            any_run = by_seed[seeds[0]]
+            train_s = sum(by_seed[s]["train_time_s"] for s in seeds) / len(seeds)
+            for temp in any_run["temperatures"]:
+                ms = [by_seed[s]["temperatures"][temp] for s in seeds]
+                iv = tau_iv(by_seed, temp)
+                acc = sum(m["accepted"] for m in ms) / max(1, sum(m["proposed"] for m in ms))
+                draft_ms = 1000 * sum(m["draft_time_s"] for m in ms) / max(1, sum(m["rounds"] for m in ms))
+                same = (
+                    f"{sum(m.get('identical_outputs') or 0 for m in ms)}/{sum(m['num_prompts'] for m in ms)}"
+                    if float(temp) == 0 and all(m.get("identical_outputs") is not None for m in ms)
+                    else "-"
                 )
-    for t, g in gains.items():
-        vals = [x for _, x in g if x is not None]
-        v[f"gain_by_gamma_{t}"] = g
-        v[f"gain_grows_with_gamma_{t}"] = bool(len(vals) > 1 and all(b > a for a, b in zip(vals, vals[1:])))
-        v[f"gain_largest_gamma_above_smallest_{t}"] = bool(len(vals) > 1 and vals[-1] > vals[0])
-    return v
+                rows.append(
+                    f"| {gamma} | {name} | {float(temp):g} | {iv.fmt()} | {iv.seeds} × {iv.prompts} | {acc:.3f} | "
+                    f"{same} | {draft_ms:.1f} | {any_run['trainable_params']:,} | {train_s:.0f} |"
+                )
+    return rows
+
+
+def ratio_table(comps: List[Dict], growth: List[Dict]) -> List[str]:
+    rows = ["| γ | T | τ ratio | value [95 %] | seeds | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for c in comps:
+        if c["kind"] != "pruning":
+            r = c["ratio"]
+            rows.append(
+                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} / {c['b']} | {_iv(r)} | {r['seeds']} | "
+                f"{c['verdict']} |"
+            )
+    for g in growth:
+        r = g["ratio"]
+        rows.append(
+            f"| {g['gammas'][1]} vs {g['gammas'][0]} | {g['temperature']:g} | ({g['a']} / {g['b']}) at γ="
+            f"{g['gammas'][1]} over γ={g['gammas'][0]} | {_iv(r)} | {r['seeds']} | {g['verdict']} |"
+        )
+    return rows
+
+
+def prune_table(comps: List[Dict]) -> List[str]:
+    rows = [
+        "| γ | T | drafter | τ / full vocabulary [95 %] | τ cost [95 %] | seeds | goal ≤ 2 % |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in comps:
+        if c["kind"] == "pruning":
+            k = c["cost"]
+            rows.append(
+                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} | {_iv(c['ratio'])} | {100 * k['value']:+.1f} % "
+                f"[{100 * k['low']:+.1f}, {100 * k['high']:+.1f}] | {c['ratio']['seeds']} | {c['goal']} |"
+            )
+    return rows if len(rows) > 2 else []
+
+
+def slot_table(runs) -> List[str]:
+    rows = [
+        "| γ | drafter | T | conditional acceptance, slot 1..γ (pooled over seeds) | rounds reaching slot 1 … γ |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for gamma, by_name in sorted(runs.items()):
+        for name, by_seed in by_name.items():
+            for temp in next(iter(by_seed.values()))["temperatures"]:
+                ms = [r["temperatures"][temp] for r in by_seed.values()]
+                reached = [sum(x) for x in zip(*(m["slot_reached"] for m in ms))]
+                passed = [sum(x) for x in zip(*(m["slot_accepted"] for m in ms))]
+                cond = " ".join(f"{p / n:.2f}" if n else "-" for p, n in zip(passed, reached))
+                rows.append(f"| {gamma} | {name} | {float(temp):g} | {cond} | {reached[0]} … {reached[-1]} |")
+    return rows
+
+
+def report(args, runs, wall_s: float) -> Dict:
+    comps = comparisons(runs)
+    growth = gain_growth(runs)
+    any_run = next(iter(next(iter(next(iter(runs.values())).values())).values()))
+    first_temp = next(iter(any_run["temperatures"].values()))
+    rep = {
+        "command": "PYTHONPATH=. python scripts/bench_drafters.py " + " ".join(args.argv),
+        "machine": machine(),
+        "threads_per_run": args.threads,
+        "wall_s": wall_s,
+        "seeds": args.seeds,
+        "prompts_per_seed": first_temp["num_prompts"],
+        "train_steps": any_run["train_steps"],
+        "max_new_tokens": any_run["max_new_tokens"],
+        "runs": {
+            str(g): {n: {str(s): r for s, r in bs.items()} for n, bs in bn.items()} for g, bn in runs.items()
+        },
+        "comparisons": comps,
+        "gain_growth": growth,
+    }
+    lines = [
+        f"# Drafter benchmark (recipe={args.recipe})",
+        "",
+        f"Command: `{rep['command']}`",
+        "",
+        f"Machine: {rep['machine']}; {args.threads} torch thread(s) per run. {args.seeds} seed(s) (training seed and "
+        f"prompt sample), {rep['prompts_per_seed']} held-out prompts per seed, {rep['train_steps']} optimizer steps "
+        f"per run, ≤ {rep['max_new_tokens']} new tokens. Intervals: 95 % bootstrap over seeds and prompts, paired "
+        "for ratios (docs/benchmarks.md, Intervals). Train seconds and draft ms are wall clock on that machine.",
+        "",
+        *tau_table(runs),
+        "",
+        *ratio_table(comps, growth),
+        "",
+    ]
+    pt = prune_table(comps)
+    if pt:
+        lines += ["Draft-vocabulary pruning (τ cost = 1 − τ_pruned / τ_full):", "", *pt, ""]
+    lines += ["Per-slot acceptance (point estimates; the last column is each slot's sample size):", ""]
+    lines += slot_table(runs)
+    rep["markdown"] = "\n".join(lines) + "\n"
+    return rep
 
 
 def machine() -> str:
@@ -199,11 +405,10 @@ def machine() -> str:
 
     from deepspec.machine import cpu_name
 
-    cpu = cpu_name()
     dev = (
         torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"CPU only ({cpu}, {os.cpu_count()} cores)"
+        else f"CPU only ({cpu_name()}, {os.cpu_count()} cores)"
     )
     return f"{dev}, torch {torch.__version__}"
 
@@ -212,81 +417,23 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    jobs = []  # (table key, name, dir, overrides)
-    if args.only in ("all", "main"):
-        wanted = set(args.runs.split(",")) if args.runs else None
-        for name, kind, layers in MAIN_RUNS:
-            if wanted is None or name in wanted:
-                jobs.append(
-                    ("main", name, out / "main" / name, run_overrides(args, kind, layers, None, args.steps))
-                )
-    if args.only in ("all", "sweep"):
-        steps = args.sweep_steps if args.sweep_steps is not None else args.steps
-        for gamma in [int(g) for g in args.gammas.split(",") if g]:
-            for name, kind, layers in SWEEP_KINDS:
-                jobs.append(
-                    (
-                        gamma,
-                        name,
-                        out / "sweep" / f"gamma{gamma}" / name,
-                        run_overrides(args, kind, layers, gamma, steps),
-                    )
-                )
+    jobs = plan(args)
     t0 = time.time()
 
     def work(job):
-        key, name, d, o = job
-        return (
-            key,
-            name,
-            train_and_eval(
-                f"{name}" + (f" γ={key}" if key != "main" else ""), d, o, args.threads, args.reuse
-            ),
-        )
+        seed, gamma, name, d, o = job
+        train(f"{name} γ={gamma} seed {seed}", d, o, args.threads, args.reuse)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = list(pool.map(work, jobs))
-    results: Dict[str, Dict] = {}
-    sweep: Dict[int, Dict[str, Dict]] = {}
-    for key, name, r in done:
-        if key == "main":
-            results[name] = r
-        else:
-            sweep.setdefault(key, {})[name] = r
-    report = {
-        "machine": machine(),
-        "threads_per_run": args.threads,
-        "wall_s": time.time() - t0,
-        "args": {k: v for k, v in vars(args).items()},
-        "main": results,
-        "sweep": {str(k): v for k, v in sweep.items()},
-        "verdicts": verdicts(results, sweep),
-    }
-    lines = [
-        f"# Drafter benchmark (recipe={args.recipe})",
-        "",
-        f"Machine: {report['machine']}; {args.threads} torch thread(s) per run. Train seconds are wall "
-        "clock of the training loop on that machine.",
-        "",
-    ]
-    if results:
-        any_run = next(iter(results.values()))
-        ev = any_run["eval"]
-        lines += [
-            f"Main table: γ = {ev['block_size']}, {any_run['train_steps']} optimizer steps each, "
-            f"{ev['num_prompts']} held-out prompts, ≤ {ev['max_new_tokens']} new tokens, T = 0 and 1.",
-            "",
-        ]
-        lines += main_table(results) + [""]
-    if sweep:
-        st = next(iter(next(iter(sweep.values())).values()))["train_steps"]
-        lines += [f"Block-size sweep ({st} steps each):", ""] + sweep_table(sweep) + [""]
-    lines += ["Verdicts: " + json.dumps(report["verdicts"])]
-    table = "\n".join(lines)
-    print(table)
-    (out / "bench_drafters.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench_drafters.md").write_text(table + "\n")
-    return report
+        list(pool.map(work, jobs))
+    runs: Dict[int, Dict[str, Dict[int, Dict]]] = {}
+    for seed, gamma, name, d, _ in jobs:
+        runs.setdefault(gamma, {}).setdefault(name, {})[seed] = load_run(d)
+    rep = report(args, runs, time.time() - t0)
+    print(rep["markdown"])
+    atomic.write_json(out / "bench_drafters.json", {k: v for k, v in rep.items() if k != "markdown"})
+    atomic.write_text(out / "bench_drafters.md", rep["markdown"])
+    return rep
 
 
 if __name__ == "__main__":

@@ -260,6 +260,9 @@ class EvalConfig:
     max_new_tokens: int = 96
     num_prompts: int = 16  # prompts per dataset (0 = all)
     seed: int = 0
+    # training's end-of-run evaluation: false = the first num_prompts held-out records; true = a
+    # sample of them drawn with eval.seed (as evaluate.py draws), so seeds also vary the prompts
+    sample_heldout: bool = False
     batch_size: int = 1  # prompts decoded together (per-row acceptance; tokens do not depend on it)
     draft_cache: bool = True  # keep the drafter's context keys/values between rounds (false: recompute)
     # --- deepspec/evaluate.py (standalone evaluation) ---

@@ -25,6 +25,7 @@ from deepspec.data.cache import (
     target_config_hash,
     target_fingerprint,
 )
+from deepspec.eval.datasets import heldout_eval_records
 from deepspec.target.adapter import TargetOutput
 
 log = logging.getLogger("deepspec")
@@ -185,7 +186,7 @@ def open_run_cache(cfg, target_path: str, target, drafter_config, accelerator=No
             cfg.data.max_length,
             stored_max,
         )
-    eval_records = reader.heldout_records()[: cfg.eval.num_prompts]
+    eval_records = heldout_eval_records(reader.heldout_records(), cfg.eval)
     rank, world = (
         (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     )

@@ -131,6 +131,15 @@ def select(texts: Sequence[str], num: int, seed: int) -> List[str]:
     return [texts[i] for i in idx]
 
 
+def heldout_eval_records(records: Sequence[dict], eval_cfg) -> List[dict]:
+    """The held-out records training evaluates at its end: the first ``eval.num_prompts``, or with
+    ``eval.sample_heldout`` a sample drawn with ``eval.seed`` (benchmarks over seeds vary the prompts
+    too, while every drafter trained with one seed still sees the same ones)."""
+    if getattr(eval_cfg, "sample_heldout", False):
+        return select(list(records), eval_cfg.num_prompts, eval_cfg.seed)
+    return list(records[: eval_cfg.num_prompts])
+
+
 def tokenize_prompts(tokenizer, texts: Sequence[str]) -> List[List[int]]:
     """Render each text as the first user turn with the chat template and the generation prompt."""
     from deepspec.data.chat import prompt_ids

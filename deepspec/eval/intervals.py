@@ -107,6 +107,24 @@ def tau_ratio_interval(a: Sequence, b: Sequence, **kw) -> Interval:
     return bootstrap(groups, _tau_ratio, **kw)
 
 
+def gain_ratio_interval(a1: Sequence, b1: Sequence, a2: Sequence, b2: Sequence, **kw) -> Interval:
+    """(τ_a1 / τ_b1) / (τ_a2 / τ_b2): whether a's gain over b differs between two settings (e.g. two block
+    sizes). All four are paired by seed and prompt, as in :func:`tau_ratio_interval`."""
+    sides = [a1, b1, a2, b2]
+    if len({len(x) for x in sides}) != 1:
+        raise ValueError(f"gain_ratio_interval: seeds per side {[len(x) for x in sides]}; pair runs by seed")
+    groups = []
+    for s in range(len(a1)):
+        mats = [np.asarray(x[s], np.float64).reshape(-1, 2) for x in sides]
+        if len({m.shape for m in mats}) != 1:
+            raise ValueError(
+                f"gain_ratio_interval: seed {s} has {[m.shape[0] for m in mats]} prompts; "
+                "a paired comparison needs the same prompts on every side"
+            )
+        groups.append(np.concatenate(mats, axis=1))
+    return bootstrap(groups, _gain_ratio, **kw)
+
+
 def mean_interval(values: Sequence[Sequence[float]], **kw) -> Interval:
     """Mean of a per-prompt figure, pooled over seeds. ``values[seed][prompt]``."""
     groups = [np.stack([np.asarray(v, np.float64), np.ones(len(v))], axis=1) for v in values]
@@ -130,9 +148,18 @@ def _tau_ratio(t: np.ndarray) -> np.ndarray:
     return _tau(t[..., 0:2]) / _tau(t[..., 2:4])
 
 
-def prompt_counts(rounds: Sequence[Dict], temperature: float, dataset: str | None = None) -> List[List[int]]:
+def _gain_ratio(t: np.ndarray) -> np.ndarray:
+    return _tau_ratio(t[..., 0:4]) / _tau_ratio(t[..., 4:8])
+
+
+def prompt_counts(
+    rounds: Sequence[Dict], temperature: float, dataset: str | None = None, num_prompts: int | None = None
+) -> List[List[int]]:
     """Per-prompt ``[rounds, accepted]`` from the records of a run's rounds.jsonl (deepspec/eval/report.py),
-    in prompt order, for one temperature (and dataset, when the file holds several)."""
+    in prompt order, for one temperature (and dataset, when the file holds several).
+
+    With ``num_prompts`` the list has exactly that many rows, ``[0, 0]`` for a prompt that ran no
+    round (its first token ended the turn), so two runs on the same prompts stay aligned for pairing."""
     per: Dict[int, List[int]] = {}
     for r in rounds:
         if float(r["temperature"]) != float(temperature):
@@ -146,4 +173,8 @@ def prompt_counts(rounds: Sequence[Dict], temperature: float, dataset: str | Non
         raise ValueError(
             f"no rounds at temperature {temperature}" + (f" in dataset {dataset!r}" if dataset else "")
         )
-    return [per[i] for i in sorted(per)]
+    if num_prompts is None:
+        return [per[i] for i in sorted(per)]
+    if max(per) >= num_prompts:
+        raise ValueError(f"rounds of prompt {max(per)} found, but num_prompts={num_prompts}")
+    return [per.get(i, [0, 0]) for i in range(num_prompts)]

@@ -12,6 +12,7 @@ import torch
 from deepspec.config import DataSource, check_choice
 from deepspec.data.anchors import anchor_candidates
 from deepspec.data.batching import Example
+from deepspec.eval.datasets import heldout_eval_records
 from deepspec.exporting.formats import check_format_carries
 from deepspec.models import Drafter, build_drafter
 from deepspec.models.config import DrafterSpec, resolve_drafter_config
@@ -181,7 +182,7 @@ def build_run(cfg, accelerator) -> RunSetup:
         splits = load_records(cfg)
         examples = train_examples(cfg, tokenizer, splits["train"])
         heldout_records = splits["heldout"]
-        eval_records = heldout_records[: cfg.eval.num_prompts]
+        eval_records = heldout_eval_records(heldout_records, cfg.eval)
     draft_ids = None
     if dc.pruned:  # the d tokens most often trained on (every rank counts the same examples)
         draft_ids = select_draft_ids(
