@@ -105,3 +105,28 @@ def test_prompt_counts_from_rounds_records():
     assert intervals.prompt_counts(recs, 1) == [[1, 3]]
     with pytest.raises(ValueError, match="no rounds at temperature 0.5"):
         intervals.prompt_counts(recs, 0.5)
+
+
+def test_prompt_counts_keeps_prompts_without_rounds_aligned():
+    recs = [
+        {"temperature": 0.0, "prompt": 2, "accepted": 2},
+        {"temperature": 0.0, "prompt": 0, "accepted": 1},
+    ]
+    assert intervals.prompt_counts(recs, 0.0, num_prompts=4) == [[1, 1], [0, 0], [1, 2], [0, 0]]
+    with pytest.raises(ValueError, match="rounds of prompt 2 found, but num_prompts=2"):
+        intervals.prompt_counts(recs, 0.0, num_prompts=2)
+
+
+def test_gain_ratio_interval_is_the_ratio_of_two_paired_ratios():
+    # a doubles its accepted drafts over b at the second setting only: gain ratio < 1 everywhere
+    a1 = [[[10, 20], [10, 30]], [[10, 25], [10, 20]]]
+    b1 = [[[10, 5], [10, 5]], [[10, 5], [10, 6]]]
+    a2 = [[[10, 10], [10, 12]], [[10, 11], [10, 10]]]
+    iv = intervals.gain_ratio_interval(a1, b1, a2, b1)
+    ta1, tb1, ta2 = 1 + 95 / 40, 1 + 21 / 40, 1 + 43 / 40
+    assert iv.value == pytest.approx((ta1 / tb1) / (ta2 / tb1))
+    assert iv.low <= iv.value <= iv.high and iv.low > 1 and iv.seeds == 2
+    same = intervals.gain_ratio_interval(a1, b1, a1, b1)
+    assert same.value == same.low == same.high == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="seed 1 has"):
+        intervals.gain_ratio_interval(a1, b1, a2, [b1[0], b1[1][:1]])
