@@ -21,11 +21,12 @@ def main(cfg) -> None:
 
     from deepspec.config import ConfigError
     from deepspec.eval.pipeline import run_evaluation
+    from deepspec.training.run_dir import RunLockedError
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
     try:
         run_evaluation(cfg)
-    except ConfigError as e:  # a bad value: one line naming the key, no traceback
+    except (ConfigError, RunLockedError) as e:  # a bad value or a busy run: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -15,10 +15,12 @@ from deepspec.entrypoint import hydra_entry  # first import: see deepspec/entryp
 
 
 def _user_errors():
-    """Errors a user can act on (bad input, failed check, refused push): one message, no traceback."""
+    """Errors a user can act on (bad input, failed check, refused push, a run in use): one message,
+    no traceback."""
     from deepspec.exporting.hub import HubError
+    from deepspec.training.run_dir import RunLockedError
 
-    return (ValueError, HubError)
+    return (ValueError, HubError, RunLockedError)
 
 
 def check_main(argv) -> int:

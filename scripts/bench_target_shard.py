@@ -3,10 +3,12 @@
 
     python scripts/bench_target_shard.py            # writes docs/results/bench_target_shard.{json,md}
 
-Each mode is its own ``torchrun --nproc_per_node 2`` launch, so peak RSS is that mode's alone. Per
-rank it records the target's parameter bytes (a shard's local part), the resident set after loading
-(and sharding), the peak resident set, and the time of one target forward; the orchestrator checks
-that both modes give the same features.
+The target is saved once as safetensors; each mode is its own ``torchrun --nproc_per_node 2`` launch
+loading it the way training does (whole: ``TargetModel.from_pretrained``; sharded:
+``deepspec.target.shard_load.load_sharded_target``, each rank reading only its rows), so peak RSS is
+that mode's alone, loading included. Per rank it records the target's parameter bytes (a shard's
+local part), the resident set after loading, the peak resident set, and the time of one target
+forward; the orchestrator checks that both modes give the same features.
 """
 
 from __future__ import annotations
@@ -46,25 +48,26 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def worker(mode: str, out: Path) -> None:
+def worker(mode: str, folder: Path, out: Path) -> None:
     import gc
 
     import torch
     import torch.distributed as dist
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from deepspec.target.adapter import TargetModel
-    from deepspec.target.sharding import local_param_bytes, shard_target
+    from deepspec.target.shard_load import load_sharded_target
+    from deepspec.target.sharding import local_param_bytes
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     rss_start = _rss_mb()
-    torch.manual_seed(0)  # the same random weights on every rank and in both modes
-    target = TargetModel(Qwen3ForCausalLM(Qwen3Config(**TARGET)), LAYER_IDS)
-    full_bytes = local_param_bytes(target.model)
     if mode == "fsdp":
-        shard_target(target)
+        target = load_sharded_target(str(folder), LAYER_IDS)
+    else:
+        target = TargetModel.from_pretrained(str(folder), LAYER_IDS)
+    # A DTensor's numel() is its global size: the whole target's bytes in both modes.
+    full_bytes = sum(p.numel() * p.element_size() for p in target.model.parameters())
     gc.collect()
     rss_loaded = _rss_mb()
     x = torch.randint(0, TARGET["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -94,14 +97,22 @@ def worker(mode: str, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def launch(mode: str, out: Path) -> list:
+def save_target(folder: Path) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(**TARGET)).save_pretrained(str(folder))
+
+
+def launch(mode: str, folder: Path, out: Path) -> list:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += [__file__, "--worker", mode, "--out", str(out)]
+    cmd += [__file__, "--worker", mode, "--target", str(folder), "--out", str(out)]
     # A fixed mmap threshold makes glibc hand freed large blocks (a gathered layer) back to the OS, so
     # RSS shows live memory rather than what the allocator keeps after its dynamic threshold rose.
     env = {
@@ -147,8 +158,8 @@ def summarise(res: dict) -> str:
     return (
         f"{table(res)}\n\nSharded / whole, per rank: parameter bytes {res['param_bytes_ratio']:.3f}; resident "
         f"memory of the target after the forwards (RSS minus RSS before loading) {res['target_rss_ratio']:.2f}; "
-        f"peak (same baseline) {res['peak_rss_ratio']:.2f}: loading is not sharded, so while a rank shards "
-        f"it holds the full target and its shard; forward time {res['forward_time_ratio']:.2f}x (all-gathers over "
+        f"peak (same baseline) {res['peak_rss_ratio']:.2f}: each rank reads only its rows of every weight "
+        f"(a forward all-gathers one layer at a time); forward time {res['forward_time_ratio']:.2f}x (all-gathers over "
         f"gloo); features max |diff| {res['features_max_abs_diff']:.3g}.\n"
     )
 
@@ -168,17 +179,20 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", choices=("none", "fsdp"))
+    p.add_argument("--target", type=Path)
     p.add_argument("--out", type=Path)
     p.add_argument("--results", type=Path, default=RESULTS)
     a = p.parse_args()
     if a.worker:
-        return worker(a.worker, a.out)
+        return worker(a.worker, a.target, a.out)
     res = {"target": TARGET, "layer_ids": LAYER_IDS, "batch": [BATCH, SEQ], "processes": 2, "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "target"
+        save_target(folder)
         feats = {}
         for mode in ("none", "fsdp"):
             out = Path(tmp) / f"{mode}.json"
-            res["modes"][mode] = launch(mode, out)
+            res["modes"][mode] = launch(mode, folder, out)
             feats[mode] = torch.load(out.with_suffix(".pt"), weights_only=True)
         res["features_max_abs_diff"] = max(
             float((feats["none"][k] - feats["fsdp"][k]).abs().max()) for k in ("aux", "final")

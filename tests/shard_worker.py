@@ -1,5 +1,8 @@
-"""Run by test_target_shard.py under torchrun (2 CPU processes, gloo): the same micro target loaded
-whole and with ``target.shard=fsdp``; features, logits and the per-rank parameter bytes of both."""
+"""Run by test_target_shard.py under torchrun (2 CPU processes, gloo): each target folder loaded whole
+(``TargetModel.from_pretrained``) and with ``target.shard=fsdp`` (``load_sharded_target``: each rank
+reads only its rows); features, logits, gathered weights and the per-rank parameter bytes of both.
+
+argv: the output JSON, then one ``folder:dtype`` per target."""
 
 import json
 import sys
@@ -9,21 +12,16 @@ import torch
 import torch.distributed as dist
 
 from deepspec.target.adapter import TargetModel
-from deepspec.target.sharding import local_param_bytes, shard_target
+from deepspec.target.shard_load import load_sharded_target
+from deepspec.target.sharding import local_param_bytes
 
 
-def main(folder: str, out: Path) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+def compare(folder: str, dtype: str, rank: int) -> dict:
     ids = [0, 2, 3]
-    full = TargetModel.from_pretrained(folder, ids)
-    sharded = TargetModel.from_pretrained(folder, ids)
-    full_bytes = local_param_bytes(full.model)
-    shard_target(sharded)
-    shard_bytes = local_param_bytes(sharded.model)
+    full = TargetModel.from_pretrained(folder, ids, dtype)
+    sharded = load_sharded_target(folder, ids, dtype)
     g = torch.Generator().manual_seed(1)  # the same batch on both ranks, then a different one per rank
-    x = torch.randint(0, full.vocab_size, (2, 24), generator=g) + rank
+    x = torch.randint(0, full.vocab_size - 1, (2, 24), generator=g) + rank
     mask = torch.ones_like(x)
     mask[1, :5] = 0  # left padding on one row
     diffs = {}
@@ -32,20 +30,29 @@ def main(folder: str, out: Path) -> None:
         for name in ("aux", "final"):
             d = float((getattr(a, name) - getattr(b, name)).abs().max())
             diffs[name] = max(diffs.get(name, 0.0), d)
-    logits_a = full.lm_head(a.final)
-    logits_b = sharded.lm_head(b.final)
-    diffs["logits"] = float((logits_a - logits_b).abs().max())
+    diffs["logits"] = float((full.lm_head(a.final) - sharded.lm_head(b.final)).abs().max())
     diffs["embed"] = float((full.embed_tokens.weight - sharded.embed_tokens.weight).abs().max())
     diffs["lm_head"] = float((full.lm_head.weight - sharded.lm_head.weight).abs().max())
-    res = {
-        "rank": rank,
-        "full_bytes": full_bytes,
-        "shard_bytes": shard_bytes,
+    return {
+        "full_bytes": local_param_bytes(full.model),
+        "shard_bytes": local_param_bytes(sharded.model),
         "diffs": diffs,
+        "dtypes": sorted({str(p.dtype) for p in sharded.model.parameters()}),
+        "tied": sharded.model.get_output_embeddings().weight is sharded.model.get_input_embeddings().weight,
         "aux_shape": list(b.aux.shape),
         "vocab": sharded.vocab_size,
         "hidden": sharded.hidden_size,
     }
+
+
+def main(out: Path, targets: list) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    res = {"rank": rank}
+    for spec in targets:
+        folder, dtype = spec.rsplit(":", 1)
+        res[Path(folder).name] = compare(folder, dtype, rank)
     got = [None] * dist.get_world_size()
     dist.all_gather_object(got, res)
     if rank == 0:
@@ -55,4 +62,4 @@ def main(folder: str, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(Path(sys.argv[1]), sys.argv[2:])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launchers import run_script, tail
 
 from deepspec.data.cache import (
     CacheError,
@@ -180,32 +181,11 @@ def test_two_process_collect_matches_one(bf16_cache, micro_target, tmp_path):
     """accelerate launch with 2 CPU processes: shards split across ranks, same bytes as one process."""
     _, _, micro = micro_target
     out = tmp_path / "mp"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [
-            "accelerate",
-            "launch",
-            "--cpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(ROOT / "deepspec" / "collect.py"),
-            *micro,
-            *COLLECT,
-            f"collect.cache_dir={out}",
-            "collect.dtype=bf16",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    args = [*micro, *COLLECT, f"collect.cache_dir={out}", "collect.dtype=bf16"]
+    res = run_script(
+        ROOT / "deepspec" / "collect.py", args, "ddp", env={"ACCELERATE_USE_CPU": "1"}, timeout=600
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, tail(res)
     assert _snapshot(out) == _snapshot(bf16_cache)
 
 

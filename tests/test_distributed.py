@@ -5,11 +5,11 @@ step is skipped identically under both; a 2-process checkpoint resumes on one pr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
 import torch
+from launchers import TRAIN_PY, run_two_nodes, run_worker
 from train_fixtures import (
     assert_same_tensors,
     ckpt,
@@ -191,69 +191,11 @@ def test_fsdp2_state_round_trip_on_cpu(tmp_path):
     """accelerate runs FSDP on GPUs only, so this drives torch's FSDP2 (fully_shard, what accelerate's
     fsdp_version 2 uses) directly on 2 CPU processes: full weights / moments gathered from uneven and
     padded DTensor shards, written back, and the next step redone bit for bit."""
-    import subprocess
-    import sys
-
-    from train_fixtures import REPO, free_port
-
     out = tmp_path / "fsdp.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(REPO / "tests" / "fsdp_worker.py"),
-            str(out),
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, tail(r)
+    run_worker("fsdp_worker", out)
     res = json.loads(out.read_text())
     assert res["shapes"] == {"inner.weight": [3, 8], "inner.bias": [3], "out.weight": [1, 3], "out.bias": [1]}
     assert res["adam_step"] == 1 and res["restored"] and res["redone_equal"]
-
-
-def two_node_run(overrides, env=None, timeout=600):
-    """Two ``accelerate launch`` launchers on this machine acting as two nodes (one CPU process each,
-    gloo), rendezvous on 127.0.0.1 as real nodes do on the main node's address."""
-    import subprocess
-    import sys
-
-    from train_fixtures import REPO, TRAIN_PY, free_port
-
-    port = str(free_port())
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "ACCELERATE_USE_CPU": "1",
-        **(env or {}),
-    }
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-        cmd += ["--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml")]
-        cmd += ["--num_machines", "2", "--machine_rank", str(node), "--num_processes", "2"]
-        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port, TRAIN_PY, *overrides]
-        procs.append(
-            subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    try:
-        outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for node, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"node {node}:\n{out[-4000:]}"
 
 
 def test_two_nodes_train_checkpoint_resume_equal_one_node(ddp_run, tiny_cache, tmp_path):
@@ -262,14 +204,14 @@ def test_two_nodes_train_checkpoint_resume_equal_one_node(ddp_run, tiny_cache, t
     args = SPLIT + ["train.max_steps=3"]
     faults = {"DEEPSPEC_FAULTS": "nan_loss@3"}
     out = tmp_path / "two-nodes"
-    two_node_run(micro_overrides(tiny_cache, out) + args, env=faults)
+    run_two_nodes(TRAIN_PY, micro_overrides(tiny_cache, out) + args, env=faults)
     for step in (1, 2, 3):
         assert state(out, step)["world_size"] == 2 and state(out, step)["engine"] == "ddp"
         for f in ("model.safetensors", "optimizer.safetensors"):
             assert_same_tensors(ckpt(out, step) / f, ckpt(ddp_run, step) / f, exact=True)
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt(out, 1), ckpt(resumed, 1))
-    two_node_run(micro_overrides(tiny_cache, resumed) + args, env=faults)
+    run_two_nodes(TRAIN_PY, micro_overrides(tiny_cache, resumed) + args, env=faults)
     assert json.loads((resumed / "train_summary.json").read_text())["resumed_from_step"] == 1
     for step in (2, 3):
         for f in ("model.safetensors", "optimizer.safetensors"):

@@ -6,14 +6,12 @@ native folder loads as that kind and reproduces the trained drafter's logits."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from launchers import run_worker
 from safetensors.torch import load_file
-from train_fixtures import REPO, ckpt, free_port, launch, micro_overrides, state, tail
+from train_fixtures import ckpt, launch, micro_overrides, state, tail
 
 from deepspec.exporting.native import load_native
 from deepspec.exporting.writer import fixed_input, tolerance
@@ -67,24 +65,7 @@ def test_fsdp2_final_drafter_is_the_trained_drafter_of_its_kind(tmp_path):
     """2 CPU processes shard a real EAGLE-3 and a DSpark drafter with fully_shard, train two AdamW steps,
     and rebuild the final drafter with ``engine_state.final_drafter`` (what the trainer exports)."""
     res_path = tmp_path / "fsdp.json"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(REPO / "tests" / "fsdp_drafter_worker.py"),
-            str(tmp_path),
-        ],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, tail(r)
+    run_worker("fsdp_drafter_worker", tmp_path)
     res = json.loads(res_path.read_text())
     assert sorted(res) == ["dspark", "eagle3"]
     for kind, got in res.items():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launchers import free_port
 from omegaconf import OmegaConf
 from openai_standin import StandIn
 
@@ -172,14 +172,6 @@ def test_bounded_concurrency(tmp_path):
     finally:
         slow.close()
     assert 1 < slow.max_in_flight <= 3
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_unreachable_endpoint_keeps_what_was_written(tmp_path):

@@ -4,18 +4,13 @@ in-process and launched (torchrun / accelerate launch) runs, checkpoint comparis
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+from launchers import REPO, TRAIN_PY, free_port, run_script, tail  # noqa: F401 (re-exported to the tests)
 from safetensors.torch import load_file
-
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_PY = str(REPO / "deepspec" / "train.py")
 
 # A target small enough to build in ~20 s on one CPU thread (the default tiny target takes minutes).
 MICRO_TARGET = dict(
@@ -103,12 +98,6 @@ def train_here(overrides: List[str]) -> Path:
         torch.set_num_threads(threads)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(
     args: List[str],
     launcher: Optional[str] = None,
@@ -118,49 +107,7 @@ def launch(
 ) -> subprocess.CompletedProcess:
     """``deepspec/train.py <args>`` in a fresh process: plain python, ``torchrun`` (2 processes) or
     ``accelerate launch --config_file configs/accelerate/<launcher>.yaml`` (2 processes)."""
-    port = str(free_port())
-    if launcher is None:
-        cmd = [sys.executable, TRAIN_PY]
-    elif launcher == "torchrun":
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            port,
-            TRAIN_PY,
-        ]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"),
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            port,
-            TRAIN_PY,
-        ]
-    full_env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **(env or {}),
-    }
-    if "DEEPSPEC_FAULTS" not in (env or {}):
-        full_env.pop("DEEPSPEC_FAULTS", None)
-    return subprocess.run(
-        cmd + args, cwd=str(cwd or REPO), env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def tail(r: subprocess.CompletedProcess, n: int = 4000) -> str:
-    return (r.stdout + r.stderr)[-n:]
+    return run_script(TRAIN_PY, args, launcher, env=env, cwd=cwd, timeout=timeout)
 
 
 def ckpt(out: Path, step: int) -> Path:

@@ -16,6 +16,7 @@ import torch
 from deepspec import atomic
 from deepspec.config import validate
 from deepspec.secrets import config_yaml
+from deepspec.training.run_dir import run_lock
 
 log = logging.getLogger("deepspec")
 
@@ -42,13 +43,19 @@ def save_sts(drafter, drafter_dir: Path, temps: list) -> None:
     save_native(drafter, drafter_dir, dtype=saved.get("torch_dtype", "bfloat16"))
 
 
+def owning_run(drafter_dir: Path, from_run_dir: bool) -> Optional[Path]:
+    """The training run an evaluation writes into (its ``eval/``, and its ``drafter/`` with
+    ``eval.save_sts``): ``eval.drafter`` is the run folder or the run's ``drafter/`` folder."""
+    if from_run_dir:
+        return drafter_dir.parent
+    if drafter_dir.name == "drafter" and (drafter_dir.parent / "config.yaml").is_file():
+        return drafter_dir.parent
+    return None
+
+
 def run_evaluation(cfg) -> Dict:
     """Everything `python deepspec/evaluate.py` does; returns the report (also in eval.json)."""
-    from deepspec.data.chat import end_of_turn_ids
-    from deepspec.eval.datasets import dataset_labels, load_prompt_texts, select, tokenize_prompts
-    from deepspec.eval.loading import check_inputs, load_models
-    from deepspec.eval.runner import evaluate_datasets
-    from deepspec.eval.scheduler import SPSCurve
+    from deepspec.eval.loading import check_inputs
 
     validate(cfg)  # every number and choice, before the drafter or the target loads
     from deepspec.target.sharding import refuse_target_shard
@@ -58,6 +65,19 @@ def run_evaluation(cfg) -> Dict:
     if e.num_threads > 0:
         torch.set_num_threads(e.num_threads)
     inputs = check_inputs(cfg)  # drafter vs target, from config files: before any weights load
+    # A training (or another evaluation / export) writing into the same run is refused before any load.
+    with run_lock(owning_run(inputs["drafter_dir"], inputs["from_run_dir"]), "evaluation"):
+        return _evaluate(cfg, inputs)
+
+
+def _evaluate(cfg, inputs: Dict) -> Dict:
+    from deepspec.data.chat import end_of_turn_ids
+    from deepspec.eval.datasets import dataset_labels, load_prompt_texts, select, tokenize_prompts
+    from deepspec.eval.loading import load_models
+    from deepspec.eval.runner import evaluate_datasets
+    from deepspec.eval.scheduler import SPSCurve
+
+    e = cfg.eval
     tokenizer = inputs["tokenizer"]
     prompts = {}
     labels = dataset_labels([str(n) for n in e.datasets])

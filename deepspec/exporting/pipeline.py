@@ -22,6 +22,7 @@ from deepspec.exporting.public import public_name, public_value, require_hub_ver
 from deepspec.exporting.target_info import TargetInfo, read_target
 from deepspec.exporting.writer import export_drafter, load_export, resolve_checkpoint
 from deepspec.models import Drafter
+from deepspec.training.run_dir import run_lock
 
 
 @dataclass
@@ -81,17 +82,18 @@ def run_export(
 ) -> ExportResult:
     """Run one export as configured by ``e`` (an :class:`deepspec.config.ExportConfig`)."""
     check_export_settings(e)
-    protected = ()
-    if drafter is None:
-        if not e.checkpoint:
-            raise ExportInputError(
-                "export.checkpoint is not set: give a drafter folder or a training output dir"
-            )
-        src, found_run = resolve_checkpoint(e.checkpoint)
-        run_dir = run_dir or found_run
-        protected = (src,) + ((found_run,) if found_run else ())
-    else:
-        src = None
+    if drafter is not None:  # the trainer's own export: the training holds its run's lock
+        return _export(e, drafter, None, (), run_dir, eval_result, echo, default_overwrite)
+    if not e.checkpoint:
+        raise ExportInputError("export.checkpoint is not set: give a drafter folder or a training output dir")
+    src, found_run = resolve_checkpoint(e.checkpoint)
+    protected = (src,) + ((found_run,) if found_run else ())
+    # Exporting from a training run: refused while a training (or an evaluation / export) writes there.
+    with run_lock(found_run, "export"):
+        return _export(e, None, src, protected, run_dir or found_run, eval_result, echo, default_overwrite)
+
+
+def _export(e, drafter, src, protected, run_dir, eval_result, echo, default_overwrite) -> ExportResult:
     out = (
         Path(e.output_dir)
         if e.output_dir

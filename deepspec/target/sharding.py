@@ -5,7 +5,9 @@ norm, lm_head) is the root unit, so a rank keeps about 1/world of every weight a
 layer at a time during a forward, freeing it right after (``reshard_after_forward=True``, also for
 the root, whose automatic setting would keep it gathered for a backward that never comes). The
 layer hooks of :class:`~deepspec.target.adapter.TargetModel` still fire: they see the layer
-outputs, which are whole on every rank.
+outputs, which are whole on every rank. Training builds the sharded target with
+:func:`deepspec.target.shard_load.load_sharded_target`, so no rank ever holds the whole target: each
+reads only its own rows of every weight from the safetensors files.
 
 Outside a forward the loss reads the lm_head weight and the final export reads the embedding; the
 views returned by :func:`gathered` all-gather them on the spot. Every gather is a collective: all

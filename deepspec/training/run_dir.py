@@ -1,8 +1,10 @@
 """The run directory belongs to one run at a time, and holds only what that run really did.
 
-- :class:`RunLock`: ``<output_dir>/run.lock`` (pid, host, start time). A second training on the same
-  folder refuses to start; a lock whose process is gone (same host, pid not running) is taken over
-  with a warning. A lock from another host cannot be checked and is never taken over.
+- :class:`RunLock`: ``<output_dir>/run.lock`` (pid, host, start time, and what holds it: training,
+  evaluation or export). A second writer (training, ``deepspec/evaluate.py`` or ``deepspec/export.py``
+  on the same run) refuses to start, naming the holder; a lock whose process is gone (same host, pid
+  not running) is taken over with a warning. A lock from another host cannot be checked and is never
+  taken over.
 - Provenance (``config.yaml``, ``.hydra/``, ``run_info.json``, ``train.log``) is written by
   :meth:`RunDir.commit`, called only after every start-up check (lock, resume compatibility) passed,
   so a refused start leaves an existing run's files byte for byte as they were. Log lines of the
@@ -21,8 +23,9 @@ import logging.handlers
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from deepspec import atomic, secrets
 from deepspec.training.faults import maybe_kill
@@ -52,9 +55,10 @@ class RunLock:
     """An exclusive, stale-aware lock file. The file is created complete (written aside, then
     hard-linked into place), so a reader never sees half a lock."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, what: str = "training") -> None:
         self.path = Path(folder) / LOCK_NAME
         self.held = False
+        self.what = what  # "training", "evaluation" or "export": named to whoever finds the lock taken
         self.me = {"pid": os.getpid(), "host": socket.gethostname()}
 
     def holder(self) -> Optional[dict]:
@@ -68,7 +72,8 @@ class RunLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**self.me, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        tmp.write_text(json.dumps({**self.me, "started": started, "what": self.what}))
         try:
             for _ in range(5):
                 try:
@@ -87,8 +92,8 @@ class RunLock:
         where = self.path.parent
         if not h or "pid" not in h:
             raise RunLockedError(
-                f"{where} is locked by {self.path}, which is unreadable; if no training uses this folder, "
-                "delete the lock file and start again"
+                f"{where} is locked by {self.path}, which is unreadable; if no training, evaluation or export "
+                "uses this folder, delete the lock file and start again"
             )
         pid, host = int(h["pid"]), str(h.get("host", ""))
         ours = host == self.me["host"]
@@ -113,10 +118,12 @@ class RunLock:
             if ours
             else "this host cannot check whether it still runs; if it does not, delete the lock file"
         )
+        other = (
+            "or choose another run_name / train.output_dir" if self.what == "training" else "then run again"
+        )
         raise RunLockedError(
-            f"{where} is in use by another training ({where_run}, started {h.get('started', '?')}, "
-            f"lock {self.path}); {advice}, or choose another run_name / train.output_dir. "
-            "Nothing was written."
+            f"{where} is in use by another {h.get('what', 'training')} ({where_run}, started "
+            f"{h.get('started', '?')}, lock {self.path}); {advice}, {other}. Nothing was written."
         )
 
     def release(self) -> None:
@@ -125,6 +132,21 @@ class RunLock:
             if h and h.get("pid") == self.me["pid"] and h.get("host") == self.me["host"]:
                 self.path.unlink(missing_ok=True)
             self.held = False
+
+
+@contextmanager
+def run_lock(folder: Optional[Path], what: str) -> Iterator[None]:
+    """Hold ``folder``'s run lock for the block (``folder=None``: nothing to lock). For the commands that
+    write into a finished run (evaluation, export) while a training may be writing there."""
+    if folder is None:
+        yield
+        return
+    lock = RunLock(Path(folder), what)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class RunDir:

@@ -163,10 +163,14 @@ def build_run(cfg, accelerator) -> RunSetup:
     if cfg.export.after_training and dc.kind != "eagle3":  # the target's family is known now: before training
         check_format_carries(dc, str(cfg.export.format))
     shard = cfg.target.shard == "fsdp"
-    # A target to shard is read into host memory; fully_shard then moves one unit at a time to the device,
-    # so a device never holds the whole target.
-    load_on = "cpu" if shard else accelerator.device
-    target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, load_on, trc)
+    if shard:  # each rank reads only its own shard of every weight (collective: all ranks load)
+        from deepspec.target.shard_load import load_sharded_target
+
+        target = load_sharded_target(path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc)
+    else:
+        target = TargetModel.from_pretrained(
+            path, dc.target_layer_ids, cfg.target.dtype, accelerator.device, trc
+        )
 
     torch.manual_seed(cfg.train.seed)
     drafter = build_drafter(dc)
@@ -192,12 +196,9 @@ def build_run(cfg, accelerator) -> RunSetup:
         )
         drafter.set_draft_vocab(draft_ids)
         draft_ids = draft_ids.to(accelerator.device)
+    # Sharded, the embedding and lm_head are all-gathered here for the drafter's frozen copies.
     drafter.load_target_head(target.embed_tokens.weight, target.lm_head.weight)
     drafter.to(accelerator.device)
-    if shard:  # after the drafter copied the embedding and lm_head whole
-        from deepspec.target.sharding import shard_target
-
-        shard_target(target, accelerator.device.type)
     maybe_compile(drafter, cfg.train)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run_info = {
