@@ -47,8 +47,11 @@ def batch_of(exs, idx, num_anchors=5):
 # ----------------------------------------------------------------------------- 3. loss vs slow reference
 
 
-def slow_reference_loss(draft_logits, conf_logits, hf_logits, batch, lengths, cfg: LossConfig):
-    """Per anchor, per slot: CE, L1(q, p), c* = 1 - L1/2, BCE; weights exp(-(k-1)/g); contiguous prefix."""
+def slow_reference_loss(
+    draft_logits, conf_logits, hf_logits, batch, lengths, cfg: LossConfig, greedy_logits=None
+):
+    """Per anchor, per slot: CE, L1(q, p), c* = 1 - L1/2, BCE, and with ``greedy_logits`` the BCE against
+    [argmax q = argmax p]; weights exp(-(k-1)/g); contiguous prefix."""
     total = draft_logits.new_zeros((), dtype=torch.float64)
     wsum = 0.0
     B, A = batch.anchors.shape
@@ -79,6 +82,14 @@ def slow_reference_loss(draft_logits, conf_logits, hf_logits, batch, lengths, cf
                         + (1 - cstar) * torch.nn.functional.logsigmoid(-z)
                     )
                     term = term + cfg.confidence_weight * bce
+                if greedy_logits is not None:
+                    agree = float(int(draft_logits[b, a, k - 1].argmax()) == int(p.argmax()))
+                    z = greedy_logits[b, a, k - 1].double()
+                    bce = -(
+                        agree * torch.nn.functional.logsigmoid(z)
+                        + (1 - agree) * torch.nn.functional.logsigmoid(-z)
+                    )
+                    term = term + cfg.greedy_confidence_weight * bce
                 total = total + w * term
                 wsum += w
     return total / wsum, wsum
@@ -110,8 +121,20 @@ def test_batched_loss_equals_slow_reference(kind, markov):
     if kind == "dflash":
         assert out.confidence_logits is None and d.markov_head is None
     denom = weighted_valid(tg.valid, cfg.decay_gamma).sum()
-    got = dspark_loss(out.logits, out.confidence_logits, tgt, tg, cfg, denom)
-    ref, wsum = slow_reference_loss(out.logits, out.confidence_logits, hf_logits, batch, lengths, cfg)
+    if kind == "dspark":
+        assert out.greedy_confidence_logits.shape == out.confidence_logits.shape
+    got = dspark_loss(
+        out.logits,
+        out.confidence_logits,
+        tgt,
+        tg,
+        cfg,
+        denom,
+        greedy_confidence_logits=out.greedy_confidence_logits,
+    )
+    ref, wsum = slow_reference_loss(
+        out.logits, out.confidence_logits, hf_logits, batch, lengths, cfg, out.greedy_confidence_logits
+    )
 
     # The contiguous-prefix rule matters here: a plain "label is masked" rule would weigh more slots.
     naive = 0.0
@@ -130,9 +153,12 @@ def test_batched_loss_equals_slow_reference(kind, markov):
     torch.testing.assert_close(got.loss.double(), ref, atol=1e-5, rtol=1e-5)
     # The logged sums recombine into the same loss.
     s = got.sums
-    recomb = (cfg.ce_weight * s["ce"] + cfg.l1_weight * s["l1"] + cfg.confidence_weight * s["bce"]) / s[
-        "weight"
-    ]
+    recomb = (
+        cfg.ce_weight * s["ce"]
+        + cfg.l1_weight * s["l1"]
+        + cfg.confidence_weight * s["bce"]
+        + cfg.greedy_confidence_weight * s.get("bce_greedy", 0.0)
+    ) / s["weight"]
     torch.testing.assert_close(recomb.double(), ref, atol=1e-5, rtol=1e-5)
 
     params = d.trainable_parameters()
@@ -188,7 +214,15 @@ def test_gradient_independent_of_micro_batch_split():
         b, feats, tg = part
         out = d(feats.aux, b.input_ids, b.anchors, tg.prev_tokens)
         tgt = target_logits(feats.final, tg.target_pos, tm.lm_head)
-        return dspark_loss(out.logits, out.confidence_logits, tgt, tg, cfg, denom).loss
+        return dspark_loss(
+            out.logits,
+            out.confidence_logits,
+            tgt,
+            tg,
+            cfg,
+            denom,
+            greedy_confidence_logits=out.greedy_confidence_logits,
+        ).loss
 
     loss_full = loss_of(full, denom_full)
     g_full = torch.autograd.grad(loss_full, params)

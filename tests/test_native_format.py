@@ -31,6 +31,8 @@ HEAD_TENSORS = {
 }
 COMMON = ["embed_tokens.weight", "lm_head.weight", "fc.weight", "hidden_norm.weight", "norm.weight"]
 COMMON += ["confidence_head.proj.weight", "confidence_head.proj.bias"]
+# The greedy-acceptance output (docs/method.md, Confidence head); older drafters have proj only.
+COMMON += ["confidence_head.greedy_proj.weight", "confidence_head.greedy_proj.bias"]
 
 
 def layer_tensors(family: str, i: int):

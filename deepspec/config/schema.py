@@ -91,6 +91,9 @@ class DrafterConfig:
     markov_head_type: MarkovHeadType = MarkovHeadType.vanilla
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    # A second confidence output trained on greedy acceptance (draft = target argmax), used at T = 0;
+    # the first output keeps the sampling acceptance 1 - TV(q, p) (docs/method.md, Confidence head)
+    greedy_confidence: bool = True
     init_std: float = 0.02
     # 0 = the target's whole vocabulary; d > 0 keeps the d target tokens most frequent in the training
     # answers (plus the tokens decoding needs: EOS, end of turn, ...) as the drafter's output vocabulary
@@ -103,6 +106,7 @@ class LossConfig:
     ce_weight: float = 0.1
     l1_weight: float = 0.9
     confidence_weight: float = 1.0
+    greedy_confidence_weight: float = 1.0  # BCE of the greedy confidence output (model.greedy_confidence)
     decay_gamma: float = 4.0  # slot weight w_k = exp(-(k-1)/decay_gamma); <= 0 disables decay
     soft_ce_weight: float = 0.0  # -Σ_v p_k(v) log q_k(v), CE to the target's distribution (EAGLE-3)
     # lean: chunked over block positions, softmaxes recomputed in backward (deepspec/losses/vocab_terms.py);
@@ -280,8 +284,9 @@ class EvalConfig:
     calibration: bool = True  # ECE/AUC/Brier, STS, threshold sweep (needs a confidence head)
     calibration_fraction: float = 0.5  # share of prompts whose rounds fit STS; the rest evaluate it
     ece_bins: int = 15
-    sts_fit_temperature: float = 1.0  # decoding temperature whose STS fit is stored in the drafter
-    save_sts: bool = False  # write sts_temperatures into the drafter's config.json (re-save)
+    # decoding temperature whose STS fit eval.save_sts stores; null = every decoded temperature's
+    sts_fit_temperature: Optional[float] = None
+    save_sts: bool = False  # write the per-temperature STS fits into the drafter's config.json (re-save)
     thresholds: List[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(20)])
     # --- scheduler simulation (docs/evaluation.md) ---
     scheduler: bool = True  # profile SPS(B) and replay rounds for R concurrent requests

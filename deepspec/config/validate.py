@@ -107,6 +107,7 @@ RANGES: Dict[str, Range] = {
     "loss.ce_weight": _ge(0),
     "loss.l1_weight": _ge(0),
     "loss.confidence_weight": _ge(0),
+    "loss.greedy_confidence_weight": _ge(0),
     "loss.soft_ce_weight": _ge(0),
     "loss.decay_gamma": Range(why="<= 0 = no slot decay"),
     "loss.chunk_size": _ge(0, "0 = auto"),
@@ -330,7 +331,7 @@ def _check_across(get) -> None:
         raise ConfigError(f"target.tiny.num_heads={heads} is not a multiple of target.tiny.num_kv_heads={kv}")
     if get("eval.save_sts") is True:
         t, temps = get("eval.sts_fit_temperature"), get("eval.temperatures")
-        if float(t) not in [float(x) for x in temps]:
+        if t not in (None, _MISSING) and float(t) not in [float(x) for x in temps]:
             raise ConfigError(
                 f"eval.save_sts: eval.sts_fit_temperature={t} is not one of eval.temperatures={_show(temps)}"
             )

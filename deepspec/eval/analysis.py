@@ -16,9 +16,19 @@ from deepspec.eval.replay import concurrency_sweep, threshold_sweep
 from deepspec.eval.scheduler import SPSCurve
 
 
-def analyze(rounds_by_prompt: Sequence[Sequence], cfg, sps: Optional[SPSCurve] = None) -> Dict:
+def analyze(
+    rounds_by_prompt: Sequence[Sequence],
+    cfg,
+    sps: Optional[SPSCurve] = None,
+    event: Optional[str] = None,
+    stored_sts: Optional[Sequence[float]] = None,
+) -> Dict:
     """JSON-ready dict with keys confidence / threshold_sweep / scheduler (each None when not run,
-    with the reason under ``skipped``)."""
+    with the reason under ``skipped``).
+
+    ``event``: the acceptance event the recorded confidences predict ("greedy" or "sampling",
+    reported). ``stored_sts``: the STS temperatures the drafter already carries for this decoding
+    temperature; they are scored on the same held-out rounds (``stored``)."""
     out: Dict = {"confidence": None, "threshold_sweep": None, "scheduler": None}
     data = cal.from_rounds(rounds_by_prompt)
     if data is None:
@@ -31,6 +41,15 @@ def analyze(rounds_by_prompt: Sequence[Sequence], cfg, sps: Optional[SPSCurve] =
         rep = cal.calibration_report(data, cfg.calibration_fraction, cfg.ece_bins, cfg.seed)
         _, test = cal.split_by_prompt(data, cfg.calibration_fraction, cfg.seed)
         temps = rep["sts_temperatures"]
+        rep["event"] = event
+        if stored_sts is not None:
+            stored = cal.slot_metrics(test, list(stored_sts), cfg.ece_bins)
+            rep["stored"] = {
+                "sts_temperatures": list(stored_sts),
+                "per_slot": stored,
+                "mean_ece": cal._mean(stored, "ece"),
+                "mean_auc": cal._mean(stored, "auc"),
+            }
         out["confidence"] = rep
     else:
         if cfg.calibration:

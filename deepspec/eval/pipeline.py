@@ -25,21 +25,31 @@ def default_output_dir(drafter_dir: Path, from_run_dir: bool) -> Path:
     return drafter_dir.parent / "eval" if from_run_dir else drafter_dir.parent / f"{drafter_dir.name}-eval"
 
 
-def sts_to_store(report: Dict, temperature: float) -> Optional[list]:
-    """The STS temperatures fitted on the primary dataset's rounds at decoding temperature ``temperature``."""
-    temps = report["temperatures"]
-    key = next((k for k, s in temps.items() if s["temperature"] == float(temperature)), None)
-    if key is None or not temps[key].get("confidence"):
-        return None
-    return temps[key]["confidence"]["sts_temperatures"]
+def sts_to_store(report: Dict, temperature: Optional[float] = None) -> Dict[str, list]:
+    """The STS temperatures fitted on the primary dataset's rounds, keyed by decoding temperature
+    (:func:`~deepspec.models.config.sts_key`): every decoded temperature's fit, or only
+    ``temperature``'s when given."""
+    from deepspec.models.config import sts_key
+
+    out = {}
+    for s in report["temperatures"].values():
+        t = float(s["temperature"])
+        if (temperature is None or t == float(temperature)) and s.get("confidence"):
+            out[sts_key(t)] = s["confidence"]["sts_temperatures"]
+    return out
 
 
-def save_sts(drafter, drafter_dir: Path, temps: list) -> None:
-    """Write ``sts_temperatures`` into the drafter's config and re-save the folder (same dtype)."""
+def save_sts(drafter, drafter_dir: Path, fits: Dict[str, list]) -> None:
+    """Merge ``fits`` (decoding temperature -> STS temperatures) into the drafter's
+    ``sts_by_temperature`` and re-save the folder (same dtype). Fits at other temperatures stay."""
     from deepspec.exporting.native import save_native
+    from deepspec.models.config import normalise_sts
 
     saved = json.loads((drafter_dir / "config.json").read_text())
-    drafter.config.sts_temperatures = [float(t) for t in temps]
+    c = drafter.config
+    merged = dict(c.sts_by_temperature or {})
+    merged.update(normalise_sts(fits, c.block_size))
+    c.sts_by_temperature = merged
     save_native(drafter, drafter_dir, dtype=saved.get("torch_dtype", "bfloat16"))
 
 
@@ -107,19 +117,20 @@ def _evaluate(cfg, inputs: Dict) -> Dict:
     report["drafter_dir"] = str(drafter_dir)
     report["target"] = inputs["target_path"]
     if e.save_sts:
-        temps = sts_to_store(report, e.sts_fit_temperature)
-        if temps is None:
+        fits = sts_to_store(report, e.sts_fit_temperature)
+        if not fits:
+            which = (
+                "any decoding temperature"
+                if e.sts_fit_temperature is None
+                else f"decoding temperature {e.sts_fit_temperature}"
+            )
             raise ValueError(
-                f"eval.save_sts: no STS fit at decoding temperature {e.sts_fit_temperature} "
+                f"eval.save_sts: no STS fit at {which} "
                 "(the drafter needs a confidence head, eval.calibration must be on)"
             )
-        save_sts(drafter, drafter_dir, temps)
-        report["sts_saved"] = {
-            "temperatures": temps,
-            "fit_at_temperature": float(e.sts_fit_temperature),
-            "drafter_dir": str(drafter_dir),
-        }
-        log.info("stored sts_temperatures=%s in %s", temps, drafter_dir / "config.json")
+        save_sts(drafter, drafter_dir, fits)
+        report["sts_saved"] = {"sts_by_temperature": fits, "drafter_dir": str(drafter_dir)}
+        log.info("stored sts_by_temperature=%s in %s", fits, drafter_dir / "config.json")
     atomic.write_json(out_dir / "eval.json", report)
     print(f"eval.json written to {out_dir}")
     return report

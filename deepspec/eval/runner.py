@@ -238,7 +238,18 @@ def evaluate_datasets(
             for temp in temps:
                 run = decode(target, drafter, prompts, cfg, temp, stop_ids, progress, name, baseline)
                 stats = decode_stats(run, gamma, len(prompts), baseline)
-                stats.update(analyze(run.rounds_by_prompt, _with_defaults(cfg), sps if use_sched else None))
+                c = drafter.config
+                event = c.confidence_event(temp) if c.enable_confidence_head else None
+                stats.update(
+                    analyze(
+                        run.rounds_by_prompt,
+                        _with_defaults(cfg),
+                        sps if use_sched else None,
+                        event=event,
+                        stored_sts=c.sts_for(temp) if c.enable_confidence_head else None,
+                    )
+                )
+                stats["confidence_event"] = event
                 per_temp[str(temp)] = stats
                 runs.append((name, temp, run))
             per_dataset[name] = {"num_prompts": len(prompts), "temperatures": per_temp}

@@ -244,3 +244,38 @@ def lagged_verify_len(
         return min(g, schedule_global([history[-1 - lag], *others], sps)[0][0])
 
     return verify_len
+
+
+def verify_len_for(
+    spec, temperature: float, sps: SPS, lag: int = 0, others: Sequence[Sequence[float]] = ()
+) -> Callable:
+    """The scheduler's ``verify_len`` for a drafter (its :class:`~deepspec.models.config.DrafterSpec`)
+    decoding at ``temperature``: the STS fit stored for that temperature (``spec.sts_for``) applied to
+    the confidence output of that temperature's acceptance event (the greedy one at T = 0 when the
+    drafter has it). ``lag`` = 0: :func:`causal_verify_len`; > 0: :func:`lagged_verify_len`.
+
+    A draft whose confidences predict another event (drafted at another temperature) is refused:
+    its survival curve would be calibrated for the wrong event."""
+    if not spec.enable_confidence_head:
+        raise ValueError(
+            "scheduled verification needs a drafter with a confidence head (enable_confidence_head)"
+        )
+    sts, event = spec.sts_for(temperature), spec.confidence_event(temperature)
+    inner = (
+        causal_verify_len(sps, sts, others)
+        if lag == 0
+        else lagged_verify_len(sps, sts, lag, spec.block_size, others)
+    )
+
+    def verify_len(round_index: int, draft) -> int:
+        got = getattr(draft, "confidence_event", None)
+        if got is not None and got != event:
+            raise ValueError(
+                f"the scheduler was set up for T={temperature:g} ({event} acceptance) but this block's "
+                f"confidences predict {got} acceptance: draft at the temperature the scheduler was built for"
+            )
+        return inner(round_index, draft)
+
+    verify_len.sts_temperatures = sts  # what this cut calibrates with (reports, tests)
+    verify_len.confidence_event = event
+    return verify_len

@@ -24,6 +24,16 @@ _SOURCES = {
 }
 
 
+def conf_outputs(c) -> str:
+    if not c.enable_confidence_head:
+        return "off"
+    return (
+        "sampling (T > 0) and greedy (T = 0) outputs"
+        if c.greedy_confidence
+        else "one output (sampling acceptance)"
+    )
+
+
 def _num(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "–"
 
@@ -221,7 +231,8 @@ def build_card(
     if c.enable_confidence_head:
         heads.append(
             "a confidence head (per-slot probability that the draft survives verification"
-            + (", calibrated with STS" if c.sts_temperatures else "")
+            + (" at T > 0; a second output for greedy decoding at T = 0" if c.greedy_confidence else "")
+            + (", calibrated with STS" if c.sts_temperatures or c.sts_by_temperature else "")
             + ")"
         )
     ds = (run_cfg or {}).get("data", {}).get("source", "eval") if isinstance(run_cfg, dict) else "eval"
@@ -249,10 +260,14 @@ def build_card(
         f"| mask token id | {c.mask_token_id} |",
         f"| `sample_from_anchor` | {str(SAMPLE_FROM_ANCHOR).lower()} (draft 1 is predicted at the anchor slot) |",
         f"| Markov head | {f'rank {c.markov_rank}, {c.markov_head_type}' if c.markov_enabled else 'off'} |",
-        f"| confidence head | {'on' if c.enable_confidence_head else 'off'} |",
+        f"| confidence head | {conf_outputs(c)} |",
     ]
+    for key, fit in sorted((c.sts_by_temperature or {}).items(), key=lambda kv: float(kv[0])):
+        lines.append(f"| STS temperatures at decoding T = {float(key):g} | {[round(t, 3) for t in fit]} |")
     if c.sts_temperatures:
-        lines.append(f"| STS temperatures | {[round(t, 3) for t in c.sts_temperatures]} |")
+        lines.append(
+            f"| STS temperatures (single fit, any T) | {[round(t, 3) for t in c.sts_temperatures]} |"
+        )
     lines += [
         "",
         eval_section(eval_result, ds, list(plots)),

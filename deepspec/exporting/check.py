@@ -400,6 +400,11 @@ def _check_logits(rep, c, sidecar, reference: Optional[Drafter], tgt: Optional[T
         return
     diff = (got - ref).abs().max().item()
     if ref_conf is not None and got_conf is not None:
+        if got_conf.shape != ref_conf.shape:  # e.g. the greedy confidence output in one of them only
+            rep.errors.append(
+                f"confidence logits shape {list(got_conf.shape)} differs from {what} {list(ref_conf.shape)}"
+            )
+            return
         diff = max(diff, (got_conf - ref_conf).abs().max().item())
     elif (ref_conf is None) != (got_conf is None):
         rep.errors.append(f"confidence head present in {'export' if got_conf is not None else what} only")

@@ -14,7 +14,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 from deepspec.config import ExportFormat, allowed, check_choice
 from deepspec.exporting.io import ExportInputError
-from deepspec.exporting.native import config_from_native, draft_vocab_from, gemma4_keys, native_config
+from deepspec.exporting.native import (
+    config_from_native,
+    draft_vocab_from,
+    gemma4_keys,
+    native_config,
+    sts_config,
+)
 from deepspec.models.config import DrafterSpec
 from deepspec.models.families import family_named
 
@@ -59,7 +65,9 @@ _NOT_LAYER_KEYS = (
     "markov_head_type",
     "enable_confidence_head",
     "confidence_head_with_markov",
+    "greedy_confidence",
     "sts_temperatures",
+    "sts_by_temperature",
     "sample_from_anchor",
     "dflash_config",
     "per_layer_config",
@@ -226,12 +234,12 @@ def to_speculators(c: DrafterSpec, dtype: str) -> Dict[str, Any]:
         "markov_head_type": c.markov_head_type,
         "enable_confidence_head": c.enable_confidence_head,
         "confidence_head_with_markov": c.confidence_head_with_markov,
+        "greedy_confidence": c.greedy_confidence,
         "sample_from_anchor": SAMPLE_FROM_ANCHOR,
         "dtype": dtype,
         "torch_dtype": dtype,
     }
-    if c.sts_temperatures is not None:
-        cfg["sts_temperatures"] = list(c.sts_temperatures)
+    cfg.update(sts_config(c))
     return cfg
 
 
@@ -263,7 +271,10 @@ def from_speculators(cfg: Dict[str, Any], where: str = "config.json") -> Drafter
         markov_head_type=cfg.get("markov_head_type", "vanilla"),
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
+        # Absent in drafters saved before the greedy output: their one output is the sampling one.
+        greedy_confidence=bool(cfg.get("greedy_confidence", False)),
         sts_temperatures=cfg.get("sts_temperatures"),
+        sts_by_temperature=cfg.get("sts_by_temperature"),
         draft_vocab_size=draft_vocab_from(cfg, int(arch["vocab_size"])),
         target_config=target,
     )
@@ -346,7 +357,7 @@ def format_config(c: DrafterSpec, fmt: str, dtype: str, include_sts: bool = True
         )
     check_format_carries(c, fmt)
     if not include_sts:
-        c = dataclasses.replace(c, sts_temperatures=None)
+        c = dataclasses.replace(c, sts_temperatures=None, sts_by_temperature=None)
     return TO_CONFIG[fmt](c, dtype)
 
 

@@ -15,7 +15,7 @@ import torch
 
 from deepspec import atomic
 from deepspec.models import Drafter, build_drafter
-from deepspec.models.config import DrafterSpec
+from deepspec.models.config import DrafterSpec, normalise_sts
 from deepspec.models.families import family_named, text_config
 from deepspec.models.vocab import check_maps
 
@@ -45,7 +45,9 @@ DRAFTER_KEYS = (
     "markov_head_type",
     "enable_confidence_head",
     "confidence_head_with_markov",
+    "greedy_confidence",
     "sts_temperatures",
+    "sts_by_temperature",
     "drafter_kind",
     "drafter_architecture",
     "target_model_type",
@@ -96,6 +98,7 @@ def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
         markov_head_type=c.markov_head_type,
         enable_confidence_head=c.enable_confidence_head,
         confidence_head_with_markov=c.confidence_head_with_markov,
+        greedy_confidence=c.greedy_confidence,
         # The output layer's rows (vLLM's meaning): vocab_size when the drafter has the whole vocabulary.
         draft_vocab_size=c.out_vocab_size,
         tie_word_embeddings=False,
@@ -109,9 +112,19 @@ def native_config(c: DrafterSpec, dtype: str = "bfloat16") -> Dict[str, Any]:
         # Exactly the RoPE the drafter was trained with (scaling included).
         cfg.update(rope_parameters=c.rope, rope_theta=c.rope_theta)
         cfg.pop("rope_scaling", None)
-    if c.sts_temperatures is not None:
-        cfg["sts_temperatures"] = list(c.sts_temperatures)
+    cfg.update(sts_config(c))
     return cfg
+
+
+def sts_config(c: DrafterSpec) -> Dict[str, Any]:
+    """The STS keys of every format's config.json: the per-decoding-temperature fits, and the legacy
+    single list when the drafter still carries one."""
+    out: Dict[str, Any] = {}
+    if c.sts_by_temperature:
+        out["sts_by_temperature"] = normalise_sts(c.sts_by_temperature, c.block_size)
+    if c.sts_temperatures is not None:
+        out["sts_temperatures"] = list(c.sts_temperatures)
+    return out
 
 
 def config_from_native(cfg: Dict[str, Any]) -> DrafterSpec:
@@ -138,7 +151,10 @@ def config_from_native(cfg: Dict[str, Any]) -> DrafterSpec:
         markov_head_type=cfg.get("markov_head_type", "vanilla"),
         enable_confidence_head=bool(cfg.get("enable_confidence_head", False)),
         confidence_head_with_markov=bool(cfg.get("confidence_head_with_markov", True)),
+        # Absent in drafters saved before the greedy output: their one output is the sampling one.
+        greedy_confidence=bool(cfg.get("greedy_confidence", False)),
         sts_temperatures=cfg.get("sts_temperatures"),
+        sts_by_temperature=cfg.get("sts_by_temperature"),
         draft_vocab_size=draft_vocab_from(cfg, int(arch["vocab_size"])),
         # drafter_architecture: the key's name in exports written before drafter_kind (dspark|eagle3).
         kind=cfg.get("drafter_kind", cfg.get("drafter_architecture", "dspark")),

@@ -54,7 +54,8 @@ def fixed_input(c: DrafterSpec, seed: int = 0, ctx_len: int = 12):
 
 @torch.no_grad()
 def drafter_outputs(drafter: Drafter) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """fp32 logits [2, γ, V] and confidence logits [2, γ] (or None) on the fixed input."""
+    """fp32 logits [2, γ, V] and confidence logits on the fixed input: [2, γ] (the sampling output), or
+    [2, γ, 2] (sampling, greedy) for a drafter with the greedy output, or None without a head."""
     p = next(drafter.parameters())
     if p.dtype == torch.float32 and p.device.type == "cpu":
         d = drafter
@@ -67,6 +68,8 @@ def drafter_outputs(drafter: Drafter) -> Tuple[torch.Tensor, Optional[torch.Tens
     out = d(*fixed_input(d.config))
     d.train(was_training)
     conf = out.confidence_logits[0].float().cpu() if out.confidence_logits is not None else None
+    if out.greedy_confidence_logits is not None:
+        conf = torch.stack([conf, out.greedy_confidence_logits[0].float().cpu()], dim=-1)
     return out.logits[0].float().cpu(), conf
 
 

@@ -1,5 +1,6 @@
-"""The training objective: 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*), slot-decayed and normalised
-(docs/method.md, Losses), and the sums the training metrics are read from.
+"""The training objective: 0.1·CE + 0.9·L1(q, p) + 1.0·BCE(c, c*) (+ 1.0·BCE of the greedy confidence
+output), slot-decayed and normalised (docs/method.md, Losses), and the sums the training metrics are
+read from.
 
 The same function trains every drafter: DFlash sets only the CE weight, EAGLE-3 only the soft-CE
 weight (configs/model/*.yaml). The per-slot full-vocabulary terms are computed by
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from deepspec.config import LossImpl, check_choice
 from deepspec.data.anchors import BlockTargets, slot_weights
+from deepspec.losses.agreement import greedy_acceptance
 from deepspec.losses.vocab_terms import HeadLogits, block_row_stats, reference_row_stats
 from deepspec.models.base import soft_cap
 
@@ -68,6 +70,9 @@ def mix(terms: Dict[str, Any], loss_cfg):
         total = total + soft_w * terms.get("soft_ce", 0.0)
     if loss_cfg.confidence_weight:
         total = total + loss_cfg.confidence_weight * terms["bce"]
+    greedy_w = float(getattr(loss_cfg, "greedy_confidence_weight", 0.0) or 0.0)
+    if greedy_w and "bce_greedy" in terms:
+        total = total + greedy_w * terms["bce_greedy"]
     return total
 
 
@@ -83,6 +88,7 @@ def dspark_loss(
     loss_cfg,
     denominator: float,
     draft_ids: Optional[torch.Tensor] = None,
+    greedy_confidence_logits: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """draft_logits [B, A, γ, d], tgt_logits [B, A, γ, V] (tgt_logits may be lazy:
     ``target_logits(..., lazy=True)``; draft_logits may be the drafter's HeadFactors with
@@ -95,6 +101,10 @@ def dspark_loss(
     ``loss_cfg.impl`` = "lean" (default: chunked, recomputed in backward, see deepspec/losses/vocab_terms.py)
     or "reference" (the literal full-vocabulary version); both give the same values and gradients.
     ``loss_cfg.soft_ce_weight`` adds the soft CE to the target's distribution (the EAGLE-3 loss).
+
+    ``greedy_confidence_logits`` [B, A, γ] (the confidence head's greedy output) adds
+    ``loss_cfg.greedy_confidence_weight``·BCE against the greedy acceptance event: 1 where the
+    drafter's argmax is the target's (:func:`~deepspec.losses.agreement.greedy_acceptance`).
     """
     w = weighted_valid(targets.valid, loss_cfg.decay_gamma)
     soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
@@ -122,10 +132,19 @@ def dspark_loss(
     ce_s, l1_s, sce_s = (w * ce).sum(), (w * l1).sum(), (w * sce).sum()
     bce_s = (w * bce).sum() if confidence_logits is not None else zero
     terms = {"ce": ce_s, "l1": l1_s, "bce": bce_s, "soft_ce": sce_s}
+    greedy = None
+    if greedy_confidence_logits is not None:
+        greedy = greedy_acceptance(draft_logits, tgt_logits, draft_ids)  # 0/1, the T = 0 event
+        bce_g = F.binary_cross_entropy_with_logits(greedy_confidence_logits.float(), greedy, reduction="none")
+        terms["bce_greedy"] = (w * bce_g).sum()
     total = mix(terms, loss_cfg)
     sums = {k: v.detach() for k, v in terms.items()}
     sums["weight"] = w.sum().detach()
     sums.update(acceptance_sums(accept, targets.valid, confidence_logits))
+    if greedy is not None:
+        g = acceptance_sums(greedy, targets.valid, greedy_confidence_logits)
+        sums["greedy_accept_k"] = g["accept_k"]
+        sums["conf_abs_err_greedy"] = g["conf_abs_err"]
     return LossOutput(loss=total / denominator, sums=sums)
 
 
@@ -154,7 +173,10 @@ def summarise(sums: Dict[str, torch.Tensor], loss_cfg) -> Dict[str, float]:
     per unit of slot weight, the τ estimate, accept-rate@k and the confidence head's mean error."""
     w = max(float(sums["weight"]), 1e-9)
     m = {
-        "loss": mix({k: float(sums.get(k, 0.0)) for k in ("ce", "l1", "bce", "soft_ce")}, loss_cfg) / w,
+        "loss": mix(
+            {k: float(sums.get(k, 0.0)) for k in ("ce", "l1", "bce", "soft_ce", "bce_greedy")}, loss_cfg
+        )
+        / w,
         "ce": float(sums["ce"]) / w,
         "l1": float(sums["l1"]) / w,
         "bce": float(sums["bce"]) / w,
@@ -165,4 +187,10 @@ def summarise(sums: Dict[str, torch.Tensor], loss_cfg) -> Dict[str, float]:
         m[f"accept@{k}"] = a
     if "conf_abs_err" in sums:
         m["conf_abs_err"] = float(sums["conf_abs_err"]) / max(float(sums["valid_k"].sum()), 1.0)
+    if "greedy_accept_k" in sums:  # the greedy event (T = 0) and its confidence output
+        m["bce_greedy"] = float(sums["bce_greedy"]) / w
+        greedy = (sums["greedy_accept_k"] / sums["valid_k"].clamp(min=1)).tolist()
+        for k, a in enumerate(greedy, start=1):
+            m[f"greedy_accept@{k}"] = a
+        m["conf_abs_err_greedy"] = float(sums["conf_abs_err_greedy"]) / max(float(sums["valid_k"].sum()), 1.0)
     return m

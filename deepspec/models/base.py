@@ -26,6 +26,8 @@ class BlockOutput:
     logits: torch.Tensor  # [B, A, γ, d] draft logits (backbone + Markov bias), or HeadFactors
     confidence_logits: Optional[torch.Tensor]  # [B, A, γ] pre-sigmoid, or None without the head
     hidden: torch.Tensor  # [B, A, γ, H] final-norm block hiddens
+    # [B, A, γ] the confidence head's greedy-acceptance output, None without it (docs/method.md, Confidence head)
+    greedy_confidence_logits: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -50,8 +52,11 @@ class Draft:
 
     tokens: torch.Tensor  # [γ] proposed tokens x1..xγ
     probs: torch.Tensor  # [γ, V] distributions they were drawn from (one-hot at T=0)
-    confidence: Optional[torch.Tensor]  # [γ] σ(confidence logit), raw (uncalibrated)
+    # [γ] σ(confidence logit), raw (uncalibrated), of the acceptance event of the temperature drafted
+    # at (DrafterSpec.confidence_event: the greedy output at T = 0 when the drafter has one)
+    confidence: Optional[torch.Tensor]
     confidence_logits: Optional[torch.Tensor]  # [γ]
+    confidence_event: Optional[str] = None  # "greedy" | "sampling": what the confidences predict
 
     def row(self, b: int) -> Draft:
         """Row ``b`` of a stacked draft."""
@@ -60,6 +65,7 @@ class Draft:
             probs=self.probs[b],
             confidence=self.confidence[b] if self.confidence is not None else None,
             confidence_logits=self.confidence_logits[b] if self.confidence_logits is not None else None,
+            confidence_event=self.confidence_event,
         )
 
 

@@ -56,6 +56,9 @@ class DrafterSpec:
     markov_head_type: str = "vanilla"
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
+    # A second confidence output trained on greedy acceptance, read at T = 0 (docs/method.md,
+    # Confidence head). False for drafters saved before it existed: they have the sampling output only.
+    greedy_confidence: bool = False
     # Draft vocabulary (docs/training.md, "Draft vocabulary"): 0 = the target's whole vocabulary; else
     # the drafter's output layer and the Markov head's output factor have this many rows, mapped to
     # target ids by the drafter's ``d2t``/``t2d`` buffers.
@@ -64,7 +67,11 @@ class DrafterSpec:
     # Attention kernel: sdpa (explicit boolean mask), flex (CUDA flex attention), auto = flex on CUDA
     # when importable, else sdpa. A runtime choice: it never changes the numbers beyond rounding.
     attn_impl: str = "auto"
-    # Per-slot temperatures from sequential temperature scaling (None until calibrated).
+    # Per-slot temperatures from sequential temperature scaling, one list per decoding temperature it
+    # was fitted at (keys: the temperature as text, "0.0", "1.0"); None until calibrated.
+    sts_by_temperature: Optional[Dict[str, List[float]]] = None
+    # One list of unknown decoding temperature, as drafters saved before per-temperature fits stored it;
+    # used at every temperature that has no fit of its own (see :meth:`sts_for`).
     sts_temperatures: Optional[List[float]] = None
     # More of the target's layer facts (docs/families.md); the defaults are Qwen3's / Llama's.
     hidden_act: str = "silu"
@@ -84,6 +91,26 @@ class DrafterSpec:
         if self.kind == "dspark" and not self.markov_rank and not self.enable_confidence_head:
             self.kind = "dflash"
         validate(self)
+
+    def confidence_event(self, temperature: float) -> str:
+        """Which acceptance event the confidence logits predict when decoding at ``temperature``:
+        "greedy" (the draft is the target's argmax) at T = 0 when the drafter has that output, else
+        "sampling" (the chance the sampling rule accepts). A drafter without the greedy output
+        answers "sampling" at T = 0 too: its single output is the sampling one."""
+        return "greedy" if float(temperature) == 0.0 and self.greedy_confidence else "sampling"
+
+    def sts_for(self, temperature: float) -> Optional[List[float]]:
+        """The STS temperatures to use when decoding at ``temperature``: the fit stored for exactly that
+        decoding temperature; else, for T > 0, the fit at the nearest stored T > 0 (the same sampling
+        output, a neighbouring temperature); else the legacy single list; else None (raw logits)."""
+        t = float(temperature)
+        fits = {float(k): v for k, v in (self.sts_by_temperature or {}).items()}
+        if t in fits:
+            return list(fits[t])
+        warm = sorted((abs(k - t), k) for k in fits if k > 0)
+        if t > 0 and warm:
+            return list(fits[warm[0][1]])
+        return list(self.sts_temperatures) if self.sts_temperatures is not None else None
 
     @property
     def out_vocab_size(self) -> int:
@@ -202,6 +229,40 @@ def validate(c: DrafterSpec) -> None:
         raise ValueError(
             f"sts_temperatures has {len(c.sts_temperatures)} entries; expected block_size={c.block_size}"
         )
+    if c.greedy_confidence and not c.enable_confidence_head:
+        raise ValueError("greedy_confidence=true needs the confidence head (enable_confidence_head=true)")
+    if c.sts_by_temperature is not None:
+        c.sts_by_temperature = normalise_sts(c.sts_by_temperature, c.block_size)
+
+
+def sts_key(temperature: float) -> str:
+    """The key of a decoding temperature in ``sts_by_temperature`` ("0.0", "1.0", "0.7")."""
+    return repr(float(temperature))
+
+
+def normalise_sts(fits: Any, block_size: int) -> Dict[str, List[float]]:
+    """``sts_by_temperature`` checked (a mapping of decoding temperature >= 0 to block_size positive
+    numbers) with its keys written as :func:`sts_key` writes them."""
+    if not isinstance(fits, dict):
+        raise ValueError(
+            f"sts_by_temperature must map decoding temperatures to lists, got {type(fits).__name__}"
+        )
+    out: Dict[str, List[float]] = {}
+    for k, v in fits.items():
+        try:
+            t = float(k)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"sts_by_temperature: key {k!r} is not a decoding temperature (a number >= 0)"
+            ) from None
+        if not t >= 0:
+            raise ValueError(f"sts_by_temperature: key {k!r} is not a decoding temperature (a number >= 0)")
+        if not isinstance(v, (list, tuple)) or len(v) != block_size or not all(float(x) > 0 for x in v):
+            raise ValueError(
+                f"sts_by_temperature[{k!r}] must be {block_size} positive numbers (block_size), got {v!r}"
+            )
+        out[sts_key(t)] = [float(x) for x in v]
+    return out
 
 
 def resolve_drafter_config(
@@ -245,6 +306,9 @@ def resolve_drafter_config(
         markov_head_type=str(drafter_cfg.markov_head_type),
         enable_confidence_head=False if dflash else bool(drafter_cfg.enable_confidence_head),
         confidence_head_with_markov=bool(drafter_cfg.confidence_head_with_markov),
+        greedy_confidence=not dflash
+        and bool(drafter_cfg.enable_confidence_head)
+        and bool(getattr(drafter_cfg, "greedy_confidence", False)),
         draft_vocab_size=int(getattr(drafter_cfg, "draft_vocab_size", 0) or 0),
         kind=str(kind),  # a plain string: the spec is written to json, yaml and model cards
         attn_impl=str(getattr(drafter_cfg, "attn_impl", "auto")),

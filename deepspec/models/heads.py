@@ -83,15 +83,34 @@ class MarkovHead(nn.Module):
 
 
 class ConfidenceHead(nn.Module):
-    """c_k = σ(w·[h_k ; W1[x_{k-1}]] + b): the chance slot k survives given slots < k did."""
+    """c_k = σ(w·[h_k ; W1[x_{k-1}]] + b): the chance slot k survives given slots < k did.
+
+    Survival is a different event at T = 0 (the draft must be the target's argmax) than at T > 0
+    (the sampling rule accepts with probability 1 − TV(q, p)), so a drafter with
+    ``greedy_confidence`` has two outputs on the same features: ``proj`` for the sampling event
+    (the only one older drafters have, under the same name) and ``greedy_proj`` for the greedy one.
+    """
 
     def __init__(self, c: DrafterSpec) -> None:
         super().__init__()
         self.with_markov = c.confidence_head_with_markov and c.markov_enabled
         in_dim = c.hidden_size + (c.markov_rank if self.with_markov else 0)
         self.proj = nn.Linear(in_dim, 1)
+        self.greedy_proj = nn.Linear(in_dim, 1) if c.greedy_confidence else None
 
-    def forward(self, h: torch.Tensor, markov_feat: Optional[torch.Tensor]) -> torch.Tensor:
-        """Returns the confidence logit (pre-sigmoid), shape h.shape[:-1]."""
+    def forward(
+        self, h: torch.Tensor, markov_feat: Optional[torch.Tensor], event: str = "sampling"
+    ) -> torch.Tensor:
+        """The confidence logit (pre-sigmoid) for ``event`` ("sampling" or "greedy"), shape h.shape[:-1].
+        Without a greedy output, "greedy" reads the sampling output (older single-output drafters)."""
         x = torch.cat([h, markov_feat], dim=-1) if self.with_markov else h
-        return self.proj(x).squeeze(-1)
+        proj = self.greedy_proj if event == "greedy" and self.greedy_proj is not None else self.proj
+        return proj(x).squeeze(-1)
+
+    def both(
+        self, h: torch.Tensor, markov_feat: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(sampling logits, greedy logits or None without that output), as :meth:`forward` gives them."""
+        x = torch.cat([h, markov_feat], dim=-1) if self.with_markov else h
+        greedy = self.greedy_proj(x).squeeze(-1) if self.greedy_proj is not None else None
+        return self.proj(x).squeeze(-1), greedy

@@ -173,8 +173,10 @@ class ParallelDrafter(Drafter):
             # [B, A, γ, V] tensor at the peak of the forward.
             logits = logits.add_(bias.reshape(b, a, g, -1))
             feat = feat.reshape(b, a, g, -1)
-        conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
-        return BlockOutput(logits=logits, confidence_logits=conf, hidden=h)
+        conf, greedy = (
+            self.confidence_head.both(h, feat) if self.confidence_head is not None else (None, None)
+        )
+        return BlockOutput(logits=logits, confidence_logits=conf, hidden=h, greedy_confidence_logits=greedy)
 
     def _factored(self, h: torch.Tensor, prev_tokens: torch.Tensor) -> BlockOutput:
         b, a, g, _ = h.shape
@@ -182,8 +184,15 @@ class ParallelDrafter(Drafter):
         if self.markov_head is not None:
             z, feat = self.markov_head.factors(prev_tokens.reshape(b * a, g), h.reshape(b * a, g, -1))
             z, feat, w2 = z.reshape(b, a, g, -1), feat.reshape(b, a, g, -1), self.markov_head.markov_w2.weight
-        conf = self.confidence_head(h, feat) if self.confidence_head is not None else None
-        return BlockOutput(HeadFactors(h, self.lm_head.weight, z, w2), confidence_logits=conf, hidden=h)
+        conf, greedy = (
+            self.confidence_head.both(h, feat) if self.confidence_head is not None else (None, None)
+        )
+        return BlockOutput(
+            HeadFactors(h, self.lm_head.weight, z, w2),
+            confidence_logits=conf,
+            hidden=h,
+            greedy_confidence_logits=greedy,
+        )
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -258,6 +267,7 @@ class ParallelDrafter(Drafter):
         state = self.markov_head.init_state(b, h.device, h.dtype) if self.markov_head is not None else None
         prev = anchor_tokens
         tokens, probs, conf_logits = [], [], []
+        event = self.config.confidence_event(temperature)  # the acceptance event of this temperature
         for k in range(self.config.block_size):
             logits = base[:, k]
             feat = None
@@ -265,7 +275,7 @@ class ParallelDrafter(Drafter):
                 bias, feat, state = self.markov_head.step(prev, h[:, k], state)
                 logits = logits + bias.float()
             if self.confidence_head is not None:
-                conf_logits.append(self.confidence_head(h[:, k], feat))
+                conf_logits.append(self.confidence_head(h[:, k], feat, event))
             # Over the target's vocabulary, 0 outside the draft vocabulary: accept/resample stay exact.
             q = distribution(self.to_target_vocab(logits), temperature)
             forced = forced_tokens[:, k] if forced_tokens is not None else None
@@ -278,4 +288,5 @@ class ParallelDrafter(Drafter):
             probs=torch.stack(probs, dim=1),
             confidence=torch.sigmoid(cl) if cl is not None else None,
             confidence_logits=cl,
+            confidence_event=event if cl is not None else None,
         )

@@ -94,7 +94,14 @@ def micro_step(run: RunSetup, model, batch: Batch, denominator: torch.Tensor, fe
         softcap=dc.final_logit_softcapping,  # the target's own logits (Gemma 4 soft-caps them)
     )
     return dspark_loss(
-        out.logits, out.confidence_logits, tgt, targets, run.cfg.loss, denominator, draft_ids=run.draft_ids
+        out.logits,
+        out.confidence_logits,
+        tgt,
+        targets,
+        run.cfg.loss,
+        denominator,
+        draft_ids=run.draft_ids,
+        greedy_confidence_logits=out.greedy_confidence_logits,
     )
 
 
