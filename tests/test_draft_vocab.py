@@ -217,12 +217,25 @@ def test_pruned_drafter_shapes_and_loss_paths(qwen):
     tgt = torch.randn(2, 3, 4, V, generator=g)
     labels = torch.randint(0, V, (2, 3, 4), generator=g)
     targets = BlockTargets(labels=labels, valid=torch.ones(2, 3, 4), prev_tokens=prev, target_pos=anchors)
-    cfgs = [SimpleNamespace(ce_weight=0.1, l1_weight=0.9, confidence_weight=1.0, decay_gamma=4.0, impl=i)
+    cfgs = [SimpleNamespace(ce_weight=0.1, l1_weight=0.9, confidence_weight=1.0, decay_gamma=4.0, impl=i,
+                            greedy_confidence_weight=1.0)
             for i in ("reference", "lean")]  # fmt: skip
     losses = [
-        dspark_loss(out.logits, out.confidence_logits, tgt, targets, c, 10.0, draft_ids=ids) for c in cfgs
-    ]
-    losses.append(dspark_loss(fac.logits, fac.confidence_logits, tgt, targets, cfgs[1], 10.0, draft_ids=ids))
+        dspark_loss(
+            out.logits, out.confidence_logits, tgt, targets, c, 10.0, draft_ids=ids,
+            greedy_confidence_logits=out.greedy_confidence_logits,
+        )
+        for c in cfgs
+    ]  # fmt: skip
+    losses.append(
+        dspark_loss(
+            fac.logits, fac.confidence_logits, tgt, targets, cfgs[1], 10.0, draft_ids=ids,
+            greedy_confidence_logits=fac.greedy_confidence_logits,
+        )
+    )  # fmt: skip
+    # The greedy event compares the drafter's argmax, in target ids, with the target's.
+    agree = (ids[out.logits.argmax(-1)] == tgt.argmax(-1)).float()
+    assert all(torch.equal(lo.sums["greedy_accept_k"], agree.sum(dim=(0, 1))) for lo in losses)
     grads = [torch.autograd.grad(lo.loss, m.trainable_parameters(), retain_graph=True) for lo in losses]
     for lo, gr in zip(losses[1:], grads[1:]):
         torch.testing.assert_close(lo.loss, losses[0].loss, rtol=1e-6, atol=1e-7)

@@ -94,7 +94,7 @@ def test_evaluate_job_end_to_end(setup_dirs):
     from deepspec.eval.pipeline import run_evaluation
 
     root, _ = setup_dirs
-    rep = run_evaluation(job_config(root, save_sts=True, sts_fit_temperature=1.0))
+    rep = run_evaluation(job_config(root, save_sts=True))  # every decoded temperature's fit is stored
     out = root / "out"
     on_disk = json.loads((out / "eval.json").read_text())
     for key in (
@@ -123,9 +123,14 @@ def test_evaluate_job_end_to_end(setup_dirs):
         )
     for png in ("acceptance", "reliability", "threshold", "throughput"):
         assert list(out.glob(f"{png}_*.png")), png
-    # STS stored in the drafter folder, read back by the loader
-    stored = load_native(root / "run" / "drafter").config.sts_temperatures
-    assert stored == t1["confidence"]["sts_temperatures"] == rep["sts_saved"]["temperatures"]
+    # Each temperature's confidences predict its own event: the greedy output at T = 0.
+    assert (t0["confidence_event"], t1["confidence_event"]) == ("greedy", "sampling")
+    assert t0["confidence"]["event"] == "greedy" and "stored" not in t0["confidence"]  # nothing stored yet
+    # STS stored per decoding temperature in the drafter folder, read back by the loader
+    back = load_native(root / "run" / "drafter").config
+    fits = {"0.0": t0["confidence"]["sts_temperatures"], "1.0": t1["confidence"]["sts_temperatures"]}
+    assert back.sts_by_temperature == fits == rep["sts_saved"]["sts_by_temperature"]
+    assert back.sts_for(0.0) == fits["0.0"] and back.sts_for(1.0) == fits["1.0"]
 
     # τ consistency: the reported τ is the analytic expectation from the recorded acceptance events
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

@@ -56,7 +56,7 @@ def test_exports_carry_no_local_path(local_run, tmp_path, fmt):
         drafter = load_export(run / "drafter")
         drafter.config.markov_rank = 0  # dflash carries no Markov head: export a DFlash-shaped twin
         drafter.markov_head = None
-        drafter.config.enable_confidence_head = False
+        drafter.config.enable_confidence_head = drafter.config.greedy_confidence = False
         drafter.confidence_head = None
     run_export(
         ExportConfig(checkpoint=str(run), output_dir=str(out), format=fmt), drafter=drafter, run_dir=run

@@ -61,6 +61,8 @@ def _is_numeric(tp) -> bool:
     if tp in (int, float):
         return True
     args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:  # Optional[float]: None = unset
+        return _is_numeric(next(a for a in args if a is not type(None)))
     return typing.get_origin(tp) in (list, typing.List) and args and args[0] in (int, float)
 
 

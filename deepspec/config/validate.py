@@ -239,6 +239,10 @@ def check_range(key: str, value: Any, rule: Range) -> None:
             raise ConfigError(f"{what}: must be {rule.text()}{why}")
 
 
+# Numbers that may be left unset (null): the range applies once one is given.
+UNSET_ALLOWED = {"eval.sts_fit_temperature"}  # null = every decoded temperature
+
+
 def validate(cfg: Any, prefix: str = "") -> None:
     """Check every choice, range and cross-key rule of ``cfg``.
 
@@ -262,7 +266,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key} is empty")
     for key, rule in RANGES.items():
         v = get(key)
-        if v is not _MISSING:
+        if v is not _MISSING and not (v is None and key in UNSET_ALLOWED):
             check_range(key, v, rule)
     _check_auto_ints(get)
     _check_across(get)
