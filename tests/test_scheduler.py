@@ -193,6 +193,36 @@ def test_scheduled_beats_fixed_at_every_concurrency(sps):
     )
 
 
+def test_gain_interval_over_prompts():
+    """Per-prompt tokens and time shares add up to the simulated throughput; the interval of the
+    scheduled/fixed ratio brackets the point value, and a policy against itself is exactly 1."""
+    curves, accepted = calibrated_rounds(n=1200)
+    prompt = np.repeat(np.arange(60), 20)  # 60 prompts of 20 rounds
+    sps = SPSCurve([1, 8, 64, 512], [200.0, 190.0, 120.0, 25.0])
+    sched = replay.simulate(curves, accepted, sps, 16, "scheduled", prompt=prompt)
+    fixed = replay.simulate(curves, accepted, sps, 16, "fixed", prompt=prompt)
+    pp = sched["per_prompt"]
+    assert pp["prompt"] == list(range(60))
+    assert sum(pp["tokens"]) / sum(pp["time_s"]) == pytest.approx(sched["realised_tokens_per_s"], rel=1e-12)
+    iv = replay.gain_interval(sched, fixed)
+    ratio = sched["realised_tokens_per_s"] / fixed["realised_tokens_per_s"]
+    assert iv.value == pytest.approx(ratio, rel=1e-12) and iv.low < ratio < iv.high
+    assert iv.low > 1.0 and iv.prompts == 60 and iv.seeds == 1  # under load the cut pays, clearly
+    same = replay.gain_interval(sched, sched)
+    assert (same.low, same.value, same.high) == pytest.approx((1.0, 1.0, 1.0))
+    other = replay.simulate(curves[:600], accepted[:600], sps, 16, "fixed", prompt=prompt[:600])
+    with pytest.raises(ValueError, match="different prompts"):
+        replay.gain_interval(sched, other)
+    rep = replay.concurrency_sweep(curves, accepted, sps, [1, 16], [0.0, 0.5], prompt=prompt)
+    row = rep["levels"][1]
+    got = row["scheduled_over_fixed_best_interval"]
+    assert (
+        got["value"] == pytest.approx(row["scheduled_over_fixed_best"])
+        and got["low"] <= got["value"] <= got["high"]
+    )
+    assert "per_prompt" not in row["policies"]["scheduled"]
+
+
 def test_profile_sps_on_a_tiny_target():
     from test_spec_decode import make_target
 

@@ -63,7 +63,7 @@ def analyze(
         out["threshold_sweep"] = threshold_sweep(curves, test.accepted, thresholds)
     if cfg.scheduler and sps is not None:
         out["scheduler"] = concurrency_sweep(
-            curves, test.accepted, sps, [int(r) for r in cfg.concurrency], thresholds
+            curves, test.accepted, sps, [int(r) for r in cfg.concurrency], thresholds, prompt=test.prompt
         )
         out["scheduler"]["calibrated"] = temps is not None
     return out

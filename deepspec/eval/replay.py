@@ -56,6 +56,7 @@ def simulate(
     threshold: Optional[float] = None,
     fixed_len: Optional[int] = None,
     lag: int = 2,
+    prompt: Optional[np.ndarray] = None,
 ) -> Dict:
     """R = ``concurrency`` requests decode together; each step verifies Σ_r (ℓ_r + 1) tokens.
 
@@ -64,6 +65,11 @@ def simulate(
     1/SPS(B) seconds (target forward only; drafting is not charged). Expected tokens use the
     curves (1 + Σ_{j≤ℓ} a_j); realised ones the recorded outcomes (min(ℓ, accepted) + 1).
     ``scheduled_lagged_global`` decides from the curves of ``lag`` steps earlier of each request.
+
+    ``prompt`` [N] (the prompt index of each round) adds ``per_prompt``: each prompt's realised
+    tokens and its share of the simulated time (a step's time split over its requests in proportion
+    to the tokens each put into it), so the throughput is Σ tokens / Σ time over prompts and can be
+    bootstrapped over them (:func:`gain_interval`).
     """
     curves, accepted = np.asarray(curves, dtype=np.float64), np.asarray(accepted)
     n, gamma = curves.shape
@@ -90,11 +96,20 @@ def simulate(
         glob = policy == "scheduled_lagged_global"
         ell = schedule_many(mono[src], sps, glob)
     b = (ell + 1).sum(axis=1)
-    time_s = float(
-        (1.0 / (sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b]))).sum()
-    )
+    step_time = 1.0 / (sps.many(b) if hasattr(sps, "many") else np.array([sps(int(x)) for x in b]))
+    time_s = float(step_time.sum())
     exp_tok = float((1 + cum[idx, ell]).sum())
-    real_tok = float((np.minimum(ell, accepted[idx]) + 1).sum())
+    committed = np.minimum(ell, accepted[idx]) + 1
+    real_tok = float(committed.sum())
+    extra = {}
+    if prompt is not None:
+        prompts, which = np.unique(np.asarray(prompt)[idx.ravel()], return_inverse=True)
+        share = (step_time[:, None] * (ell + 1) / b[:, None]).ravel()
+        extra["per_prompt"] = {
+            "prompt": prompts.tolist(),
+            "tokens": np.bincount(which, weights=committed.ravel().astype(np.float64)).tolist(),
+            "time_s": np.bincount(which, weights=share).tolist(),
+        }
     return {
         "policy": policy,
         "concurrency": r_n,
@@ -105,7 +120,26 @@ def simulate(
         "tokens_per_request_step": real_tok / (steps * r_n),
         "mean_batch_tokens": float(b.mean()),
         "mean_verify_len": float(ell.mean()),
+        **extra,
     }
+
+
+def gain_interval(num: Dict, den: Dict, seed: int = 0):
+    """95 % interval of the realised-throughput ratio of two :func:`simulate` results over the same
+    rounds (their ``per_prompt``), by bootstrap over prompts, paired (one draw picks the same
+    prompts for both policies; :mod:`deepspec.eval.intervals`)."""
+    from deepspec.eval import intervals
+
+    a, b = num["per_prompt"], den["per_prompt"]
+    if a["prompt"] != b["prompt"]:
+        raise ValueError("gain_interval: the two simulations replayed different prompts")
+    rows = np.stack([a["tokens"], a["time_s"], b["tokens"], b["time_s"]], axis=1)
+
+    def ratio(t: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return (t[..., 0] / t[..., 1]) / (t[..., 2] / t[..., 3])
+
+    return intervals.bootstrap([rows], ratio, seed=seed)
 
 
 def best_fixed_length(curves: np.ndarray, accepted: np.ndarray, sps: SPS, concurrency: int) -> int:
@@ -131,25 +165,35 @@ def concurrency_sweep(
     levels: Sequence[int],
     thresholds: Sequence[float],
     lag: int = 2,
+    prompt: Optional[np.ndarray] = None,
 ) -> Dict:
-    """Every policy at every concurrency level, plus scheduled-vs-fixed ratios."""
+    """Every policy at every concurrency level, plus scheduled-vs-fixed ratios. With ``prompt`` (each
+    round's prompt index) each ratio also gets a 95 % interval over prompts (``*_interval``)."""
     t_star = best_threshold(curves, accepted, sps, thresholds)
     rows = []
     for r in levels:
         l_star = best_fixed_length(curves, accepted, sps, r)
         res = {
-            p: simulate(curves, accepted, sps, r, p, threshold=t_star, fixed_len=l_star, lag=lag)
+            p: simulate(
+                curves, accepted, sps, r, p, threshold=t_star, fixed_len=l_star, lag=lag, prompt=prompt
+            )
             for p in POLICIES
         }
         res["fixed_best"]["fixed_len"] = l_star
         fixed, sched = res["fixed"]["realised_tokens_per_s"], res["scheduled"]["realised_tokens_per_s"]
-        rows.append(
-            {
-                "concurrency": r,
-                "policies": res,
-                "scheduled_over_fixed": sched / fixed,
-                "scheduled_over_threshold": sched / res["threshold"]["realised_tokens_per_s"],
-                "scheduled_over_fixed_best": sched / res["fixed_best"]["realised_tokens_per_s"],
-            }
-        )
+        row = {
+            "concurrency": r,
+            "policies": res,
+            "scheduled_over_fixed": sched / fixed,
+            "scheduled_over_threshold": sched / res["threshold"]["realised_tokens_per_s"],
+            "scheduled_over_fixed_best": sched / res["fixed_best"]["realised_tokens_per_s"],
+        }
+        if prompt is not None:
+            for other in ("fixed_best", "fixed"):
+                row[f"scheduled_over_{other}_interval"] = gain_interval(
+                    res["scheduled"], res[other]
+                ).to_dict()
+            for p in res.values():
+                p.pop("per_prompt")  # bulky; the intervals carry what it was for
+        rows.append(row)
     return {"static_threshold": t_star, "levels": rows}
