@@ -18,6 +18,7 @@ from deepspec.config.choices import (  # noqa: F401
     TargetDtype,
     TargetShard,
     TinyFamily,
+    TinyPreset,
     allowed,
 )
 from deepspec.config.schema import (  # noqa: F401

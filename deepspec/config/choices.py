@@ -28,6 +28,11 @@ class TinyFamily(StrEnum):
     gemma4 = "gemma4"  # Gemma 4 text layers: the Gemma drafter path with no download
 
 
+class TinyPreset(StrEnum):
+    default = "default"  # the fields as given (6 layers x 128): builds in minutes
+    base = "base"  # 12 layers x 192, trained longer: a stronger target for drafter comparisons
+
+
 class DrafterKind(StrEnum):
     dspark = "dspark"  # parallel block drafter + Markov head + confidence head
     dflash = "dflash"  # the same backbone with both heads off

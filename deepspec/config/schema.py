@@ -34,6 +34,7 @@ from deepspec.config.choices import (
     TargetDtype,
     TargetShard,
     TinyFamily,
+    TinyPreset,
 )
 
 
@@ -42,6 +43,9 @@ class TinyTargetConfig:
     """The embedded target: a small LM (Qwen3 or Gemma 4 architecture) trained here on a local text corpus."""
 
     family: TinyFamily = TinyFamily.qwen3  # the embedded target's architecture (and so its drafter's)
+    # A named size (deepspec/target/tiny_presets.py): it supplies the fields below that are left at
+    # their defaults; a field set to anything else keeps its value.
+    preset: TinyPreset = TinyPreset.default
     corpus_dir: Optional[str] = None  # None = this Python's standard library sources
     corpus_glob: str = "**/*.py"
     heldout_fraction: float = 0.05  # share of files (by stable path hash) kept out of training

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from deepspec import atomic
 from deepspec.config import TinyTargetConfig
-from deepspec.data.chat import tokenize_conversation
 from deepspec.data.tiny_chat import chat_pairs, check_pairs
 from deepspec.target.corpus import HELDOUT, TRAIN, CorpusFile, corpus_digest, corpus_root, load_corpus
+from deepspec.target.tiny_eval import heldout_chat_loss, heldout_text_loss, sample_reply
+from deepspec.target.tiny_eval import windows as _windows
+from deepspec.target.tiny_presets import resolve_preset
 from deepspec.training.optim import warmup_cosine
 
 BUILD_VERSION = 2  # bump when this recipe changes, so old cached targets are not reused
@@ -43,7 +45,9 @@ REPORT_FILE, COMPLETE_MARKER = "tiny_target.json", ".complete"
 CHAT_SHARE = 0.5  # share of each training batch that is chat-formatted pairs (the rest raw files)
 MAX_POSITIONS = 2048
 # Fields that cannot change the trained weights or the report; the corpus enters the key by content.
-_NOT_IN_KEY = {"cache_dir", "num_threads", "corpus_dir"}
+# The preset is resolved into the fields it sets before the key is made, so its name adds nothing
+# (and leaving it out keeps the keys of targets built before presets existed).
+_NOT_IN_KEY = {"cache_dir", "num_threads", "corpus_dir", "preset"}
 
 
 def use_bf16_autocast() -> bool:
@@ -61,11 +65,12 @@ def use_bf16_autocast() -> bool:
 
 
 def _as_config(cfg) -> TinyTargetConfig:
-    if isinstance(cfg, TinyTargetConfig):
-        return cfg
-    from omegaconf import OmegaConf  # a Hydra DictConfig of the same schema
+    """A TinyTargetConfig (from itself or a Hydra DictConfig of the schema) with its preset applied."""
+    if not isinstance(cfg, TinyTargetConfig):
+        from omegaconf import OmegaConf
 
-    return TinyTargetConfig(**OmegaConf.to_container(cfg, resolve=True))
+        cfg = TinyTargetConfig(**OmegaConf.to_container(cfg, resolve=True))
+    return resolve_preset(cfg)
 
 
 def cache_key(cfg: TinyTargetConfig, files: Sequence[CorpusFile], bf16: bool) -> str:
@@ -125,13 +130,6 @@ def _stream(tokenizer, texts: Sequence[str]):
     docs = [torch.tensor(enc.ids + eot, dtype=torch.long) for enc in encoded]
     lengths = torch.tensor([0] + [len(d) for d in docs[:-1]], dtype=torch.long)
     return torch.cat(docs) if docs else torch.zeros(0, dtype=torch.long), lengths.cumsum(0)[: len(docs)]
-
-
-def _windows(stream: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
-    """Rows of ``length`` tokens beginning at the given offsets (clamped to fit in the stream)."""
-    starts = starts.clamp(max=max(0, stream.numel() - length))
-    idx = starts[:, None] + torch.arange(min(length, stream.numel()))[None, :]
-    return stream[idx]
 
 
 TINY_FAMILIES = ("qwen3", "gemma4")  # deepspec.config.TinyFamily
@@ -235,59 +233,6 @@ def _train(model, cfg: TinyTargetConfig, raw, chat, bf16: bool) -> Dict:
     return {"train_loss_first": losses[0], "train_loss_last": sum(tail) / len(tail)}
 
 
-@torch.no_grad()
-def _heldout_text_loss(model, cfg: TinyTargetConfig, stream: torch.Tensor) -> float:
-    """Mean next-token loss on evenly spaced windows of the held-out files' token stream."""
-    length = min(cfg.seq_len + 1, stream.numel())
-    n = cfg.eval_batches * cfg.batch_size
-    offsets = torch.linspace(0, stream.numel() - length, n).long()
-    total, count = 0.0, 0
-    for chunk in offsets.split(cfg.batch_size):
-        batch = _windows(stream, chunk, length)
-        logits = model(input_ids=batch[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return total / count
-
-
-@torch.no_grad()
-def _heldout_chat_loss(model, cfg: TinyTargetConfig, tokenizer, pairs: List[Dict]) -> float:
-    """Mean loss on the assistant tokens (loss-masked, through <|im_end|>) of held-out pairs."""
-    n = min(len(pairs), cfg.eval_batches * cfg.batch_size)
-    chosen = [pairs[int(i)] for i in torch.linspace(0, len(pairs) - 1, n).long()] if n else []
-    seqs = [tokenize_conversation(tokenizer, _scrub_pair(p), cfg.seq_len + 1) for p in chosen]
-    total, count = 0.0, 0
-    for b in range(0, len(seqs), cfg.batch_size):
-        group = seqs[b : b + cfg.batch_size]
-        width = max(len(ids) for ids, _ in group)
-        ids = torch.full((len(group), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
-        attn = torch.zeros((len(group), width), dtype=torch.long)
-        for r, (seq, mask) in enumerate(group):
-            ids[r, : len(seq)] = torch.tensor(seq)
-            attn[r, : len(seq)] = 1
-            labels[r, : len(seq)] = torch.tensor([t if m else -100 for t, m in zip(seq, mask)])
-        logits = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits
-        target = labels[:, 1:]
-        total += F.cross_entropy(
-            logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum"
-        ).item()
-        count += int((target != -100).sum())
-    return total / max(1, count)
-
-
-@torch.no_grad()
-def _sample(model, tokenizer, pair: Dict, max_new_tokens: int = 48) -> Dict:
-    from deepspec.data.chat import prompt_ids
-
-    prompt = prompt_ids(tokenizer, _scrub_pair(pair))
-    ids = torch.tensor([prompt])
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
-    )
-    return {"prompt": tokenizer.decode(prompt), "greedy": tokenizer.decode(out[0, len(prompt) :])}
-
-
 def _run_build(
     cfg: TinyTargetConfig,
     files: List[CorpusFile],
@@ -330,8 +275,8 @@ def _run_build(
     train_stats = _train(model, cfg, raw, chat, bf16)
     t_train = time.time() - t1
     model.eval()
-    text_loss = _heldout_text_loss(model, cfg, heldout_raw)
-    chat_loss = _heldout_chat_loss(model, cfg, tokenizer, heldout_pairs)
+    text_loss = heldout_text_loss(model, cfg, heldout_raw)
+    chat_loss = heldout_chat_loss(model, cfg, tokenizer, [_scrub_pair(p) for p in heldout_pairs])
     report = {
         "heldout_text_loss": text_loss,
         "heldout_text_ppl": math.exp(text_loss),
@@ -349,7 +294,7 @@ def _run_build(
         "heldout_pairs": len(heldout_pairs),
         "train_tokens_seen": cfg.train_steps * cfg.batch_size * cfg.seq_len,
         "special_token_ids": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
-        "sample": _sample(model, tokenizer, heldout_pairs[0]) if heldout_pairs else None,
+        "sample": sample_reply(model, tokenizer, _scrub_pair(heldout_pairs[0])) if heldout_pairs else None,
     }
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
