@@ -84,6 +84,7 @@ def test_choice_fields_are_enums():
         "target.dtype",
         "target.shard",
         "target.tiny.family",
+        "target.tiny.preset",
         "model.kind",
         "model.markov_head_type",
         "model.attn_impl",
