@@ -127,3 +127,59 @@ def test_shape_mismatch_names_file_and_tensor(group, tmp_path):
         match=r"model.safetensors: tensor 'lm_head.weight' has shape \[100, 32\].*expects \[101, 32\]",
     ):
         load_sharded_target(str(folder), IDS)
+
+
+def test_untied_embedding_and_lm_head_are_units_of_their_own(group, tmp_path):
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = load_sharded_target(str(save(tmp_path, tie_word_embeddings=False)), IDS)
+    m = sharded.model
+    assert isinstance(m.get_input_embeddings(), FSDPModule) and isinstance(
+        m.get_output_embeddings(), FSDPModule
+    )
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rows_read_equal_safetensors_slices(tmp_path, file_dtype, out_dtype):
+    from safetensors.torch import save_file
+
+    from deepspec.target.safetensors_rows import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(7, 5, generator=g).to(file_dtype), "s": torch.tensor(3.5).to(file_dtype)}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    f = SafetensorsFile(tmp_path / "x.safetensors")
+    assert sorted(f.keys()) == ["a", "s"]
+    for start, stop in [(0, 7), (0, 4), (4, 7), (3, 3)]:
+        out = torch.full((stop - start, 5), -1.0, dtype=out_dtype)
+        f.read_rows("a", start, stop, out)
+        assert torch.equal(out, tensors["a"][start:stop].to(out_dtype))
+    out = torch.zeros((), dtype=out_dtype)
+    f.read_rows("s", 0, 0, out)
+    assert out.item() == 3.5
+
+
+def test_damaged_safetensors_files_are_named(tmp_path):
+    from safetensors.torch import save_file
+
+    from deepspec.target.safetensors_rows import SafetensorsFile
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(4, 2)}, str(path))
+    good = path.read_bytes()
+    path.write_bytes(good[:-8])  # data cut short
+    with pytest.raises(
+        TargetLoadError, match=r"x.safetensors: tensor 'a' \(F32 \[4, 2\]\) claims bytes 0..32 of 24"
+    ):
+        SafetensorsFile(path).info("a")
+    path.write_bytes(b"\xff" * 8 + good[8:])  # header length beyond the file
+    with pytest.raises(TargetLoadError, match=r"x.safetensors: not a safetensors file \(header length"):
+        SafetensorsFile(path)
+    n = int.from_bytes(good[:8], "little")
+    path.write_bytes(good[:8] + b"x" + good[9 : 8 + n] + good[8 + n :])  # broken JSON, same length
+    with pytest.raises(TargetLoadError, match=r"x.safetensors: unreadable safetensors header"):
+        SafetensorsFile(path)
+    path.write_bytes(good)
+    with pytest.raises(TargetLoadError, match=r"x.safetensors: no tensor 'b' in it"):
+        SafetensorsFile(path).info("b")

@@ -4,9 +4,11 @@ Loading the whole target and then sharding it makes every rank hold the full tar
 shard) at start-up, so the peak is above the unsharded one even though the steady state is 1/world.
 Here the model is built with its parameters on the meta device (no memory), FSDP2's ``fully_shard``
 turns each into a ``Shard(0)`` DTensor, ``to_empty`` allocates just the local shards, and each local
-shard is filled from the safetensors files with ``safe_open(...).get_slice``, which reads only the
-rows asked for. FSDP2 chunks dim 0 like ``torch.chunk``: ``ceil(rows / world)`` rows per rank, the
-last ranks get fewer (or none); its padding lives in storage this module never touches.
+shard is filled from the safetensors files with only its own rows, read straight into the shard
+(:mod:`deepspec.target.safetensors_rows`; ``safe_open(...).get_slice`` would memory-map each file,
+and the mapped pages count in the rank's memory until the file closes). FSDP2 chunks dim 0 like
+``torch.chunk``: ``ceil(rows / world)`` rows per rank, the last ranks get fewer (or none); its
+padding lives in storage this module never touches.
 
 Buffers (rotary ``inv_freq``, embedding scales...) are computed by the model's own ``__init__`` on a
 real device (only parameters go to meta), kept across ``to_empty`` (which would leave them as
@@ -26,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from deepspec.target.loading import PICKLE_SUFFIXES, TargetLoadError
+from deepspec.target.safetensors_rows import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
 WHAT = "target.shard=fsdp"
@@ -53,8 +56,6 @@ def weights_folder(path: str) -> Path:
 
 def weight_files(folder: Path) -> Dict[str, Path]:
     """Tensor name -> the safetensors file holding it (from the index when the weights are split)."""
-    from safetensors import safe_open
-
     index = folder / INDEX
     if index.is_file():
         try:
@@ -80,8 +81,7 @@ def weight_files(folder: Path) -> Dict[str, Path]:
         raise TargetLoadError(f"{WHAT}: {folder} has no *.safetensors weights{also}")
     files = {}
     for f in found:
-        with safe_open(str(f), framework="pt") as h:
-            files.update(dict.fromkeys(h.keys(), f))
+        files.update(dict.fromkeys(SafetensorsFile(f).keys(), f))
     return files
 
 
@@ -116,34 +116,31 @@ def _tensors(module: torch.nn.Module, buffers: bool) -> List[Tuple[torch.Tensor,
     return list(by_id.values())
 
 
-def _fill(param: torch.Tensor, sl, key: str, f: Path) -> None:
+def _fill(t: torch.Tensor, f: SafetensorsFile, key: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    shape = tuple(sl.get_shape())
-    if shape != tuple(param.shape):
+    _, shape, _ = f.info(key)
+    if list(shape) != list(t.shape):
         raise TargetLoadError(
-            f"{f}: tensor {key!r} has shape {list(shape)}; the model built from config.json expects "
-            f"{list(param.shape)}"
+            f"{f.path}: tensor {key!r} has shape {list(shape)}; the model built from config.json expects "
+            f"{list(t.shape)}"
         )
-    if not isinstance(param, DTensor):
-        param.data.copy_(sl[:] if shape else sl.get_tensor())  # not sharded (e.g. a 0-d scalar)
+    if not isinstance(t, DTensor):  # a buffer, or a parameter FSDP did not shard
+        f.read_rows(key, 0, shape[0] if shape else 0, t.data)
         return
-    local = param.to_local()
-    start, stop = shard_rows(shape[0], param.device_mesh.get_local_rank(), param.device_mesh.size())
-    if len(param.placements) != 1 or not param.placements[0].is_shard(0) or local.shape[0] != stop - start:
+    local = t.to_local()
+    start, stop = shard_rows(shape[0], t.device_mesh.get_local_rank(), t.device_mesh.size())
+    if len(t.placements) != 1 or not t.placements[0].is_shard(0) or local.shape[0] != stop - start:
         raise RuntimeError(
             f"{WHAT}: {key}: expected a Shard(0) shard of rows {start}:{stop}, got placements "
-            f"{param.placements} with {local.shape[0]} local rows"
+            f"{t.placements} with {local.shape[0]} local rows"
         )
-    if stop > start:
-        local.copy_(sl[start:stop])  # copy_ converts the checkpoint's dtype to target.dtype
+    f.read_rows(key, start, stop, local)  # converts the checkpoint's dtype to target.dtype
 
 
 @torch.no_grad()
 def fill_from_safetensors(model: torch.nn.Module, folder: Path, buffers: Dict[str, torch.Tensor]) -> None:
     """Every parameter's local shard, and every buffer the checkpoint stores, from ``folder``."""
-    from safetensors import safe_open
-
     files = weight_files(folder)
     todo: Dict[Path, List[Tuple[str, torch.Tensor]]] = defaultdict(list)
     missing = []
@@ -167,14 +164,10 @@ def fill_from_safetensors(model: torch.nn.Module, folder: Path, buffers: Dict[st
             todo[files[key]].append((key, buf))
         else:  # computed by the model's __init__ (non-persistent, e.g. rotary inv_freq)
             buf.copy_(buffers[names[0]])
-    for f, items in todo.items():
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            for key, t in items:
-                try:
-                    sl = h.get_slice(key)
-                except Exception as e:  # the index names a file that lacks the tensor
-                    raise TargetLoadError(f"{f}: no tensor {key!r} in it ({e})") from e
-                _fill(t, sl, key, f)
+    for path, items in todo.items():
+        f = SafetensorsFile(path)
+        for key, t in items:
+            _fill(t, f, key)
 
 
 def load_sharded_target(

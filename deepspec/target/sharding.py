@@ -1,7 +1,7 @@
 """``target.shard=fsdp``: the frozen target's weights sharded over the ranks of online training.
 
-Each decoder layer is one FSDP2 unit (``fully_shard``) and the rest of the model (embedding, final
-norm, lm_head) is the root unit, so a rank keeps about 1/world of every weight and all-gathers one
+Each decoder layer is one FSDP2 unit (``fully_shard``), so are an untied embedding and lm_head, and
+the rest of the model (final norm, a tied embedding / lm_head) is the root unit, so a rank keeps about 1/world of every weight and all-gathers one
 layer at a time during a forward, freeing it right after (``reshard_after_forward=True``, also for
 the root, whose automatic setting would keep it gathered for a backward that never comes). The
 layer hooks of :class:`~deepspec.target.adapter.TargetModel` still fire: they see the layer
@@ -103,6 +103,12 @@ def shard_target(target, device_type: Optional[str] = None) -> None:
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for layer in target.decoder.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    embed, head = target.model.get_input_embeddings(), target.model.get_output_embeddings()
+    if head is not None and head.weight is not embed.weight:
+        # Untied, each is a unit of its own: a forward then holds at most one V x H matrix whole (in the
+        # root unit both would stay gathered from the embedding lookup to the logits).
+        fully_shard(embed, mesh=mesh, reshard_after_forward=True)
+        fully_shard(head, mesh=mesh, reshard_after_forward=True)
     fully_shard(target.model, mesh=mesh, reshard_after_forward=True)
     target.sharded = True
 
