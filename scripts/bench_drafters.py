@@ -81,6 +81,11 @@ def parse(argv: Optional[List[str]] = None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (OMP_NUM_THREADS)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs found in --out")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: tables from the planned runs already finished in --out, the rest listed as missing",
+    )
     ap.add_argument("--recipe", default="tiny")
     args = ap.parse_args(argv)
     if args.seeds < 1:
@@ -134,8 +139,12 @@ def plan(args) -> List[tuple]:
     return jobs
 
 
+def finished(d: Path) -> bool:
+    return (d / "eval.json").is_file() and (d / "train_summary.json").is_file()
+
+
 def train(label: str, out: Path, overrides: List[str], threads: int, reuse: bool) -> None:
-    if reuse and (out / "eval.json").is_file() and (out / "train_summary.json").is_file():
+    if reuse and finished(out):
         return
     cmd = [sys.executable, str(ROOT / "deepspec" / "train.py"), f"train.output_dir={out}", *overrides]
     env = dict(
@@ -424,12 +433,24 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         seed, gamma, name, d, o = job
         train(f"{name} γ={gamma} seed {seed}", d, o, args.threads, args.reuse)
 
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(work, jobs))
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(work, jobs))
     runs: Dict[int, Dict[str, Dict[int, Dict]]] = {}
+    missing = []
     for seed, gamma, name, d, _ in jobs:
-        runs.setdefault(gamma, {}).setdefault(name, {})[seed] = load_run(d)
+        if finished(d):
+            runs.setdefault(gamma, {}).setdefault(name, {})[seed] = load_run(d)
+        else:
+            missing.append(f"{name} γ={gamma} seed {seed}")
+    if not runs:
+        raise SystemExit(
+            f"--report-only: no finished run in {out} (a run folder holds eval.json and train_summary.json)"
+        )
     rep = report(args, runs, time.time() - t0)
+    if missing:
+        rep["missing_runs"] = missing
+        rep["markdown"] += "\nNot run, so absent from the tables: " + ", ".join(missing) + ".\n"
     print(rep["markdown"])
     atomic.write_json(out / "bench_drafters.json", {k: v for k, v in rep.items() if k != "markdown"})
     atomic.write_text(out / "bench_drafters.md", rep["markdown"])

@@ -237,3 +237,31 @@ def test_heldout_sample_is_seeded_and_first_records_by_default():
     b = heldout_eval_records(recs, E)
     assert len(b) == 4 and b != a
     assert [r["id"] for r in b] == sorted(r["id"] for r in b)
+
+
+def test_report_only_tables_the_finished_runs_and_lists_the_rest(tmp_path, monkeypatch):
+    argv = [
+        "--seeds",
+        "2",
+        "--gammas",
+        "7",
+        "--runs",
+        "DSpark-2L,DFlash-2L,EAGLE-3-1L",
+        "--out",
+        str(tmp_path),
+    ]
+    jobs = bench.plan(bench.parse(argv))
+    for seed, gamma, name, d, _ in jobs:
+        if not (seed == 1 and name == "EAGLE-3-1L"):
+            write_run(d, name, gamma, seed)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--report-only trained a run"))
+    rep = bench.main(argv + ["--report-only"])
+    assert rep["missing_runs"] == ["EAGLE-3-1L γ=7 seed 1"]
+    comps = {(c["a"], c["b"], c["temperature"]): c for c in rep["comparisons"]}
+    assert comps[("DSpark-2L", "DFlash-2L", 0.0)]["ratio"]["seeds"] == 2
+    assert comps[("DSpark-2L", "EAGLE-3-1L", 0.0)]["ratio"]["seeds"] == 1  # only the seed both ran
+    md = (tmp_path / "bench_drafters.md").read_text()
+    assert "| 7 | EAGLE-3-1L | 1 |" in md and f"| 1 × {PROMPTS} |" in md
+    assert "Not run, so absent from the tables: EAGLE-3-1L γ=7 seed 1." in md
+    with pytest.raises(SystemExit, match="no finished run"):
+        bench.main(["--seeds", "1", "--out", str(tmp_path / "empty"), "--report-only"])
