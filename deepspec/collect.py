@@ -2,6 +2,7 @@
 
     accelerate launch deepspec/collect.py collect.cache_dir=cache/tiny-fp8 collect.dtype=fp8 \\
         [data.source=chat data.path=data/regen.jsonl] [collect.estimate_only=true]
+    python deepspec/collect.py collect.backend=vllm collect.tensor_parallel_size=8 ...   # features from vLLM
 
 Hydra (configs/collect.yaml, the training config tree, so data/target/model keys mean the same as
 in training). Prints the size estimate first; rerunning an interrupted collection resumes it.
@@ -21,11 +22,12 @@ def main(cfg) -> None:
     from deepspec.data.cache import CacheError
     from deepspec.data.collector import collect
     from deepspec.data.prompts import DataError
+    from deepspec.engine.procs import EngineError
 
     logging.getLogger("deepspec").setLevel(logging.INFO)
     try:
         collect(cfg, progress_bar=sys.stderr.isatty())
-    except (ConfigError, CacheError, DataError) as e:
+    except (ConfigError, CacheError, DataError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -3,6 +3,7 @@
 from deepspec.config.choices import (  # noqa: F401
     AttnImpl,
     CacheDtype,
+    CollectBackend,
     CollectSplit,
     DataSource,
     DrafterKind,

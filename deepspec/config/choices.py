@@ -77,6 +77,11 @@ class CacheDtype(StrEnum):
     fp8 = "fp8"
 
 
+class CollectBackend(StrEnum):
+    hf = "hf"  # the target loaded here with transformers (accelerate launch: one copy per process)
+    vllm = "vllm"  # vLLM's extract_hidden_states: vLLM shards the target (tensor/expert parallel)
+
+
 class CollectSplit(StrEnum):
     train = "train"
     heldout = "heldout"

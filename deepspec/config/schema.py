@@ -19,6 +19,7 @@ from omegaconf import MISSING  # noqa: F401  (re-exported for recipes that need 
 from deepspec.config.choices import (
     AttnImpl,
     CacheDtype,
+    CollectBackend,
     CollectSplit,
     DataSource,
     DrafterKind,
@@ -210,6 +211,14 @@ class CollectConfig:
     resume: bool = True  # keep finished, verified shards of an earlier run with the same settings
     overwrite: bool = False  # delete an existing cache with different settings
     estimate_only: bool = False  # print the size estimate and exit
+    # Where the features come from (docs/engine.md "Target features from vLLM"): hf = the target's
+    # forward in this process; vllm = vLLM's extract_hidden_states, in vLLM's own environment.
+    backend: CollectBackend = CollectBackend.hf
+    tensor_parallel_size: int = 1  # backend=vllm: GPUs vLLM shards the target over
+    vllm_python: Optional[str] = (
+        None  # backend=vllm: a Python with vLLM (None = $DEEPSPEC_VLLM_PYTHON or the CPU env)
+    )
+    vllm_timeout_s: float = 1800.0  # backend=vllm: longest wait for vLLM to start or finish one shard
 
 
 @dataclass

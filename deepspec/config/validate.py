@@ -135,6 +135,8 @@ RANGES: Dict[str, Range] = {
     # collect
     "collect.shard_sequences": _ge(1),
     "collect.batch_size": _ge(1),
+    "collect.tensor_parallel_size": _ge(1, "GPUs vLLM shards the target over (collect.backend=vllm)"),
+    "collect.vllm_timeout_s": _gt(0),
     # train
     "train.lr": _gt(0),
     "train.weight_decay": _ge(0),
@@ -339,6 +341,12 @@ def _check_across(get) -> None:
             raise ConfigError(
                 f"eval.save_sts: eval.sts_fit_temperature={t} is not one of eval.temperatures={_show(temps)}"
             )
+    tp, backend = get("collect.tensor_parallel_size"), get("collect.backend")
+    if _MISSING not in (tp, backend) and tp > 1 and backend != "vllm":
+        raise ConfigError(
+            f"collect.tensor_parallel_size={tp} needs collect.backend=vllm (the hf backend holds the "
+            "whole target in every process)"
+        )
     if get("train.resume") == "":
         raise ConfigError("train.resume is empty: use auto, none, or a checkpoint / run folder")
 

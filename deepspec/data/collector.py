@@ -9,12 +9,13 @@ killed collection continues and ends with the same files as an uninterrupted one
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -40,6 +41,7 @@ from deepspec.data.cache import (
 from deepspec.training.faults import maybe_kill
 
 log = logging.getLogger("deepspec")
+Features = Tuple[torch.Tensor, torch.Tensor]  # (aux [t, n·H], final [t, H]) of consecutive sequences
 
 
 def examples_digest(examples: List[Example]) -> str:
@@ -52,14 +54,10 @@ def examples_digest(examples: List[Example]) -> str:
 
 
 @torch.no_grad()
-def shard_tensors(
-    target, examples: List[Example], first_index: int, batch_size: int, dtype: str, pad_id: int
-) -> Dict[str, torch.Tensor]:
-    """Forward the target over ``examples`` (right-padded batches) and pack the unpadded features."""
+def hf_features(target, examples: List[Example], batch_size: int, pad_id: int) -> Iterator[Features]:
+    """(aux [t, n·H], final [t, H]) of ``batch_size`` sequences at a time, from the target's forward
+    over right-padded batches, padding cut off."""
     device = target.device
-    aux_parts: Dict[str, List[torch.Tensor]] = {}
-    final_parts: Dict[str, List[torch.Tensor]] = {}
-    n_layers = len(target.layer_ids)
     for c in range(0, len(examples), batch_size):
         group = examples[c : c + batch_size]
         width = max(len(e.input_ids) for e in group)
@@ -72,6 +70,16 @@ def shard_tensors(
         lens = [len(e.input_ids) for e in group]
         aux = torch.cat([out.aux[r, :n] for r, n in enumerate(lens)])
         final = torch.cat([out.final[r, :n] for r, n in enumerate(lens)])
+        yield aux, final
+
+
+def pack_shard(
+    examples: List[Example], first_index: int, features: Iterable[Features], n_layers: int, dtype: str
+) -> Dict[str, torch.Tensor]:
+    """The shard's tensors: ids, masks, offsets and the features (in order, any grouping) encoded."""
+    aux_parts: Dict[str, List[torch.Tensor]] = {}
+    final_parts: Dict[str, List[torch.Tensor]] = {}
+    for aux, final in features:
         # Encode per batch (same per-token result as encoding the whole shard), keep the stored form only.
         for parts, x, n in ((aux_parts, aux, n_layers), (final_parts, final, 1)):
             for k, v in encode_features(x, n, dtype).items():
@@ -85,10 +93,22 @@ def shard_tensors(
         "aux": torch.cat(aux_parts["data"]),
         "final": torch.cat(final_parts["data"]),
     }
+    if tensors["aux"].shape[0] != int(lengths.sum()):
+        raise CacheError(
+            f"features cover {tensors['aux'].shape[0]} tokens, the sequences {int(lengths.sum())}"
+        )
     if dtype == "fp8":
         tensors["aux_scale"] = torch.cat(aux_parts["scale"])
         tensors["final_scale"] = torch.cat(final_parts["scale"])
     return tensors
+
+
+def shard_tensors(
+    target, examples: List[Example], first_index: int, batch_size: int, dtype: str, pad_id: int
+) -> Dict[str, torch.Tensor]:
+    """Forward the target over ``examples`` (right-padded batches) and pack the unpadded features."""
+    feats = hf_features(target, examples, batch_size, pad_id)
+    return pack_shard(examples, first_index, feats, len(target.layer_ids), dtype)
 
 
 def _clear(cache_dir: Path) -> None:
@@ -129,6 +149,46 @@ def _prepare_dir(cache_dir: Path, plan: dict, ccfg, heldout: List[dict]) -> None
     atomic.write_jsonl(cache_dir / HELDOUT, ({k: v for k, v in r.items() if k != "where"} for r in heldout))
 
 
+@contextlib.contextmanager
+def _feature_source(cfg, target, path, examples, rng, todo, layer_ids, cache_dir: Path, pad_id: int):
+    """``features(k)``: the (aux, final) batches of shard k, from the target's forward here (hf) or
+    from vLLM (vllm; started once for every shard still to do, always stopped on leaving)."""
+    cc = cfg.collect
+    if cc.backend != "vllm":
+        yield lambda k: hf_features(target, examples[rng[k][0] : rng[k][1]], cc.batch_size, pad_id)
+        return
+    if not todo:
+        yield None
+        return
+    from deepspec.engine.features import VllmFeatureSource, aux_layout, iter_shard_features
+    from deepspec.engine.procs import interrupt_on_sigterm
+
+    layout = aux_layout(layer_ids, target.num_layers)
+    part = {k: f"part-{k:05d}" for k in todo}
+    parts = {part[k]: [list(e.input_ids) for e in examples[rng[k][0] : rng[k][1]]] for k in todo}
+    local = Path(path)
+    source = VllmFeatureSource(
+        str(local.resolve()) if local.is_dir() else str(path),
+        parts,
+        layout,
+        (cache_dir / "vllm-work").resolve(),
+        dtype=str(cfg.target.dtype),
+        tensor_parallel_size=cc.tensor_parallel_size,
+        trust_remote_code=bool(cfg.target.trust_remote_code),
+        vllm_python=cc.vllm_python,
+        stall_timeout_s=cc.vllm_timeout_s,
+        log=log.info,
+    )
+    log.info(
+        "collect: features of %d shard(s) from vLLM (aux ids %s); log: %s",
+        len(todo),
+        layout.aux_ids,
+        source.log_path,
+    )
+    with interrupt_on_sigterm(), source:
+        yield lambda k: iter_shard_features(source, part[k], target.final_norm, cc.batch_size)
+
+
 def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -157,7 +217,21 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     info = open_target(cfg, acc)
     path, tokenizer, target_config, trc = info.path, info.tokenizer, info.config, info.trust_remote_code
     dc = resolve_drafter_config(cfg.model, target_config, mask_token_id=tokenizer.mask_token_id)
-    target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, acc.device, trc)
+    if cc.backend == "vllm":
+        if acc.num_processes > 1:
+            raise CacheError(
+                f"collect.backend=vllm runs in one process ({acc.num_processes} were launched): vLLM "
+                "itself spreads the target over collect.tensor_parallel_size GPUs; start collect.py "
+                "with plain python"
+            )
+        from deepspec.target.parts import TargetParts
+
+        # The decoder layers load only inside vLLM; here just config, embedding, lm_head, final norm.
+        target = TargetParts(path, cfg.target.dtype, trc)
+        embed_w, head_w = target.embed_weight, target.lm_head_weight
+    else:
+        target = TargetModel.from_pretrained(path, dc.target_layer_ids, cfg.target.dtype, acc.device, trc)
+        embed_w, head_w = target.embed_tokens.weight, target.lm_head.weight
 
     splits = load_records(cfg)
     examples = train_examples(cfg, tokenizer, splits[cc.split])
@@ -180,7 +254,7 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
         "name_or_path": str(cfg.target.name_or_path),
         "resolved_path": str(path),
         "config_hash": target_config_hash(target.config.to_dict()),
-        "fingerprint": target_fingerprint(target.embed_tokens.weight, target.lm_head.weight),
+        "fingerprint": target_fingerprint(embed_w, head_w),
         "hidden_size": hidden,
         "num_layers": target.num_layers,
         "model_type": target_config.get("model_type"),
@@ -205,6 +279,8 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
             "digest": examples_digest(examples),
         },
     }
+    if cc.backend == "vllm":  # only then: caches collected before the key existed keep their key
+        plan["features_from"] = "vllm"
     plan["key"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
     # A rerun of a complete or interrupted collection re-verifies every shard, recomputes what is
@@ -216,24 +292,29 @@ def collect(cfg, accelerator=None, progress_bar: bool = True) -> Path:
     S = cc.shard_sequences
     num_shards = (n_seq + S - 1) // S
     mine = [k for k in range(num_shards) if k % acc.num_processes == acc.process_index]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kept = 0
     bar = tqdm(total=len(mine), desc="collect", disable=not (progress_bar and acc.is_main_process))
+    rng = {k: (k * S, min(n_seq, (k + 1) * S)) for k in mine}
+    todo = []
     for k in mine:
-        a, b = k * S, min(n_seq, (k + 1) * S)
-        info = {
-            "shard": k,
-            "sequences": [a, b],
-            "key": plan["key"],
-            "tokens": sum(len(e.input_ids) for e in examples[a:b]),
-        }
-        if finished_shard(cache_dir, k, {"shard": k, "sequences": [a, b], "key": plan["key"]}) is not None:
-            kept += 1
-        else:
-            write_shard(
-                cache_dir, k, shard_tensors(target, examples[a:b], a, cc.batch_size, cc.dtype, pad), info
-            )
-        bar.update(1)
+        a, b = rng[k]
+        if finished_shard(cache_dir, k, {"shard": k, "sequences": [a, b], "key": plan["key"]}) is None:
+            todo.append(k)
+    kept = len(mine) - len(todo)
+    bar.update(kept)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    source = _feature_source(cfg, target, path, examples, rng, todo, dc.target_layer_ids, cache_dir, pad)
+    with source as features:
+        for k in todo:
+            a, b = rng[k]
+            info = {
+                "shard": k,
+                "sequences": [a, b],
+                "key": plan["key"],
+                "tokens": sum(len(e.input_ids) for e in examples[a:b]),
+            }
+            tensors = pack_shard(examples[a:b], a, features(k), n_layers, cc.dtype)
+            write_shard(cache_dir, k, tensors, info)
+            bar.update(1)
     bar.close()
     if kept:
         log.info("collect: kept %d finished shard(s) of an earlier run", kept)
