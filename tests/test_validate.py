@@ -94,6 +94,7 @@ def test_choice_fields_are_enums():
         "regen.backend",
         "collect.dtype",
         "collect.split",
+        "collect.backend",
         "train.mixed_precision",
         "train.strategy",
         "train.on_nonfinite",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,9 +141,14 @@ class VllmFeatureSource:
         )
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._stack is not None:
-            self._stack.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._stack is None:
+            return
+        if exc_type is None and self.proc is not None:
+            # Every part is read: let vLLM shut down on its own before the stop that always follows.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(120)
+        self._stack.close()
 
     def _exit_message(self, name: str) -> str:
         tail = log_tail(self.log_path)
