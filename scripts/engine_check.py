@@ -47,12 +47,6 @@ def _verifier_dir(export_dir: Path):
     return name if name and (Path(name) / "config.json").is_file() else None
 
 
-def _default_temperatures():
-    import torch
-
-    return [0.0, 1.0] if torch.cuda.is_available() else [0.0]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/engine_check.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("export_dir", help="exported drafter folder (speculators or native)")
@@ -61,12 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-column", default="prompt")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument(
-        "--temperatures",
-        type=float,
-        nargs="+",
-        help="default: 0 1 on a GPU; 0 on a CPU, where vLLM's T>0 rejection sampler cannot run (docs/engine.md)",
-    )
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--reference", help="native drafter folder to compare against (default: the export's own weights)"
@@ -121,7 +110,7 @@ def main(argv=None) -> int:
                 target,
                 prompts,
                 end_of_turn_ids(tokenizer),
-                temperatures=args.temperatures or _default_temperatures(),
+                temperatures=args.temperatures,
                 max_new_tokens=args.max_new_tokens,
                 seed=args.seed,
                 vllm_python=args.vllm_python,

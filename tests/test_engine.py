@@ -170,6 +170,95 @@ def test_missing_vllm_gives_one_line_with_the_install_command(tmp_path, monkeypa
         run_engine_check(export, "unused-target", [[1, 2]], [0], setup=False)
 
 
+# A stand-in for `python -m vllm.entrypoints.openai.api_server`: same flags, /health on --port, and a
+# helper process of its own (vLLM starts an engine core); FAKE_VLLM picks how it behaves.
+FAKE_SERVER = """
+import http.server, os, subprocess, sys, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+mode = os.environ.get("FAKE_VLLM", "serve")
+if mode == "crash":
+    print("INFO loading model", flush=True)
+    print("ValueError: head_size 16 is not supported by the CPU attention backend", flush=True)
+    sys.exit(1)
+if mode == "hang":
+    time.sleep(600)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("helper", child.pid, flush=True)
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+def _fake_vllm_python(tmp_path):
+    (tmp_path / "fake_server.py").write_text(FAKE_SERVER)
+    python = tmp_path / "python"
+    # Called as `python -m vllm.entrypoints.openai.api_server ARGS`: drop "-m MODULE", keep ARGS.
+    python.write_text(f'#!/bin/sh\nshift 2\nexec {sys.executable} {tmp_path / "fake_server.py"} "$@"\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_server_that_exits_before_serving_names_the_error_and_its_log(tmp_path, monkeypatch):
+    from deepspec.engine.procs import free_port
+    from deepspec.engine.server import vllm_server
+
+    monkeypatch.setenv("FAKE_VLLM", "crash")
+    log, port = tmp_path / "server.log", free_port()
+    with pytest.raises(EngineError) as e:
+        with vllm_server("tiny", log, vllm_python=_fake_vllm_python(tmp_path), port=port, timeout_s=60):
+            pytest.fail("the server must not come up")
+    msg = str(e.value)
+    assert "\n" not in msg and "exited (code 1) before serving" in msg
+    assert "head_size 16 is not supported" in msg and str(log) in msg
+    assert not port_in_use(port)
+
+
+def test_server_that_never_answers_is_stopped_and_names_its_log(tmp_path, monkeypatch):
+    from deepspec.engine.procs import free_port
+    from deepspec.engine.server import vllm_server
+
+    monkeypatch.setenv("FAKE_VLLM", "hang")
+    log, port = tmp_path / "server.log", free_port()
+    t = time.time()
+    with pytest.raises(EngineError, match=rf"did not answer .*:{port}/health within 2 s; read .*server\.log"):
+        with vllm_server("tiny", log, vllm_python=_fake_vllm_python(tmp_path), port=port, timeout_s=2):
+            pass
+    assert time.time() - t < 30
+
+
+@pytest.mark.parametrize("how", ["error", "interrupt"])
+def test_server_is_stopped_by_pid_and_its_port_freed(tmp_path, monkeypatch, how):
+    import urllib.request
+
+    from deepspec.engine.server import vllm_server
+
+    monkeypatch.setenv("FAKE_VLLM", "serve")
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError if how == "error" else KeyboardInterrupt):
+        with vllm_server("tiny", log, vllm_python=_fake_vllm_python(tmp_path), timeout_s=60) as srv:
+            with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/health", timeout=5) as r:
+                assert r.status == 200
+            helper = int(log.read_text().split("helper")[1].split()[0])
+            pid, port = srv.pid, srv.port
+            assert _alive(pid) and _alive(helper) and port_in_use(port)
+            if how == "error":
+                raise RuntimeError("regeneration failed")
+            raise KeyboardInterrupt
+    assert not _alive(pid) and not port_in_use(port)
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(helper):
+        time.sleep(0.05)
+    assert not _alive(helper), "the server's helper processes are stopped with it"
+
+
 REPORT = {
     "ok": True,
     "prompts": 8,
@@ -181,7 +270,18 @@ REPORT = {
             "identical_outputs": 8,
             "deepspec": {"tau": 2.049, "tau_ci95": [1.8, 2.3]},
             "vllm": {"tau": 2.049, "tau_ci95": [1.8, 2.3]},
-        }
+            "margin95": 0.02,
+            "ok": True,
+        },
+        {
+            "temperature": 1.0,
+            "draft_sample_method": "probabilistic",
+            "identical_outputs": 1,
+            "deepspec": {"tau": 1.95, "tau_ci95": [1.7, 2.2]},
+            "vllm": {"tau": 1.9, "tau_ci95": [1.6, 2.2]},
+            "margin95": 0.19,
+            "ok": True,
+        },
     ],
 }
 
@@ -195,7 +295,9 @@ def test_card_has_exact_serve_commands_and_the_engine_check():
     assert f"vllm serve Qwen/Qwen3-8B --speculative-config '{greedy}'" in text
     assert f"vllm serve Qwen/Qwen3-8B --speculative-config '{sampling}'" in text
     assert '"enable_adaptive_verification": true' in text
-    assert "| 0.0 | greedy | 2.049 [1.800, 2.300] | 2.049 [1.800, 2.300] | 8/8 |" in text
+    assert "| 0.0 | greedy | 2.049 [1.800, 2.300] | 2.049 [1.800, 2.300] | 0.020 | 8/8 | pass |" in text
+    # At T>0 outputs differ by design (independent draws): no identical count, the interval is wider.
+    assert "| 1.0 | probabilistic | 1.950 [1.700, 2.200] | 1.900 [1.600, 2.200] | 0.190 | – | pass |" in text
     # Rerunning the check replaces its section of an existing card instead of adding another.
     failed = {**REPORT, "ok": False}
     again = with_engine_check(text, failed)

@@ -1,6 +1,7 @@
 """The engine round trip in vLLM itself (slow): the vLLM environment made by our script, the Triton
 CPU shim, the engine check of a drafter trained here (passes) and of planted faults (fail), and
 deepspec/regenerate.py against vLLM's OpenAI server (kill and resume included).
+The engine check runs at T=0 and at T=1 (draft_sample_method="probabilistic").
 
 The first run makes the vLLM environment (.cache/deepspec/vllm-env, minutes; DEEPSPEC_VLLM_ENV
 moves it, DEEPSPEC_VLLM_PYTHON uses an existing vLLM instead). Timings: docs/engine.md.
@@ -107,6 +108,74 @@ def test_triton_cpu_shim_runs_kernels_in_the_interpreter(vllm_python, tmp_path):
     assert "set TRITON_INTERPRET=1" in plain.stdout, plain.stdout + plain.stderr[-2000:]
 
 
+LIBDEVICE = """
+import json, math, sys
+import torch, triton, triton.language as tl
+import triton.language.extra.libdevice as tldevice
+from deepspec_vllm_shims.triton_cpu.libdevice_np import BINARY, UNARY
+
+# Reference values from Python's math module (float64), independent of the NumPy bodies under test.
+HALF_AWAY = lambda x: math.copysign(math.floor(abs(x) + 0.5), x)
+REF = dict(
+    log1p=math.log1p, expm1=math.expm1, exp=math.exp, exp2=lambda x: 2.0**x, log=math.log, log2=math.log2,
+    log10=math.log10, sqrt=math.sqrt, rsqrt=lambda x: 1 / math.sqrt(x), abs=abs, floor=math.floor,
+    ceil=math.ceil, trunc=math.trunc, rint=round, round=HALF_AWAY, sin=math.sin, cos=math.cos, tan=math.tan,
+    asin=math.asin, acos=math.acos, atan=math.atan, sinh=math.sinh, cosh=math.cosh, tanh=math.tanh,
+    erf=math.erf, isnan=math.isnan, isinf=math.isinf, isfinited=math.isfinite,
+    signbit=lambda x: math.copysign(1.0, x) < 0, pow=math.pow, atan2=math.atan2, fmod=math.fmod,
+    hypot=math.hypot,
+)
+INPUTS = [0.125, 0.3, 0.5, 0.7, 0.9, 0.05, 0.6, 0.2]
+ROUNDING = [0.5, 1.5, 2.5, -2.5, -0.7, 0.2, 3.7, -1.5]
+SPECIAL = [0.0, float("nan"), float("inf"), float("-inf"), -0.0, 1.0, -2.0, float("nan")]
+SECOND = [2.0, 0.5, 3.0, 0.25, 1.5, 0.1, 2.5, 0.9]
+src = ["import triton, triton.language as tl", "import triton.language.extra.libdevice as tldevice"]
+for name in list(UNARY) + list(BINARY):
+    call = f"tldevice.{name}(tl.load(x + i), tl.load(y + i))" if name in BINARY else f"tldevice.{name}(tl.load(x + i))"
+    src += ["@triton.jit", f"def k_{name}(x, y, out):", "    i = tl.arange(0, 8)",
+            f"    tl.store(out + i, ({call}).to(tl.float32))"]
+open("kernels.py", "w").write("\\n".join(src) + "\\n")  # @triton.jit reads its source from a file
+sys.path.insert(0, ".")
+import kernels
+
+errors = {}
+for name in list(UNARY) + list(BINARY):
+    xs = SPECIAL if UNARY.get(name, (0, False))[1] else ROUNDING if name in ("floor", "ceil", "trunc", "rint", "round", "abs") else INPUTS
+    x, y, out = torch.tensor(xs), torch.tensor(SECOND), torch.zeros(8)
+    getattr(kernels, f"k_{name}")[(1,)](x, y, out)
+    args = [x.double().tolist()] + ([y.double().tolist()] if name in BINARY else [])
+    want = [float(REF[name](*a)) for a in zip(*args)]
+    errors[name] = max(abs(g - w) / max(1.0, abs(w)) for g, w in zip(out.tolist(), want))
+try:
+    getattr(kernels, "k_log1p")[(1,)](torch.zeros(8, dtype=torch.float16), torch.zeros(8), torch.zeros(8))
+    half = "ran"
+except Exception as e:
+    half = str(e)
+print(json.dumps({"errors": errors, "half": half}))
+"""
+
+
+def test_triton_cpu_shim_runs_libdevice_functions_in_the_interpreter(vllm_python, tmp_path):
+    """libdevice stubs (vLLM's T>0 rejection sampler calls log1p) get NumPy bodies in the interpreter;
+    each one agrees with Python's math module to float32 precision."""
+    (tmp_path / "check.py").write_text(LIBDEVICE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [vllm_python, "check.py"],
+        env={**env, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "log1p" in out["errors"] and "isnan" in out["errors"] and "pow" in out["errors"]
+    bad = {k: v for k, v in out["errors"].items() if not v <= 2e-6}
+    assert not bad, bad
+    # Like the CUDA library, no half-precision versions: a clear refusal, not a wrong number.
+    assert "libdevice.log1p takes fp32 or fp64" in out["half"], out["half"]
+
+
 def _planted(src: Path, dest: Path, **changes) -> Path:
     shutil.copytree(src, dest)
     cfg = json.loads((dest / "config.json").read_text())
@@ -123,19 +192,30 @@ def test_engine_check_passes_and_planted_faults_fail(vllm_python, engine_run, tm
     export = run / "export" / "speculators"
     kw = dict(max_new_tokens=NEW_TOKENS, vllm_python=vllm_python, log=print)
     t = time.monotonic()
-    # T=0 only: at T>0 vLLM's rejection sampler (draft_sample_method="probabilistic") calls a
-    # libdevice function that Triton's interpreter cannot run, so T=1 is checked on GPUs only.
+    # T=1 runs in Triton's interpreter thanks to the libdevice shim (vLLM's rejection sampler).
     good = run_engine_check(
-        export, target, prompts, stops, temperatures=(0.0,), work_dir=tmp_path / "good", **kw
+        export, target, prompts, stops, temperatures=(0.0, 1.0), work_dir=tmp_path / "good", **kw
     )
-    print(f"engine check T=0: {time.monotonic() - t:.0f} s")
-    (t0,) = good["runs"]
+    print(f"engine check T=0 and T=1: {time.monotonic() - t:.0f} s")
+    t0, t1 = good["runs"]
     assert good["ok"], json.dumps(good["runs"], indent=1)
     assert t0["identical_outputs"] == len(prompts)
     assert abs(t0["vllm"]["tau"] - t0["deepspec"]["tau"]) <= t0["margin95"]
     assert t0["deepspec"]["tau"] > 1.3, "the test drafter must accept drafts for the faults to show"
+    assert t1["draft_sample_method"] == "probabilistic" and t1["temperature"] == 1.0
+    assert abs(t1["vllm"]["tau"] - t1["deepspec"]["tau"]) <= t1["margin95"]
+    # Not collapsed to ~1.1 as with vLLM's default greedy drafting at T>0 (docs/engine.md).
+    assert t1["vllm"]["tau"] > 1.5 and t1["vllm"]["rounds"] > 0
     report = json.loads((tmp_path / "good" / "engine_check.json").read_text())
     assert report["ok"] and report["serving"]["speculative_config"]["method"] == "dspark"
+    # The model card carries the result for both temperatures.
+    card = (export / "README.md").read_text()
+    assert card.count("### Engine check") == 1 and "result: **pass**" in card
+    assert (
+        f"| 0.0 | greedy | {t0['deepspec']['tau']:.3f} [" in card
+        and f"| {len(prompts)}/{len(prompts)} | pass |" in card
+    )
+    assert f"| 1.0 | probabilistic | {t1['deepspec']['tau']:.3f} [" in card
 
     shifted = _planted(
         export, tmp_path / "shifted", aux_hidden_state_layer_ids=lambda ids: [i + 1 for i in ids]

@@ -358,8 +358,12 @@ def engine_check_section(report: Dict[str, Any]) -> str:
         f"{report.get('prompts', '?')} prompts, {report.get('max_new_tokens', '?')} new tokens; "
         f"result: **{'pass' if report.get('ok') else 'FAIL'}**.",
         "",
-        "| T | vLLM draft sampling | τ deepspec [95 % CI] | τ vLLM [95 % CI] | greedy outputs identical |",
-        "|---|---|---|---|---|",
+        "The check fails when a greedy output differs or when vLLM's τ falls below deepspec's by more "
+        "than the 95 % interval of the difference (±; paired per prompt at T=0, two independent samples "
+        "at T>0).",
+        "",
+        "| T | vLLM draft sampling | τ deepspec [95 % CI] | τ vLLM [95 % CI] | ± | greedy outputs identical | result |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report.get("runs", []):
         d, v = r.get("deepspec", {}), r.get("vllm", {})
@@ -369,8 +373,10 @@ def engine_check_section(report: Dict[str, Any]) -> str:
             return f"{_num(x.get('tau'))} [{_num(ci[0])}, {_num(ci[1])}]"
 
         same = f"{r.get('identical_outputs')}/{report.get('prompts')}" if r.get("temperature") == 0 else "–"
+        verdict = "pass" if r.get("ok") else "FAIL" if "ok" in r else "?"
         rows.append(
-            f"| {r.get('temperature')} | {r.get('draft_sample_method')} | {tau(d)} | {tau(v)} | {same} |"
+            f"| {r.get('temperature')} | {r.get('draft_sample_method')} | {tau(d)} | {tau(v)} "
+            f"| {_num(r.get('margin95'))} | {same} | {verdict} |"
         )
     return ENGINE_MARKS[0] + "\n" + "\n".join(rows) + "\n" + ENGINE_MARKS[1]
 

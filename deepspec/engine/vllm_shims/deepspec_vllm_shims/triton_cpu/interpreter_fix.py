@@ -1,9 +1,12 @@
-"""A fix for Triton's interpreter, applied when it is first imported.
+"""Fixes for Triton's interpreter, applied when it is first imported (so only in a process that
+interprets kernels).
 
-In the interpreter, ``mask & flag`` of a block mask and a scalar comparison comes out as int32
+1. In the interpreter, ``mask & flag`` of a block mask and a scalar comparison comes out as int32
 instead of bool, and the masked load/store then fails with "mask has unsupported dtype". vLLM's
 Gumbel sampler (draft_sample_method="probabilistic") stores with such a mask. Compiled Triton
 treats any nonzero mask element as true; the interpreter gets the same by casting to bool.
+2. libdevice functions are stubs the interpreter cannot run; ``libdevice_np`` gives them NumPy
+   bodies (vLLM's rejection sampler needs ``log1p`` at T>0).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ MODULE = "triton.runtime.interpreter"
 
 def patch(module) -> None:
     import numpy as np
+
+    from deepspec_vllm_shims.triton_cpu import libdevice_np
 
     builder = module.InterpreterBuilder
     if getattr(builder, "_deepspec_mask_fix", False):
@@ -37,6 +42,7 @@ def patch(module) -> None:
 
     builder.create_masked_load, builder.create_masked_store = masked_load, masked_store
     builder._deepspec_mask_fix = True
+    libdevice_np.patch(module)
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
