@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """vLLM-fed cache vs HF-fed cache: the features, and the drafters trained from them.
 
-    python scripts/bench_vllm_features.py [--out outputs/bench_vllm_features] [hydra overrides ...]
+    python scripts/bench_vllm_features.py [--out outputs/bench_vllm_features] [--report-only] [hydra overrides ...]
 
 Collects the same data twice (deepspec/collect.py with collect.backend=hf and =vllm; bf16), reports
 how far the stored features differ, trains one drafter from each cache (same seed, same overrides),
@@ -9,7 +9,8 @@ and compares their held-out τ at every eval temperature with 95 % intervals tha
 clusters (deepspec/engine/stats.py). At T=0 both drafters decode the same prompts to the same target
 text, so the difference is paired per prompt; at T>0 the two margins combine. Overrides apply to
 every stage (collect and train). Writes <out>/bench_vllm_features.{json,md}; finished caches are
-reused (collect resumes).
+reused (collect resumes). --report-only makes the tables from finished caches and runs (e.g. when
+the two trainings were run side by side by hand with the logged commands).
 """
 
 from __future__ import annotations
@@ -77,11 +78,12 @@ def main(argv) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/bench_vllm_features")
+    ap.add_argument("--report-only", action="store_true", help="no collection or training")
     args, common = ap.parse_known_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     wall, counts = {}, {}
-    for backend in ("hf", "vllm"):
+    for backend in () if args.report_only else ("hf", "vllm"):
         cache = out / f"cache-{backend}"
         wall[f"collect-{backend}"] = sh(
             [
@@ -95,6 +97,9 @@ def main(argv) -> None:
     diff = feature_diff(out / "cache-hf", out / "cache-vllm")
     for backend in ("hf", "vllm"):
         run_dir = out / f"train-{backend}"
+        if args.report_only:
+            counts[backend] = per_prompt(run_dir)
+            continue
         wall[f"train-{backend}"] = sh(
             [
                 ROOT / "deepspec" / "train.py",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -127,10 +128,8 @@ class VllmFeatureSource:
         from deepspec.engine.vllm_env import engine_env, find_vllm_python
 
         python = self.python = find_vllm_python(self.vllm_python, setup=self.setup, log=self.log)
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.iterdir():  # parts of an interrupted earlier start are not ours
-            if stale.is_file():
-                stale.unlink()
+        shutil.rmtree(self.out, ignore_errors=True)  # parts of an interrupted earlier start are not ours
+        self.out.mkdir(parents=True)
         req_path = self.work / "vllm-features-request.json"
         req_path.write_text(json.dumps(self.request))
         self.log_path.unlink(missing_ok=True)
