@@ -237,3 +237,33 @@ def test_build_lock_is_released_when_its_holder_dies(tmp_path):
     with atomic.build_lock(lock, lambda: waited.append(1)):
         pass
     assert waited == []
+
+
+def test_base_preset_builds_the_preset_model_and_loads_as_hf(corpus_dir, tmp_path):
+    """preset=base with the micro corpus: the size comes from the preset, the fields set here win."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = TinyTargetConfig(
+        preset="base",
+        corpus_dir=str(corpus_dir),
+        heldout_fraction=0.25,
+        vocab_size=384,
+        seq_len=64,
+        batch_size=2,
+        train_steps=2,
+        eval_batches=1,
+        cache_dir=str(tmp_path),
+        num_threads=1,
+    )
+    folder = build_tiny_target(cfg, log=lambda s: None)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        12,
+        192,
+        6,
+        2,
+    )
+    assert (c.intermediate_size, c.vocab_size) == (576, 384)
+    saved = load_report(folder)["config"]
+    assert (saved["preset"], saved["num_layers"], saved["train_steps"], saved["lr"]) == ("base", 12, 2, 2e-3)
