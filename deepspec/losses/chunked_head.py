@@ -8,13 +8,19 @@ each chunk of rows the loss forms
 
     logits = h W_headᵀ + z W2ᵀ          (and the target's logits, when lazy)
 
-computes the per-row terms, and drops the chunk. Backward recomputes each chunk's logits, forms the
-logits' gradient g as the lean loss does, and multiplies it straight out:
+computes the per-row terms and drops the chunk.
+
+The gradient is formed in the same pass, as fused linear-cross-entropy kernels do. The objective
+backpropagates Σ_rows (a·ce + b·sce + c·l1) / denominator, where the per-row weights a, b, c (loss
+weight x slot decay x validity) are known before the loss runs: the caller passes them as
+``row_weights``, and each chunk's logit gradient g (the formulas of vocab_terms.py) goes straight into
 
     dh = g W_head,   dz = g W2,   dW2 += gᵀ z
 
-as fused linear-cross-entropy kernels do. Peak extra memory is a few chunk x V buffers; the price is
-one more pass of the head matmuls in backward.
+so every V-wide matmul and softmax runs once. Backward only scales these by the scalar that reached
+it. If the gradients that reach the terms are not a scalar multiple of ``row_weights`` (another use
+of the per-row terms), or none were given, backward recomputes each chunk's logits and forms the
+gradient from what it received: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -26,15 +32,17 @@ import torch
 from deepspec.losses.vocab_terms import (
     HeadLogits,
     Vocab,
+    _rowdot,
     _rows,
     grad_scales,
     row_grad,
     row_stats,
 )
 
-# Elements per chunk buffer (rows x V) when loss.chunk_size = 0: big enough that a chunk's matmuls
-# run near the arithmetic bound (each reads the whole output matrix), small next to N x V.
-HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+# Elements per chunk buffer (rows x V) when loss.chunk_size = 0. Each chunk reads the whole output
+# matrices, so bigger chunks run closer to the arithmetic bound; a handful of such buffers is the
+# loss's whole working memory, so smaller ones keep the peak low.
+HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,23 +57,81 @@ def _logits(h, w, z, w2, sel) -> torch.Tensor:
     return out.float()
 
 
+def fused_chunk(draft_rows, target_rows, lab, vocab: Vocab, with_soft_ce: bool, wc, ws, wl, use_l1, use_sce):
+    """(ce, soft_ce, l1, g) of one chunk, fp32: the per-row terms of vocab_terms.row_stats and
+    g = d(wc·ce + ws·sce + wl·l1)/dz (vocab_terms.row_grad), each softmax formed once.
+
+    ``draft_rows()`` / ``target_rows()`` form the chunk's logits: called here, one after the other,
+    so that each [c, V] logits buffer is gone once its softmax exists (the working set stays ~4 buffers).
+    """
+    p, out = vocab.target_probs(target_rows())
+    logq = torch.log_softmax(draft_rows(), dim=-1)
+    ok = lab >= 0
+    idx = lab.clamp(min=0).unsqueeze(1)
+    ce = -torch.gather(logq, 1, idx).squeeze(1) * ok
+    sce = -_rowdot(p, logq) if with_soft_ce else None
+    q = logq.exp_()  # exp(log_softmax), as the other paths: sign(q - p) agrees with the L1 value
+    s = torch.sub(q, p)
+    l1 = s.abs().sum(-1)
+    if out is not None:
+        l1 = l1 + out
+    wc = wc * ok  # a label that cannot be drafted adds no CE, so no gradient either
+    qs = wc + ws * p.sum(-1) if (use_sce and vocab.ids is not None) else wc + ws
+    if use_l1:  # q ⊙ (s - <s, q>) · w_l1
+        s.sign_()
+        g = s.sub_(_rowdot(s, q).unsqueeze(1)).mul_(q).mul_(wl.unsqueeze(1))
+        g.addcmul_(q, qs.unsqueeze(1))
+    else:
+        g = s.copy_(q).mul_(qs.unsqueeze(1))
+    if use_sce:
+        g.addcmul_(p, ws.unsqueeze(1), value=-1.0)
+    g.scatter_add_(1, idx, -wc.unsqueeze(1))
+    return ce, sce, l1, g
+
+
 class FactoredRowStats(torch.autograd.Function):
     """(ce, soft_ce, l1) per row of the logits ``h @ w.T + z @ w2.T`` (h [N, H], z [N, r] or None);
-    gradients to h, z and w2 (w, the frozen lm_head, gets none)."""
+    gradients to h, z and w2 (w, the frozen lm_head, gets none). ``row_weights`` [3, N] (or None):
+    the weights of ce, soft_ce and l1 in the loss, up to one scalar; with them the gradients are
+    formed in the forward."""
 
     @staticmethod
-    def forward(ctx, h, z, w2, w, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab):
+    def forward(
+        ctx, h, z, w2, w, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights
+    ):
         cd = _compute_dtype(h)
         n = h.shape[0]
         ce = torch.zeros(n, dtype=torch.float32, device=h.device)
         sce, l1 = torch.zeros_like(ce), torch.zeros_like(ce)
         hc, wc = h.to(cd), w.to(cd)
         zc, w2c = (z.to(cd), w2.to(cd)) if z is not None else (None, None)
+        fused = None
+        if row_weights is not None:
+            rw = row_weights.float()
+            if active is not None:  # rows without weight get none here either
+                rw = torch.zeros_like(rw).index_copy_(1, active, rw.index_select(1, active))
+            use_l1, use_sce = bool(rw[2].any()), bool(rw[1].any())
+            f32 = dict(dtype=torch.float32, device=h.device)
+            fused = {
+                "weights": rw,
+                "dh": torch.zeros(h.shape, **f32),
+                "dz": torch.zeros(z.shape, **f32) if z is not None else None,
+                "dw2": torch.zeros(w2.shape, **f32) if z is not None else None,
+            }
         with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
             for sel in _selectors(active, n, chunk_rows):
-                c, s, l_ = row_stats(
-                    _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], vocab, with_soft_ce
-                )
+                if fused is None:
+                    c, s, l_ = row_stats(
+                        _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], vocab, with_soft_ce
+                    )
+                else:
+                    rw = fused["weights"][:, sel]
+                    c, s, l_, g = fused_chunk(
+                        lambda: _logits(hc, wc, zc, w2c, sel), lambda: _rows(tgt, sel),  # noqa: B023
+                        labels[sel], vocab, with_soft_ce, rw[0], rw[1], rw[2], use_l1, use_sce,
+                    )  # fmt: skip
+                    _multiply_out(g.to(cd), sel, wc, zc, w2c, fused)
+                    del g
                 ce[sel], l1[sel] = c, l_
                 if s is not None:
                     sce[sel] = s
@@ -76,38 +142,78 @@ class FactoredRowStats(torch.autograd.Function):
             tgt if ctx.lazy_tgt is None else none, labels, active if active is not None else none,
         )  # fmt: skip
         ctx.has_z, ctx.has_active, ctx.cd = z is not None, active is not None, cd
-        ctx.chunk_rows, ctx.vocab = chunk_rows, vocab
+        ctx.chunk_rows, ctx.vocab, ctx.fused = chunk_rows, vocab, fused
         return ce, sce, l1
 
     @staticmethod
     def backward(ctx, g_ce, g_sce, g_l1):
         h, z, w2, w, tgt, labels, active = ctx.saved_tensors
-        tgt = ctx.lazy_tgt if ctx.lazy_tgt is not None else tgt
         z, w2 = (z, w2) if ctx.has_z else (None, None)
         active = active if ctx.has_active else None
-        n, cd = h.shape[0], ctx.cd
+        n = h.shape[0]
         g_ce, g_sce, g_l1, use_l1, use_sce = grad_scales(g_ce, g_sce, g_l1, n, h.device)
-        hc, wc = h.to(cd), w.to(cd)
-        zc, w2c = (z.to(cd), w2.to(cd)) if z is not None else (None, None)
-        dh = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        dz = torch.zeros(z.shape, dtype=torch.float32, device=h.device) if z is not None else None
-        dw2 = torch.zeros(w2.shape, dtype=torch.float32, device=h.device) if z is not None else None
-        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            for sel in _selectors(active, n, ctx.chunk_rows):
-                g = row_grad(
-                    _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], ctx.vocab,
-                    g_ce[sel], g_sce[sel], g_l1[sel], use_l1, use_sce,
-                ).to(cd)  # fmt: skip
-                dh[sel] = torch.matmul(g, wc).float()
-                if z is not None:
-                    dz[sel] = torch.matmul(g, w2c).float()
-                    dw2.add_(torch.matmul(g.t(), zc[sel]).float())
+        fused, ctx.fused = ctx.fused, None  # used once: a second backward (retain_graph) recomputes
+        scale = _common_scale(fused["weights"], (g_ce, g_sce, g_l1), active) if fused is not None else None
+        if scale is not None:
+            dh, dz, dw2 = (
+                t.mul_(scale) if t is not None else None for t in (fused["dh"], fused["dz"], fused["dw2"])
+            )
+        else:
+            tgt = ctx.lazy_tgt if ctx.lazy_tgt is not None else tgt
+            dh, dz, dw2 = _recompute_grads(
+                ctx, h, z, w2, w, tgt, labels, active, (g_ce, g_sce, g_l1), use_l1, use_sce
+            )
         return (
             dh.to(h.dtype),
             dz.to(z.dtype) if dz is not None and ctx.needs_input_grad[1] else None,
             dw2.to(w2.dtype) if dw2 is not None and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _multiply_out(g, sel, w, z, w2, acc) -> None:
+    """dh[sel] = g W, dz[sel] = g W2, dW2 += gᵀ z[sel] (fp32 accumulators)."""
+    acc["dh"][sel] = torch.matmul(g, w).float()
+    if z is not None:
+        acc["dz"][sel] = torch.matmul(g, w2).float()
+        if g.dtype == torch.float32:
+            acc["dw2"].addmm_(g.t(), z[sel])
+        else:
+            acc["dw2"].add_(torch.matmul(g.t(), z[sel]))
+
+
+def _common_scale(weights: torch.Tensor, grads, active) -> Optional[float]:
+    """The scalar s with grads = s · weights (on the rows that carry weight), or None if there is none."""
+    got = torch.stack(grads)
+    if active is not None:
+        got, weights = got.index_select(1, active), weights.index_select(1, active)
+    norm = float((weights * weights).sum())
+    s = float((got * weights).sum()) / norm if norm > 0 else 0.0
+    err = float((got - s * weights).abs().max()) if got.numel() else 0.0
+    tol = 1e-5 * max(float(got.abs().max()) if got.numel() else 0.0, 1e-30)
+    return s if err <= tol else None
+
+
+def _recompute_grads(ctx, h, z, w2, w, tgt, labels, active, grads, use_l1: bool, use_sce: bool):
+    """The gradients for arbitrary per-row gradients of the terms: each chunk's logits formed again."""
+    g_ce, g_sce, g_l1 = grads
+    cd = ctx.cd
+    hc, wc = h.to(cd), w.to(cd)
+    zc, w2c = (z.to(cd), w2.to(cd)) if z is not None else (None, None)
+    f32 = dict(dtype=torch.float32, device=h.device)
+    acc = {
+        "dh": torch.zeros(h.shape, **f32),
+        "dz": torch.zeros(z.shape, **f32) if z is not None else None,
+        "dw2": torch.zeros(w2.shape, **f32) if z is not None else None,
+    }
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        for sel in _selectors(active, h.shape[0], ctx.chunk_rows):
+            g = row_grad(
+                _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], ctx.vocab,
+                g_ce[sel], g_sce[sel], g_l1[sel], use_l1, use_sce,
+            )  # fmt: skip
+            _multiply_out(g.to(cd), sel, wc, zc, w2c, acc)
+    return acc["dh"], acc["dz"], acc["dw2"]
 
 
 def _selectors(active: Optional[torch.Tensor], n: int, size: int):
@@ -116,14 +222,22 @@ def _selectors(active: Optional[torch.Tensor], n: int, size: int):
     return [active[s : s + size] for s in range(0, active.numel(), size)]
 
 
-def factored_row_stats(f, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab):
-    """:class:`FactoredRowStats` over the rows of a :class:`~deepspec.models.base.HeadFactors`."""
+def factored_row_stats(
+    f, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights=None
+):
+    """:class:`FactoredRowStats` over the rows of a :class:`~deepspec.models.base.HeadFactors`.
+    ``row_weights`` [3, ...] (same rows as ``labels``): see :class:`FactoredRowStats`."""
     h = f.hidden.reshape(-1, f.hidden.shape[-1])
     z = f.markov_z.reshape(-1, f.markov_z.shape[-1]) if f.markov_z is not None else None
     if chunk_rows <= 0:
         v = max(f.lm_head.shape[0], tgt.shape[-1])
         per = HEAD_CHUNK_ELEMENTS.get(h.device.type, HEAD_CHUNK_ELEMENTS["cuda"])
         chunk_rows = max(1, per // v)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (h, z, f.markov_w2)
+    )
+    if row_weights is not None:
+        row_weights = row_weights.reshape(3, -1).detach() if wants_grad else None
     return FactoredRowStats.apply(
-        h, z, f.markov_w2, f.lm_head, tgt, labels, active, chunk_rows, with_soft_ce, vocab
+        h, z, f.markov_w2, f.lm_head, tgt, labels, active, chunk_rows, with_soft_ce, vocab, row_weights
     )

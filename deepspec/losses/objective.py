@@ -119,6 +119,9 @@ def dspark_loss(
             int(getattr(loss_cfg, "chunk_size", 0)),
             with_soft_ce=soft_w != 0,
             draft_ids=draft_ids,
+            # The loss below is Σ w·(ce_weight·ce + soft_w·sce + l1_weight·l1) + (BCE against the detached
+            # c*) over the denominator: the chunked head forms its gradients in the forward from these.
+            row_weights=torch.stack([loss_cfg.ce_weight * w, soft_w * w, loss_cfg.l1_weight * w]),
         )
     else:
         ce, sce, l1 = reference_row_stats(

@@ -248,6 +248,7 @@ def block_row_stats(
     chunk_rows: int = 0,
     with_soft_ce: bool = False,
     draft_ids: Optional[torch.Tensor] = None,
+    row_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [..., d], tgt_logits [..., V], labels [...] (target ids) -> (ce, soft_ce, l1), each [...] fp32.
 
@@ -255,6 +256,9 @@ def block_row_stats(
     ``tgt_logits`` may be a :class:`HeadLogits` (computed per chunk, never stored whole); ``logits``
     may be the drafter's :class:`~deepspec.models.base.HeadFactors` (``loss.chunked_head``).
     ``draft_ids`` [d]: the target id of each draft id when the drafter has a draft vocabulary.
+    ``row_weights`` [3, ...] (optional, constants): the weights of ce, soft_ce and l1 in the loss that
+    will be backpropagated, up to one scalar; the chunked head then forms its gradients in the forward
+    (deepspec/losses/chunked_head.py). Any other use of the terms stays correct, only slower.
     """
     from deepspec.losses.chunked_head import factored_row_stats
     from deepspec.models.base import HeadFactors
@@ -273,7 +277,7 @@ def block_row_stats(
         if not bool(mask.all()):
             active = torch.nonzero(mask).flatten()
     if isinstance(logits, HeadFactors):
-        ce, sce, l1 = factored_row_stats(logits, t, y, active, chunk_rows, with_soft_ce, vocab)
+        ce, sce, l1 = factored_row_stats(logits, t, y, active, chunk_rows, with_soft_ce, vocab, row_weights)
         return ce.view(shape), sce.view(shape), l1.view(shape)
     v = logits.shape[-1]
     z = logits.reshape(-1, v)
