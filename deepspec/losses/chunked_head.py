@@ -25,6 +25,8 @@ gradient from what it received: slower, never wrong.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -32,6 +34,7 @@ import torch
 from deepspec.losses.vocab_terms import (
     HeadLogits,
     Vocab,
+    _for_each,
     _rowdot,
     _rows,
     grad_scales,
@@ -39,10 +42,11 @@ from deepspec.losses.vocab_terms import (
     row_stats,
 )
 
-# Elements per chunk buffer (rows x V) when loss.chunk_size = 0. Each chunk reads the whole output
-# matrices, so bigger chunks run closer to the arithmetic bound; a handful of such buffers is the
-# loss's whole working memory, so smaller ones keep the peak low.
-HEAD_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+# Rows per chunk when loss.chunk_size = 0: this many elements over max(d, V / 2) (a chunk holds ~4
+# buffers of its draft logits' width d and 2 of the target's V). Each chunk reads the whole output
+# matrices, so bigger chunks run closer to the arithmetic bound; on a multi-core CPU one chunk per
+# thread is in flight, and these buffers are the loss's whole working memory.
+HEAD_CHUNK_ELEMENTS = {"cpu": 3 << 20, "cuda": 1 << 26}
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -64,7 +68,7 @@ def fused_chunk(draft_rows, target_rows, lab, vocab: Vocab, with_soft_ce: bool, 
     ``draft_rows()`` / ``target_rows()`` form the chunk's logits: called here, one after the other,
     so that each [c, V] logits buffer is gone once its softmax exists (the working set stays ~4 buffers).
     """
-    p, out = vocab.target_probs(target_rows())
+    p, out = _target_probs(target_rows(), vocab)
     logq = torch.log_softmax(draft_rows(), dim=-1)
     ok = lab >= 0
     idx = lab.clamp(min=0).unsqueeze(1)
@@ -79,7 +83,8 @@ def fused_chunk(draft_rows, target_rows, lab, vocab: Vocab, with_soft_ce: bool, 
     qs = wc + ws * p.sum(-1) if (use_sce and vocab.ids is not None) else wc + ws
     if use_l1:  # q ⊙ (s - <s, q>) · w_l1
         s.sign_()
-        g = s.sub_(_rowdot(s, q).unsqueeze(1)).mul_(q).mul_(wl.unsqueeze(1))
+        sq = _rowdot(s, q).unsqueeze(1)
+        g = s.sub_(sq).mul_(q).mul_(wl.unsqueeze(1))
         g.addcmul_(q, qs.unsqueeze(1))
     else:
         g = s.copy_(q).mul_(qs.unsqueeze(1))
@@ -87,6 +92,16 @@ def fused_chunk(draft_rows, target_rows, lab, vocab: Vocab, with_soft_ce: bool, 
         g.addcmul_(p, ws.unsqueeze(1), value=-1.0)
     g.scatter_add_(1, idx, -wc.unsqueeze(1))
     return ce, sce, l1, g
+
+
+def _target_probs(t: torch.Tensor, vocab: Vocab):
+    """p over the draft vocabulary and the target's mass outside it (None when full), as
+    Vocab.target_probs, without a second [c, V] buffer: for a draft vocabulary only its d columns
+    are exponentiated, and the outside mass is what they leave of 1."""
+    if vocab.ids is None:
+        return torch.softmax(t, dim=-1), None
+    p = t.index_select(1, vocab.ids).sub_(torch.logsumexp(t, dim=-1, keepdim=True)).exp_()
+    return p, (1.0 - p.sum(-1)).clamp_(min=0.0)
 
 
 class FactoredRowStats(torch.autograd.Function):
@@ -118,23 +133,25 @@ class FactoredRowStats(torch.autograd.Function):
                 "dz": torch.zeros(z.shape, **f32) if z is not None else None,
                 "dw2": torch.zeros(w2.shape, **f32) if z is not None else None,
             }
-        with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-            for sel in _selectors(active, n, chunk_rows):
-                if fused is None:
-                    c, s, l_ = row_stats(
-                        _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], vocab, with_soft_ce
-                    )
-                else:
-                    rw = fused["weights"][:, sel]
-                    c, s, l_, g = fused_chunk(
-                        lambda: _logits(hc, wc, zc, w2c, sel), lambda: _rows(tgt, sel),  # noqa: B023
-                        labels[sel], vocab, with_soft_ce, rw[0], rw[1], rw[2], use_l1, use_sce,
-                    )  # fmt: skip
-                    _multiply_out(g.to(cd), sel, wc, zc, w2c, fused)
-                    del g
-                ce[sel], l1[sel] = c, l_
-                if s is not None:
-                    sce[sel] = s
+        lock = threading.Lock()
+
+        def chunk(sel):  # fp32 no-grad; chunks write disjoint rows, dW2 under the lock
+            if fused is None:
+                c, s, l_ = row_stats(
+                    _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], vocab, with_soft_ce
+                )
+            else:
+                rw = fused["weights"][:, sel]
+                c, s, l_, g = fused_chunk(
+                    lambda: _logits(hc, wc, zc, w2c, sel), lambda: _rows(tgt, sel),
+                    labels[sel], vocab, with_soft_ce, rw[0], rw[1], rw[2], use_l1, use_sce,
+                )  # fmt: skip
+                _multiply_out(g.to(cd), sel, wc, zc, w2c, fused, lock)
+            ce[sel], l1[sel] = c, l_
+            if s is not None:
+                sce[sel] = s
+
+        _for_each(chunk, _selectors(active, n, chunk_rows), h.device)
         ctx.lazy_tgt = tgt if isinstance(tgt, HeadLogits) else None
         none = torch.empty(0)
         ctx.save_for_backward(
@@ -171,15 +188,16 @@ class FactoredRowStats(torch.autograd.Function):
         )  # fmt: skip
 
 
-def _multiply_out(g, sel, w, z, w2, acc) -> None:
-    """dh[sel] = g W, dz[sel] = g W2, dW2 += gᵀ z[sel] (fp32 accumulators)."""
+def _multiply_out(g, sel, w, z, w2, acc, lock=None) -> None:
+    """dh[sel] = g W, dz[sel] = g W2, dW2 += gᵀ z[sel] (fp32 accumulators; ``lock`` guards dW2)."""
     acc["dh"][sel] = torch.matmul(g, w).float()
     if z is not None:
         acc["dz"][sel] = torch.matmul(g, w2).float()
-        if g.dtype == torch.float32:
-            acc["dw2"].addmm_(g.t(), z[sel])
-        else:
-            acc["dw2"].add_(torch.matmul(g.t(), z[sel]))
+        with lock if lock is not None else contextlib.nullcontext():
+            if g.dtype == torch.float32:
+                acc["dw2"].addmm_(g.t(), z[sel])
+            else:
+                acc["dw2"].add_(torch.matmul(g.t(), z[sel]))
 
 
 def _common_scale(weights: torch.Tensor, grads, active) -> Optional[float]:
@@ -230,9 +248,9 @@ def factored_row_stats(
     h = f.hidden.reshape(-1, f.hidden.shape[-1])
     z = f.markov_z.reshape(-1, f.markov_z.shape[-1]) if f.markov_z is not None else None
     if chunk_rows <= 0:
-        v = max(f.lm_head.shape[0], tgt.shape[-1])
+        width = max(f.lm_head.shape[0], tgt.shape[-1] // 2)
         per = HEAD_CHUNK_ELEMENTS.get(h.device.type, HEAD_CHUNK_ELEMENTS["cuda"])
-        chunk_rows = max(1, per // v)
+        chunk_rows = max(1, per // width)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, z, f.markov_w2)
     )
