@@ -77,8 +77,9 @@ def parse(argv=None):
         "--variants", default="", help="comma list of step variants (default: " + ",".join(DEFAULT_STEP) + ")"
     )
     ap.add_argument(
-        "--no-equality", action="store_true", help="skip the equality runs (saves 1 step per variant)"
-    )
+        "--equality", choices=("all", "first", "none"), default="all",
+        help="equality runs at every anchor count, the first only, or none (each costs a step per variant)",
+    )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
