@@ -98,7 +98,9 @@ def step_variants(args):
         unknown = [v for v in picked if v not in STEP_VARIANTS]
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(STEP_VARIANTS)}")
-        out = ("reference",) + tuple(v for v in picked if v != "reference")
+        out = tuple(v for v in picked if v != "reference")
+        if "reference" in picked or args.equality != "none":  # the equality runs need it
+            out = ("reference",) + out
     else:
         out = DEFAULT_STEP
     if not args.draft_vocab:
@@ -150,7 +152,7 @@ def run_case(args, scope: str, anchors: int, equality: bool) -> dict:
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "median_cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
         "peak_bytes": {k: m["peak_bytes"] for k, m in mem.items()},
-        "memory_method": mem["reference"]["method"],
+        "memory_method": next(iter(mem.values()))["method"],
     }
     if scope == "step":
         s["head_gflop"] = {v: head_flops(args, v, anchors) / 1e9 for v in variants}

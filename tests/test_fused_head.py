@@ -215,3 +215,37 @@ def test_bf16_autocast():
     torch.testing.assert_close(res["fused"][0], res["fp32"][0], rtol=2e-2, atol=1e-3)
     for a, b in zip(res["fused"][1], res["fp32"][1]):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_greedy_event_taken_in_the_same_pass(pruned, monkeypatch):
+    """The greedy confidence output's target (draft argmax == target argmax) comes out of the chunked
+    head's own pass: no further pass over the logits, the same loss, sums and gradients."""
+    import deepspec.losses.agreement as agreement
+
+    ids, h, w, z, w2, tgt, targets, conf = _inputs(pruned, True, False, seed=5)
+    greedy_conf = torch.randn(B, A, G, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    denom = weighted_valid(targets.valid, 4.0).sum()
+    logits = h @ w.t() + z @ w2.t()
+    with torch.no_grad():  # two blocks where the target agrees with the drafter's argmax
+        agree = torch.full((2, G, V), -30.0).index_copy(-1, ids, logits[0, :2]) if pruned else logits[0, :2]
+        tgt[0, :2] = 1.5 * agree
+    args = (targets, LossConfig(impl="reference", **MIX), denom)
+    ref = dspark_loss(logits, conf, tgt, *args, draft_ids=ids, greedy_confidence_logits=greedy_conf)
+    ref_g = torch.autograd.grad(ref.loss, [h, z, w2, conf, greedy_conf])
+    assert 0 < float(ref.sums["greedy_accept_k"].sum()) < float(targets.valid.sum())  # both outcomes occur
+    orig = agreement.row_argmax
+
+    def only_tensors(x):
+        assert isinstance(x, torch.Tensor), "the chunked head should have taken this argmax"
+        return orig(x)
+
+    monkeypatch.setattr(agreement, "row_argmax", only_tensors)
+    cfg = LossConfig(impl="lean", chunk_size=5, **MIX)
+    got = dspark_loss(HeadFactors(h, w, z, w2), conf, tgt, targets, cfg, denom, ids, greedy_conf)
+    got_g = torch.autograd.grad(got.loss, [h, z, w2, conf, greedy_conf])
+    torch.testing.assert_close(got.loss, ref.loss, rtol=1e-6, atol=1e-7)
+    for k in ref.sums:
+        torch.testing.assert_close(got.sums[k], ref.sums[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

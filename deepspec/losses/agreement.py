@@ -50,11 +50,16 @@ def row_argmax(x) -> torch.Tensor:
     raise TypeError(f"row_argmax: unsupported logits type {type(x).__name__}")
 
 
-def greedy_acceptance(draft_logits, tgt_logits, draft_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+def greedy_acceptance(
+    draft_logits, tgt_logits, draft_ids: Optional[torch.Tensor] = None, known: Optional[dict] = None
+) -> torch.Tensor:
     """[B, A, γ] float: 1 where the drafter's argmax token (mapped to a target id through ``draft_ids``
     when it has a draft vocabulary) is the target's argmax, else 0. This is what the greedy rule
-    accepts at slot k given the teacher-forced slots before it."""
-    d = row_argmax(draft_logits)
+    accepts at slot k given the teacher-forced slots before it. ``known``: argmaxes the loss already
+    took in its pass over the logits ("draft" and "target", [B, A, γ]); the others are computed here."""
+    known = known or {}
+    d = known["draft"] if "draft" in known else row_argmax(draft_logits)
     if draft_ids is not None:
         d = draft_ids.to(d.device)[d]
-    return (d == row_argmax(tgt_logits).to(d.device)).float()
+    t = known["target"] if "target" in known else row_argmax(tgt_logits)
+    return (d == t.to(d.device)).float()

@@ -21,6 +21,9 @@ so every V-wide matmul and softmax runs once. Backward only scales these by the 
 it. If the gradients that reach the terms are not a scalar multiple of ``row_weights`` (another use
 of the per-row terms), or none were given, backward recomputes each chunk's logits and forms the
 gradient from what it received: slower, never wrong.
+
+The same pass takes each row's draft and target argmax when asked (the greedy confidence event), and
+on a multi-core CPU runs one chunk per thread (vocab_terms._for_each), dW2's accumulation under a lock.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def fused_chunk(draft_rows, target_rows, lab, vocab: Vocab, with_soft_ce: bool, 
 
 def _target_probs(t: torch.Tensor, vocab: Vocab):
     """p over the draft vocabulary and the target's mass outside it (None when full), as
-    Vocab.target_probs, without a second [c, V] buffer: for a draft vocabulary only its d columns
+    Vocab.target_probs but cheaper for a draft vocabulary: past the log-sum-exp only its d columns
     are exponentiated, and the outside mass is what they leave of 1."""
     if vocab.ids is None:
         return torch.softmax(t, dim=-1), None
@@ -112,8 +115,9 @@ class FactoredRowStats(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, h, z, w2, w, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights
-    ):
+        ctx, h, z, w2, w, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights,
+        argmax=None,
+    ):  # fmt: skip
         cd = _compute_dtype(h)
         n = h.shape[0]
         ce = torch.zeros(n, dtype=torch.float32, device=h.device)
@@ -134,16 +138,25 @@ class FactoredRowStats(torch.autograd.Function):
                 "dw2": torch.zeros(w2.shape, **f32) if z is not None else None,
             }
         lock = threading.Lock()
+        if argmax is not None:
+            argmax.update(
+                draft=torch.zeros(n, dtype=torch.long, device=h.device),
+                target=torch.zeros_like(ce, dtype=torch.long),
+            )
+
+        def draft_rows(sel):
+            return _noting_argmax(_logits(hc, wc, zc, w2c, sel), sel, argmax, "draft")
+
+        def target_rows(sel):
+            return _noting_argmax(_rows(tgt, sel), sel, argmax, "target")
 
         def chunk(sel):  # fp32 no-grad; chunks write disjoint rows, dW2 under the lock
             if fused is None:
-                c, s, l_ = row_stats(
-                    _logits(hc, wc, zc, w2c, sel), _rows(tgt, sel), labels[sel], vocab, with_soft_ce
-                )
+                c, s, l_ = row_stats(draft_rows(sel), target_rows(sel), labels[sel], vocab, with_soft_ce)
             else:
                 rw = fused["weights"][:, sel]
                 c, s, l_, g = fused_chunk(
-                    lambda: _logits(hc, wc, zc, w2c, sel), lambda: _rows(tgt, sel),
+                    lambda: draft_rows(sel), lambda: target_rows(sel),
                     labels[sel], vocab, with_soft_ce, rw[0], rw[1], rw[2], use_l1, use_sce,
                 )  # fmt: skip
                 _multiply_out(g.to(cd), sel, wc, zc, w2c, fused, lock)
@@ -184,8 +197,15 @@ class FactoredRowStats(torch.autograd.Function):
             dh.to(h.dtype),
             dz.to(z.dtype) if dz is not None and ctx.needs_input_grad[1] else None,
             dw2.to(w2.dtype) if dw2 is not None and ctx.needs_input_grad[2] else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
+
+
+def _noting_argmax(x: torch.Tensor, sel, out: Optional[dict], key: str) -> torch.Tensor:
+    """``x`` (a chunk's logits), its rows' argmax written to ``out[key][sel]`` first when asked."""
+    if out is not None:
+        out[key][sel] = x.argmax(-1)
+    return x
 
 
 def _multiply_out(g, sel, w, z, w2, acc, lock=None) -> None:
@@ -241,10 +261,11 @@ def _selectors(active: Optional[torch.Tensor], n: int, size: int):
 
 
 def factored_row_stats(
-    f, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights=None
+    f, tgt, labels, active, chunk_rows: int, with_soft_ce: bool, vocab: Vocab, row_weights=None, argmax=None
 ):
     """:class:`FactoredRowStats` over the rows of a :class:`~deepspec.models.base.HeadFactors`.
-    ``row_weights`` [3, ...] (same rows as ``labels``): see :class:`FactoredRowStats`."""
+    ``row_weights`` [3, ...] (same rows as ``labels``): see :class:`FactoredRowStats`; ``argmax``:
+    see :func:`~deepspec.losses.vocab_terms.block_row_stats`."""
     h = f.hidden.reshape(-1, f.hidden.shape[-1])
     z = f.markov_z.reshape(-1, f.markov_z.shape[-1]) if f.markov_z is not None else None
     if chunk_rows <= 0:
@@ -257,5 +278,16 @@ def factored_row_stats(
     if row_weights is not None:
         row_weights = row_weights.reshape(3, -1).detach() if wants_grad else None
     return FactoredRowStats.apply(
-        h, z, f.markov_w2, f.lm_head, tgt, labels, active, chunk_rows, with_soft_ce, vocab, row_weights
+        h,
+        z,
+        f.markov_w2,
+        f.lm_head,
+        tgt,
+        labels,
+        active,
+        chunk_rows,
+        with_soft_ce,
+        vocab,
+        row_weights,
+        argmax,
     )

@@ -110,6 +110,8 @@ def dspark_loss(
     soft_w = float(getattr(loss_cfg, "soft_ce_weight", 0.0) or 0.0)
     impl = getattr(loss_cfg, "impl", "lean")
     check_choice("loss.impl", impl, LossImpl)
+    # The chunked head takes both argmaxes (the greedy event below) in its own pass over the logits.
+    argmax = {} if greedy_confidence_logits is not None else None
     if impl == "lean":
         ce, sce, l1 = block_row_stats(
             draft_logits,
@@ -122,6 +124,7 @@ def dspark_loss(
             # The loss below is Σ w·(ce_weight·ce + soft_w·sce + l1_weight·l1) + (BCE against the detached
             # c*) over the denominator: the chunked head forms its gradients in the forward from these.
             row_weights=torch.stack([loss_cfg.ce_weight * w, soft_w * w, loss_cfg.l1_weight * w]),
+            argmax=argmax,
         )
     else:
         ce, sce, l1 = reference_row_stats(
@@ -137,7 +140,7 @@ def dspark_loss(
     terms = {"ce": ce_s, "l1": l1_s, "bce": bce_s, "soft_ce": sce_s}
     greedy = None
     if greedy_confidence_logits is not None:
-        greedy = greedy_acceptance(draft_logits, tgt_logits, draft_ids)  # 0/1, the T = 0 event
+        greedy = greedy_acceptance(draft_logits, tgt_logits, draft_ids, argmax)  # 0/1, the T = 0 event
         bce_g = F.binary_cross_entropy_with_logits(greedy_confidence_logits.float(), greedy, reduction="none")
         terms["bce_greedy"] = (w * bce_g).sum()
     total = mix(terms, loss_cfg)

@@ -249,6 +249,7 @@ def block_row_stats(
     with_soft_ce: bool = False,
     draft_ids: Optional[torch.Tensor] = None,
     row_weights: Optional[torch.Tensor] = None,
+    argmax: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [..., d], tgt_logits [..., V], labels [...] (target ids) -> (ce, soft_ce, l1), each [...] fp32.
 
@@ -259,6 +260,8 @@ def block_row_stats(
     ``row_weights`` [3, ...] (optional, constants): the weights of ce, soft_ce and l1 in the loss that
     will be backpropagated, up to one scalar; the chunked head then forms its gradients in the forward
     (deepspec/losses/chunked_head.py). Any other use of the terms stays correct, only slower.
+    ``argmax`` (a dict, optional): the chunked head puts each row's draft and target argmax there
+    ("draft", "target", [...] long; rows without weight get 0), taken in its pass over the logits.
     """
     from deepspec.losses.chunked_head import factored_row_stats
     from deepspec.models.base import HeadFactors
@@ -277,7 +280,11 @@ def block_row_stats(
         if not bool(mask.all()):
             active = torch.nonzero(mask).flatten()
     if isinstance(logits, HeadFactors):
-        ce, sce, l1 = factored_row_stats(logits, t, y, active, chunk_rows, with_soft_ce, vocab, row_weights)
+        ce, sce, l1 = factored_row_stats(
+            logits, t, y, active, chunk_rows, with_soft_ce, vocab, row_weights, argmax
+        )
+        if argmax is not None:
+            argmax.update({k: v.view(shape) for k, v in argmax.items()})
         return ce.view(shape), sce.view(shape), l1.view(shape)
     v = logits.shape[-1]
     z = logits.reshape(-1, v)
