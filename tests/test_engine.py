@@ -52,6 +52,21 @@ def test_paired_margin_identical_runs_floor_and_consistent_shift():
     assert stats.independent_margin(s_low, s_ref) > paired
 
 
+def test_acceptance_mismatches_count_prompts_and_tolerate_one_near_tie_in_eight():
+    ref = [PC(16, 16, [9, 5, 2]), PC(13, 20, [10, 7, 3]), PC(10, 22, [9, 8, 5])] * 3 + [PC(6, 6, [4, 2, 0])]
+    assert stats.acceptance_mismatches(ref, ref) == 0
+    # The main job's drafter with its layer ids shifted by one: τ barely moves, counts move in 5 of 8.
+    shifted = list(ref)
+    shifted[0], shifted[2], shifted[5] = PC(15, 19, [9, 6, 4]), PC(11, 22, [9, 8, 5]), PC(9, 13, [8, 4, 1])
+    assert stats.acceptance_mismatches(shifted, ref) == 3
+    assert stats.allowed_mismatches(8) == 1 and stats.allowed_mismatches(10) == 1
+    assert stats.allowed_mismatches(16) == 2 and stats.allowed_mismatches(3) == 1
+    one_tie = list(ref)
+    one_tie[1] = PC(13, 21, [10, 7, 4])
+    assert stats.acceptance_mismatches(one_tie, ref) <= stats.allowed_mismatches(len(ref))
+    assert stats.acceptance_mismatches(shifted, ref) > stats.allowed_mismatches(len(ref))
+
+
 def test_serving_settings_and_serve_command():
     cfg = {
         "speculators_model_type": "dspark",

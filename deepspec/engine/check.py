@@ -4,8 +4,9 @@ For each temperature the exported drafter is served by vLLM (its offline engine 
 the vLLM environment, :mod:`deepspec.engine.vllm_worker`) and decoded by deepspec's own chain
 speculative decoding with the drafter as trained. Reported side by side: greedy outputs identical
 (count), τ with a 95 % interval, acceptance per draft position. The check fails when, at T=0, any
-output differs, or, at any temperature, vLLM's τ is below deepspec's by more than the 95 % interval
-of the difference (paired per prompt at T=0, where both sides decode the same tokens; two
+output differs or more than one prompt in eight has other acceptance counts (rounds, accepted
+drafts) than deepspec's, or, at any temperature, vLLM's τ is below deepspec's by more than the 95 %
+interval of the difference (paired per prompt at T=0, where both sides decode the same tokens; two
 independent samples at T>0).
 
 deepspec's side is the reference: the drafter's weights from the export, read with the facts the
@@ -199,6 +200,7 @@ def run_engine_check(
             margin = stats.independent_margin(eng, ref)
         below = bool(eng["tau"] < ref["tau"] - margin)
         identical = sum(a == b for a, b in zip(ref_tokens, eng_tokens))
+        differ = stats.acceptance_mismatches(eng_counts, ref_counts)
         run = {
             "temperature": temp,
             "draft_sample_method": method,
@@ -207,9 +209,12 @@ def run_engine_check(
             "margin95": margin,
             "identical_outputs": identical,
             "acceptance_below_interval": below,
+            "prompts_with_other_acceptance": differ,
             "seconds": {"deepspec": t_ref, "vllm_total": time.monotonic() - t0, **timing},
         }
-        run["ok"] = not below and (temp != 0 or identical == len(prompts))
+        # At T>0 the two sides draw different random numbers: only τ's interval applies.
+        run["acceptance_differs"] = temp == 0 and differ > stats.allowed_mismatches(len(prompts))
+        run["ok"] = not below and (temp != 0 or (identical == len(prompts) and not run["acceptance_differs"]))
         ok &= run["ok"]
         report["runs"].append(run)
         log(render_run(run, len(prompts)))
@@ -259,6 +264,15 @@ def render_run(run: Dict, n: int) -> str:
     ]
     if run["temperature"] == 0:
         lines.append(f"  greedy outputs identical: {run['identical_outputs']}/{n}")
+        if "prompts_with_other_acceptance" in run:
+            lines.append(
+                f"  acceptance per prompt identical: {n - run['prompts_with_other_acceptance']}/{n}"
+                + (
+                    "  (more prompts differ than numerical near-ties explain)"
+                    if run.get("acceptance_differs")
+                    else ""
+                )
+            )
     if run["acceptance_below_interval"]:
         lines.append("  vLLM's acceptance is below deepspec's beyond the 95 % interval")
     return "\n".join(lines)
