@@ -200,6 +200,8 @@ def test_engine_check_passes_and_planted_faults_fail(vllm_python, engine_run, tm
     t0, t1 = good["runs"]
     assert good["ok"], json.dumps(good["runs"], indent=1)
     assert t0["identical_outputs"] == len(prompts)
+    # Served as trained, vLLM proposes deepspec's drafts: every prompt's acceptance counts agree.
+    assert t0["prompts_with_other_acceptance"] == 0 and not t0["acceptance_differs"]
     assert abs(t0["vllm"]["tau"] - t0["deepspec"]["tau"]) <= t0["margin95"]
     assert t0["deepspec"]["tau"] > 1.3, "the test drafter must accept drafts for the faults to show"
     assert t1["draft_sample_method"] == "probabilistic" and t1["temperature"] == 1.0
@@ -224,6 +226,7 @@ def test_engine_check_passes_and_planted_faults_fail(vllm_python, engine_run, tm
         shifted, target, prompts, stops, temperatures=(0.0,), work_dir=tmp_path / "s", **kw
     )
     assert not bad["ok"] and bad["runs"][0]["acceptance_below_interval"], json.dumps(bad["runs"], indent=1)
+    assert bad["runs"][0]["acceptance_differs"]  # 7 of 8 prompts' counts moved (docs/engine.md)
 
     flipped = _planted(export, tmp_path / "flipped", sample_from_anchor=lambda v: not v)
     bad = run_engine_check(
