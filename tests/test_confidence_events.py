@@ -18,6 +18,7 @@ from deepspec.data.anchors import block_targets
 from deepspec.eval.calibration import survival_estimates
 from deepspec.eval.pipeline import save_sts, sts_to_store
 from deepspec.eval.scheduler import schedule, verify_len_for
+from deepspec.exporting.io import EXTRA_WEIGHTS_NAME, WEIGHTS_NAME, tensor_header
 from deepspec.exporting.native import load_native, save_native
 from deepspec.exporting.writer import export_drafter, load_export
 from deepspec.losses import HeadLogits, dspark_loss
@@ -134,6 +135,12 @@ def test_sts_per_temperature_round_trip_through_export(target, tmp_path, fmt):
     out = export_drafter(d, tmp_path / fmt, fmt, "float32")  # the checker compares both outputs
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["sts_by_temperature"] == {"0.0": FIT0, "1.0": FIT1} and cfg["greedy_confidence"] is True
+    # vLLM refuses tensor names it does not know in a top-level *.safetensors: the greedy output
+    # lives in the deepspec-only file of a subfolder.
+    main, extra = tensor_header(out / WEIGHTS_NAME), tensor_header(out / EXTRA_WEIGHTS_NAME)
+    assert not any("greedy_proj" in k for k in main) and "confidence_head.proj.weight" in main
+    assert sorted(extra) == ["confidence_head.greedy_proj.bias", "confidence_head.greedy_proj.weight"]
+    assert [p.name for p in out.glob("*.safetensors")] == [WEIGHTS_NAME]
     back = load_export(out)
     c = back.config
     assert c.greedy_confidence and c.sts_by_temperature == {"0.0": FIT0, "1.0": FIT1}
@@ -148,6 +155,14 @@ def test_sts_per_temperature_round_trip_through_export(target, tmp_path, fmt):
     # include_sts=false drops every fit
     bare = export_drafter(d, tmp_path / f"{fmt}-bare", fmt, "float32", include_sts=False)
     assert "sts_by_temperature" not in json.loads((bare / "config.json").read_text())
+
+
+def test_native_folder_keeps_the_greedy_output_out_of_model_safetensors(target, tmp_path):
+    d = tiny_drafter(target).eval()
+    folder = save_native(d, tmp_path / "drafter", dtype="float32")
+    assert not any("greedy_proj" in k for k in tensor_header(folder / WEIGHTS_NAME))
+    back = load_native(folder)
+    torch.testing.assert_close(back.confidence_head.greedy_proj.weight, d.confidence_head.greedy_proj.weight)
 
 
 def test_evaluator_stores_a_fit_per_temperature(target, tmp_path):
@@ -192,12 +207,7 @@ def test_single_output_drafter_loads_onto_the_sampling_output(target, tmp_path):
     cfg.pop("greedy_confidence")
     cfg["sts_temperatures"] = FIT1
     (folder / "config.json").write_text(json.dumps(cfg))
-    from safetensors.torch import load_file, save_file
-
-    state = {
-        k: v for k, v in load_file(str(folder / "model.safetensors")).items() if ".greedy_proj." not in k
-    }
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / EXTRA_WEIGHTS_NAME).unlink()  # the greedy tensors' only home
 
     old = load_native(folder)
     assert not old.config.greedy_confidence and old.confidence_head.greedy_proj is None

@@ -285,6 +285,7 @@ def test_output_folder_rules(targets, tmp_path):
     export_drafter(d, out, "native", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json",
+        "deepspec",  # extra.safetensors: the greedy confidence output, deepspec-only
         "deepspec_export.json",
         "model.safetensors",
     ]

@@ -196,7 +196,13 @@ def test_push_records_repo_private_revision_files(hub, run_dir, tmp_path, capsys
     commits = hub.files["alice/tiny-dspark"]
     assert [c["revision"] for c in commits] == ["v1"] and commits[0]["header"]["summary"] == "first drafter"
     uploaded = commits[0]["files"]
-    assert set(uploaded) == {"README.md", "config.json", "model.safetensors", "deepspec_export.json"}
+    assert set(uploaded) == {
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "deepspec/extra.safetensors",  # the greedy confidence output travels with the export
+        "deepspec_export.json",
+    }
     assert uploaded["config.json"] == (out / "config.json").read_bytes()
     assert uploaded["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert "2.500" in uploaded["README.md"].decode()  # the card carries the run's τ
@@ -284,6 +290,10 @@ def test_push_script(hub, run_dir, capsys):
     assert mod.main([str(run_dir / "drafter"), "--repo-id", "bob/native", "--dry-run"]) == 0
     assert hub.requests == [] and "repo_id: bob/native" in capsys.readouterr().out
     assert mod.main([str(run_dir / "drafter"), "--repo-id", "bob/native", "--revision", "exp"]) == 0
-    assert set(hub.files["bob/native"][0]["files"]) == {"config.json", "model.safetensors"}
+    assert set(hub.files["bob/native"][0]["files"]) == {
+        "config.json",
+        "model.safetensors",
+        "deepspec/extra.safetensors",
+    }
     assert hub.files["bob/native"][0]["revision"] == "exp"
     assert mod.main([str(run_dir / "drafter"), "--repo-id", "not valid"]) == 1

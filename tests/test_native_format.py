@@ -31,8 +31,9 @@ HEAD_TENSORS = {
 }
 COMMON = ["embed_tokens.weight", "lm_head.weight", "fc.weight", "hidden_norm.weight", "norm.weight"]
 COMMON += ["confidence_head.proj.weight", "confidence_head.proj.bias"]
-# The greedy-acceptance output (docs/method.md, Confidence head); older drafters have proj only.
-COMMON += ["confidence_head.greedy_proj.weight", "confidence_head.greedy_proj.bias"]
+# The greedy-acceptance output (docs/method.md, Confidence head) is deepspec's own: it is kept out of
+# model.safetensors (DeepSpec's and vLLM's loaders refuse unknown names), in deepspec/extra.safetensors.
+EXTRA = ["confidence_head.greedy_proj.weight", "confidence_head.greedy_proj.bias"]
 
 
 def layer_tensors(family: str, i: int):
@@ -103,6 +104,7 @@ def test_native_tensor_names_and_keys_are_deepspecs(targets, family, head, tmp_p
     names = set(load_file(str(out / "model.safetensors")))
     golden = set(COMMON + HEAD_TENSORS[head] + layer_tensors(family, 0) + layer_tensors(family, 1))
     assert names == golden
+    assert set(load_file(str(out / "deepspec" / "extra.safetensors"))) == set(EXTRA)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [ARCH[family]]
     for k in DEEPSPEC_KEYS + (GEMMA4_TEXT_KEYS if family == "gemma4" else []):

@@ -14,7 +14,14 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from deepspec.exporting.formats import EMBED_KEYS, SAMPLE_FROM_ANCHOR, config_from_export, detect_format
-from deepspec.exporting.io import CONFIG_NAME, WEIGHTS_NAME, ExportInputError, read_json, tensor_header
+from deepspec.exporting.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ExportInputError,
+    read_json,
+    tensor_header,
+    weights_header,
+)
 from deepspec.exporting.target_info import TargetInfo, as_target
 from deepspec.exporting.writer import SIDECAR_NAME, drafter_outputs, load_export, probe_ids, tolerance
 from deepspec.models import Drafter, build_drafter
@@ -303,7 +310,7 @@ def _check_rope(rep, c, tgt: TargetInfo) -> None:
 def _check_tensors(rep, raw, c, sidecar) -> None:
     wpath = rep.path / WEIGHTS_NAME
     try:
-        header = tensor_header(rep.root / WEIGHTS_NAME)
+        header = weights_header(rep.root)
     except ExportInputError as e:
         rep.errors.append(str(e).replace(str(rep.root), str(rep.path)))
         return

@@ -25,6 +25,31 @@ log = logging.getLogger("deepspec")
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+# Tensors only deepspec reads (the greedy confidence output, docs/export.md): serving engines load
+# every top-level *.safetensors file and refuse tensor names they do not know (vLLM's DSpark model
+# does), so these go into a subfolder, which engines do not read.
+EXTRA_WEIGHTS_NAME = "deepspec/extra.safetensors"
+EXTRA_PREFIXES = ("confidence_head.greedy_proj.",)
+
+
+def split_extra(tensors: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(tensors for model.safetensors, deepspec-only tensors for EXTRA_WEIGHTS_NAME)."""
+    main = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIXES)}
+    return main, {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
+
+
+def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    """A drafter folder's tensors: model.safetensors plus the deepspec-only file when present."""
+    state = read_tensors(Path(folder) / WEIGHTS_NAME)
+    extra = Path(folder) / EXTRA_WEIGHTS_NAME
+    return {**state, **read_tensors(extra)} if extra.is_file() else state
+
+
+def weights_header(folder: Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """:func:`tensor_header` over both files of a drafter folder."""
+    header = tensor_header(Path(folder) / WEIGHTS_NAME)
+    extra = Path(folder) / EXTRA_WEIGHTS_NAME
+    return {**header, **tensor_header(extra)} if extra.is_file() else header
 
 
 class ExportInputError(ValueError):

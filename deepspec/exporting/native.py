@@ -185,8 +185,14 @@ def save_native(drafter: Drafter, out_dir: str | os.PathLike, dtype: str = "bflo
         raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from deepspec.exporting.io import EXTRA_WEIGHTS_NAME, split_extra
+
     tensors = {k: export_tensor(v, DTYPES[dtype]) for k, v in drafter.state_dict().items()}
+    tensors, extra = split_extra(tensors)
     atomic.write_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
+    if extra:
+        (out / EXTRA_WEIGHTS_NAME).parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_tensors(out / EXTRA_WEIGHTS_NAME, extra, metadata={"format": "pt"})
     atomic.write_json(out / "config.json", native_config(drafter.config, dtype), sort_keys=True)
     return out
 
@@ -200,12 +206,12 @@ def load_native(
             raise FileNotFoundError(
                 f"{p / name} not found: not a native drafter folder (DSpark, DFlash or EAGLE-3)"
             )
-    from deepspec.exporting.io import read_json, read_tensors
+    from deepspec.exporting.io import read_json, read_weights
 
     # Both readers name the file when it is truncated or damaged (not a bare JSON / safetensors error).
     cfg = config_from_native(read_json(p / "config.json"))
     drafter = build_drafter(cfg)
-    state = read_tensors(p / "model.safetensors")
+    state = read_weights(p)
     missing, unexpected = drafter.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

@@ -24,12 +24,14 @@ from deepspec.exporting.formats import (
 )
 from deepspec.exporting.io import (
     CONFIG_NAME,
+    EXTRA_WEIGHTS_NAME,
     WEIGHTS_NAME,
     ExportInputError,
     check_output_dir,
     clean_leftovers,
     read_json,
-    read_tensors,
+    read_weights,
+    split_extra,
 )
 from deepspec.exporting.native import DTYPES, check_drafter_maps, export_tensor
 from deepspec.models import Drafter, build_drafter
@@ -153,7 +155,11 @@ def export_drafter(
     }
     clean_leftovers(out.resolve())  # what a killed export of this folder left next to it
     with atomic.staged_dir(out.resolve(), fault="export") as stage:
+        tensors, extra = split_extra(tensors)
         atomic.write_tensors(stage / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        if extra:
+            (stage / EXTRA_WEIGHTS_NAME).parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_tensors(stage / EXTRA_WEIGHTS_NAME, extra, metadata={"format": "pt"})
         atomic.write_json(stage / CONFIG_NAME, config, sort_keys=True)
         atomic.write_json(stage / SIDECAR_NAME, sidecar, sort_keys=True)
         for name, content in (extra_files or {}).items():
@@ -184,7 +190,7 @@ def load_export(
     """Load a native, speculators or z-lab DFlash folder. Omitted embedding/lm_head come from the target."""
     p = Path(path)
     c, _ = read_export_config(p)
-    state = read_tensors(p / WEIGHTS_NAME)
+    state = read_weights(p)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in build_drafter(c).state_dict().items()}
     if (
