@@ -99,3 +99,16 @@ def qwen3_drafter(qwen3_target):
     from tiny_models import tiny_drafter
 
     return tiny_drafter(qwen3_target)
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    """The vLLM environment's python, made once (scripts/make_vllm_env.sh) for every engine test."""
+    import time
+
+    from deepspec.engine.vllm_env import find_vllm_python
+
+    t = time.monotonic()
+    python = find_vllm_python(setup=True)
+    print(f"vLLM environment: {python} ({time.monotonic() - t:.0f} s)")
+    return python

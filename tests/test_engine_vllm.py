@@ -34,16 +34,6 @@ NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def vllm_python():
-    from deepspec.engine.vllm_env import find_vllm_python
-
-    t = time.monotonic()
-    python = find_vllm_python(setup=True)
-    print(f"vLLM environment: {python} ({time.monotonic() - t:.0f} s)")
-    return python
-
-
-@pytest.fixture(scope="module")
 def engine_run(tmp_path_factory):
     """(run dir, target dir, prompts, stop ids) of a drafter trained on a vLLM-compatible micro target."""
     from omegaconf import OmegaConf

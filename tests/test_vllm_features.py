@@ -228,16 +228,6 @@ def test_hung_vllm_is_stopped_by_process_group(word_target, tmp_path):
 # ----------------------------------------------------------------------------- through vLLM (slow)
 
 
-@pytest.fixture(scope="module")
-def vllm_python():
-    from deepspec.engine.vllm_env import find_vllm_python
-
-    t = time.monotonic()
-    python = find_vllm_python(setup=True)
-    print(f"vLLM environment: {python} ({time.monotonic() - t:.0f} s)")
-    return python
-
-
 @pytest.mark.slow
 def test_vllm_cache_equals_hf_cache(vllm_python, word_target, tmp_path, monkeypatch):
     from deepspec.data.cache import CacheReader, target_config_hash, target_fingerprint
