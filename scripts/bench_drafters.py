@@ -298,7 +298,9 @@ def tau_table(runs) -> List[str]:
         for name, by_seed in by_name.items():
             seeds = sorted(by_seed)
             any_run = by_seed[seeds[0]]
-            train_s = sum(by_seed[s]["train_time_s"] for s in seeds) / len(seeds)
+            # a run resumed only to evaluate again records no training time
+            times = [by_seed[s]["train_time_s"] for s in seeds if by_seed[s]["train_time_s"] is not None]
+            train_s = f"{sum(times) / len(times):.0f}" if times else "-"
             for temp in any_run["temperatures"]:
                 ms = [by_seed[s]["temperatures"][temp] for s in seeds]
                 iv = tau_iv(by_seed, temp)
@@ -311,7 +313,7 @@ def tau_table(runs) -> List[str]:
                 )
                 rows.append(
                     f"| {gamma} | {name} | {float(temp):g} | {iv.fmt()} | {iv.seeds} × {iv.prompts} | {acc:.3f} | "
-                    f"{same} | {draft_ms:.1f} | {any_run['trainable_params']:,} | {train_s:.0f} |"
+                    f"{same} | {draft_ms:.1f} | {any_run['trainable_params']:,} | {train_s} |"
                 )
     return rows
 

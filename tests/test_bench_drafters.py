@@ -254,6 +254,8 @@ def test_report_only_tables_the_finished_runs_and_lists_the_rest(tmp_path, monke
     for seed, gamma, name, d, _ in jobs:
         if not (seed == 1 and name == "EAGLE-3-1L"):
             write_run(d, name, gamma, seed)
+    # a run resumed only to evaluate again records no training time
+    (jobs[0][3] / "train_summary.json").write_text(json.dumps({"train_steps": 300, "train_time_s": None}))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("--report-only trained a run"))
     rep = bench.main(argv + ["--report-only"])
     assert rep["missing_runs"] == ["EAGLE-3-1L γ=7 seed 1"]
@@ -263,5 +265,7 @@ def test_report_only_tables_the_finished_runs_and_lists_the_rest(tmp_path, monke
     md = (tmp_path / "bench_drafters.md").read_text()
     assert "| 7 | EAGLE-3-1L | 1 |" in md and f"| 1 × {PROMPTS} |" in md
     assert "Not run, so absent from the tables: EAGLE-3-1L γ=7 seed 1." in md
+    dspark = next(x for x in md.splitlines() if x.startswith("| 7 | DSpark-2L | 0 |"))
+    assert dspark.endswith("| 1,000 | 101 |")  # the mean of the one recorded training time (seed 1)
     with pytest.raises(SystemExit, match="no finished run"):
         bench.main(["--seeds", "1", "--out", str(tmp_path / "empty"), "--report-only"])
