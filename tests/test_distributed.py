@@ -26,8 +26,12 @@ pytestmark = pytest.mark.slow
 # Global batch 8 = 2 ranks x 2 micro x 2 accumulation (1 x 2 x 4 on one process). No clipping, so the
 # AdamW moments after step 1 are the (scaled) gradient itself and any normalisation error shows; they
 # must agree to 1e-5 of each tensor's scale. Weights get AdamW's m/(sqrt(v)+eps) update, which amplifies
-# float noise on entries whose gradient is near eps (~1e-8), so they are compared to 1e-3 x lr.
-WEIGHT_ATOL = 1e-6  # the tiny recipe's lr is 1e-3
+# float noise on entries whose gradient is near eps (~1e-8), so they are compared to 1e-2 x lr.
+WEIGHT_ATOL = 1e-5  # the tiny recipe's lr is 1e-3
+# Gradients are sums in a different order on 2 ranks: a tensor whose entries are tiny next to the terms
+# they cancel from (the Markov head's W2, zero-initialised, ~2e-5 after a step) carries ~1e-9 of absolute
+# float noise, which is not a normalisation error (that would be a relative error of order 1).
+MOMENT_ATOL = 1e-8
 SPLIT = [
     "train.global_batch_size=8",
     "train.micro_batch_size=2",
@@ -99,6 +103,7 @@ def test_two_processes_equal_one_process(run_name, engine, reference, request):
             ckpt(reference, step) / "optimizer.safetensors",
             exact=False,
             rel=1e-5,
+            atol=MOMENT_ATOL,
         )
     # Step 3 had a NaN loss: skipped, so weights and moments are those of step 2, bit for bit.
     for f in ("model.safetensors", "optimizer.safetensors"):
@@ -109,7 +114,9 @@ def test_two_processes_equal_one_process(run_name, engine, reference, request):
     # The exported drafter (native format, bf16) holds the final trainable weights gathered from the engine.
     from safetensors.torch import load_file
 
-    exported = load_file(str(out / "drafter" / "model.safetensors"))
+    from deepspec.exporting.io import read_weights
+
+    exported = read_weights(out / "drafter")
     for k, v in load_file(str(ckpt(out, 3) / "model.safetensors")).items():
         assert torch.equal(exported[k], v.to(exported[k].dtype)), k
     # The metrics of a two-process run cover both ranks' tokens and the loss of the global batch.
@@ -138,6 +145,7 @@ def test_two_process_checkpoint_resumes_on_one_process(zero2_run, reference, tin
         ckpt(reference, 2) / "optimizer.safetensors",
         exact=False,
         rel=1e-5,
+        atol=MOMENT_ATOL,
     )
     assert json.loads((out / "train_summary.json").read_text())["resumed_from_step"] == 1
 
@@ -167,6 +175,7 @@ def test_zero3_resumes_a_zero2_checkpoint_and_matches(zero2_run, reference, tiny
         ckpt(reference, 2) / "optimizer.safetensors",
         exact=False,
         rel=1e-5,
+        atol=MOMENT_ATOL,
     )
 
 

@@ -387,8 +387,11 @@ def test_native_bf16_export(tmp_path):
     target = tiny_target("qwen3", layers=8)
     d = tiny_drafter(target, markov="vanilla", block_size=5, rank=16)
     path = save_native(d, tmp_path / "bf16")
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
-    tensors = load_file(str(path / "model.safetensors"))
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "deepspec", "model.safetensors"]
+    tensors = {
+        **load_file(str(path / "model.safetensors")),
+        **load_file(str(path / "deepspec" / "extra.safetensors")),
+    }
     assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
     sd = d.state_dict()
     assert set(tensors) == set(sd)

@@ -56,7 +56,12 @@ def test_train_killed_at_a_write_point_then_rerun(fault, reference, tiny_cache, 
     r = launch(micro_overrides(tiny_cache, out) + RUN, env={"DEEPSPEC_FAULTS": fault})
     assert r.returncode == -signal.SIGKILL, tail(r)
     train_here(micro_overrides(tiny_cache, out) + RUN)
-    for f in ("drafter/model.safetensors", "export/speculators/model.safetensors"):
+    for f in (
+        "drafter/model.safetensors",
+        "drafter/deepspec/extra.safetensors",
+        "export/speculators/model.safetensors",
+        "export/speculators/deepspec/extra.safetensors",
+    ):
         assert_same_tensors(out / f, reference / f, exact=True)
     assert (out / "export/speculators/config.json").read_text() == (
         reference / "export/speculators/config.json"
