@@ -90,14 +90,19 @@ def test_export_killed_then_rerun(fault, reference, tmp_path):
     env.pop("DEEPSPEC_FAULTS", None)
     first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    before = {p.name: p.read_bytes() for p in exp.iterdir()}
+    before = _tree(exp)
     killed = subprocess.run(args, env={**env, "DEEPSPEC_FAULTS": fault}, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
     assert _leftovers(tmp_path) != []  # the kill left its temporary folder
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert {p.name: p.read_bytes() for p in exp.iterdir()} == before
+    assert _tree(exp) == before
     assert _leftovers(tmp_path) == []
+
+
+def _tree(d: Path) -> dict:
+    """Every file below ``d`` (the export's subfolder for deepspec-only weights included), by path."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def _snapshot(d: Path) -> dict:
