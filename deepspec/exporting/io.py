@@ -38,6 +38,18 @@ def split_extra(tensors: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]
     return main, {k: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIXES)}
 
 
+def write_weights(folder: Path, tensors: Dict[str, Any]) -> None:
+    """Write a drafter folder's tensors: model.safetensors, plus the deepspec-only file when any
+    tensor belongs there (each file atomically)."""
+    from deepspec import atomic
+
+    main, extra = split_extra(tensors)
+    atomic.write_tensors(Path(folder) / WEIGHTS_NAME, main, metadata={"format": "pt"})
+    if extra:
+        (Path(folder) / EXTRA_WEIGHTS_NAME).parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_tensors(Path(folder) / EXTRA_WEIGHTS_NAME, extra, metadata={"format": "pt"})
+
+
 def read_weights(folder: Path) -> Dict[str, torch.Tensor]:
     """A drafter folder's tensors: model.safetensors plus the deepspec-only file when present."""
     state = read_tensors(Path(folder) / WEIGHTS_NAME)

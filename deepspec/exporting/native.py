@@ -185,14 +185,9 @@ def save_native(drafter: Drafter, out_dir: str | os.PathLike, dtype: str = "bflo
         raise ValueError(f"export dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from deepspec.exporting.io import EXTRA_WEIGHTS_NAME, split_extra
+    from deepspec.exporting.io import write_weights
 
-    tensors = {k: export_tensor(v, DTYPES[dtype]) for k, v in drafter.state_dict().items()}
-    tensors, extra = split_extra(tensors)
-    atomic.write_tensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
-    if extra:
-        (out / EXTRA_WEIGHTS_NAME).parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_tensors(out / EXTRA_WEIGHTS_NAME, extra, metadata={"format": "pt"})
+    write_weights(out, {k: export_tensor(v, DTYPES[dtype]) for k, v in drafter.state_dict().items()})
     atomic.write_json(out / "config.json", native_config(drafter.config, dtype), sort_keys=True)
     return out
 

@@ -24,14 +24,13 @@ from deepspec.exporting.formats import (
 )
 from deepspec.exporting.io import (
     CONFIG_NAME,
-    EXTRA_WEIGHTS_NAME,
     WEIGHTS_NAME,
     ExportInputError,
     check_output_dir,
     clean_leftovers,
     read_json,
     read_weights,
-    split_extra,
+    write_weights,
 )
 from deepspec.exporting.native import DTYPES, check_drafter_maps, export_tensor
 from deepspec.models import Drafter, build_drafter
@@ -155,11 +154,7 @@ def export_drafter(
     }
     clean_leftovers(out.resolve())  # what a killed export of this folder left next to it
     with atomic.staged_dir(out.resolve(), fault="export") as stage:
-        tensors, extra = split_extra(tensors)
-        atomic.write_tensors(stage / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        if extra:
-            (stage / EXTRA_WEIGHTS_NAME).parent.mkdir(parents=True, exist_ok=True)
-            atomic.write_tensors(stage / EXTRA_WEIGHTS_NAME, extra, metadata={"format": "pt"})
+        write_weights(stage, tensors)
         atomic.write_json(stage / CONFIG_NAME, config, sort_keys=True)
         atomic.write_json(stage / SIDECAR_NAME, sidecar, sort_keys=True)
         for name, content in (extra_files or {}).items():
