@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import tiny_models
+import torch
 
 V = 128
 MASK = V - 1
@@ -19,3 +20,9 @@ tiny_drafter = partial(tiny_models.tiny_drafter, mask=MASK, num_target_features=
 def save_target(target, path: Path) -> Path:
     target.save_pretrained(str(path))
     return path
+
+
+def random_features(d, n: int = 6, seed: int = 0):
+    """Seeded stand-in target features [1, n, num_features x target_hidden] for drafter ``d``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, n, d.config.num_features * d.config.target_hidden_size, generator=g)

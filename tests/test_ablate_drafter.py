@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_fixtures import tiny_drafter, tiny_target
+from export_fixtures import random_features, tiny_drafter, tiny_target
 
 from deepspec.exporting.native import load_native, save_native
 from deepspec.models import base, eagle3, parallel
@@ -23,11 +23,6 @@ def target():
     return tiny_target()
 
 
-def _features(d, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, n, d.config.num_features * d.config.target_hidden_size, generator=g)
-
-
 def test_zero_markov_copy_zeroes_only_the_output_factor(target, tmp_path):
     src = save_native(tiny_drafter(target, w1_scale=0.1), tmp_path / "src", dtype="float32")
     before = (src / "model.safetensors").read_bytes()
@@ -39,7 +34,7 @@ def test_zero_markov_copy_zeroes_only_the_output_factor(target, tmp_path):
     a, b = orig.state_dict(), zeroed.state_dict()
     assert [k for k in a if not torch.equal(a[k], b[k])] == ["markov_head.markov_w2.weight"]
     # The bias was doing something: the same forced block gets other draft distributions without it.
-    feats = _features(orig)
+    feats = random_features(orig)
     forced = torch.tensor([5, 6, 7, 8])
     assert not torch.equal(
         orig.draft(feats, 4, 1.0, forced_tokens=forced).probs,
@@ -57,7 +52,7 @@ def test_draft_temperature_patch_changes_the_draft_side_only(target, monkeypatch
     for mod in (parallel, eagle3):
         monkeypatch.setattr(mod, "distribution", mod.distribution)  # restored after the test
     d = tiny_drafter(target)
-    feats = _features(d)
+    feats = random_features(d)
     greedy = d.draft(feats, 4, 0.0)
     ablate.patch_draft_temperature(0.0)
     logits = torch.tensor([[0.1, 2.0, -1.0]])

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from export_fixtures import tiny_drafter, tiny_target
+from export_fixtures import random_features, tiny_drafter, tiny_target
 
 from deepspec.config import LossConfig
 from deepspec.data.anchors import block_targets
@@ -103,11 +103,6 @@ def target():
     return tiny_target()
 
 
-def _features(d, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, n, d.config.num_features * d.config.target_hidden_size, generator=g)
-
-
 def test_draft_carries_the_output_of_its_temperature(target):
     d = tiny_drafter(target).eval()
     assert d.config.greedy_confidence and d.confidence_head.greedy_proj is not None
@@ -115,7 +110,7 @@ def test_draft_carries_the_output_of_its_temperature(target):
     with torch.no_grad():  # the greedy output = the sampling output + 3
         head.greedy_proj.weight.copy_(head.proj.weight)
         head.greedy_proj.bias.copy_(head.proj.bias + 3.0)
-    feats = _features(d)
+    feats = random_features(d)
     forced = torch.tensor([5, 6, 7, 8])  # same tokens at both temperatures: same Markov features
     greedy = d.draft(feats, 4, 0.0, forced_tokens=forced)
     sampling = d.draft(feats, 4, 1.0, generator=torch.Generator().manual_seed(0), forced_tokens=forced)
@@ -147,7 +142,7 @@ def test_sts_per_temperature_round_trip_through_export(target, tmp_path, fmt):
     assert c.sts_for(0.0) == FIT0 and c.sts_for(1.0) == FIT1
     assert c.sts_for(0.7) == FIT1  # nearest fit at T > 0: the same (sampling) output
     # The reloaded greedy output is the trained one.
-    feats, forced = _features(d), torch.tensor([1, 2, 3, 4])
+    feats, forced = random_features(d), torch.tensor([1, 2, 3, 4])
     torch.testing.assert_close(
         back.draft(feats, 4, 0.0, forced_tokens=forced).confidence_logits,
         d.draft(feats, 4, 0.0, forced_tokens=forced).confidence_logits,
@@ -211,7 +206,7 @@ def test_single_output_drafter_loads_onto_the_sampling_output(target, tmp_path):
 
     old = load_native(folder)
     assert not old.config.greedy_confidence and old.confidence_head.greedy_proj is None
-    feats, forced = _features(d), torch.tensor([1, 2, 3, 4])
+    feats, forced = random_features(d), torch.tensor([1, 2, 3, 4])
     at0 = old.draft(feats, 4, 0.0, forced_tokens=forced)
     assert at0.confidence_event == "sampling"
     torch.testing.assert_close(
@@ -236,7 +231,7 @@ def test_scheduler_reads_the_output_and_fit_of_the_run_temperature(target):
     def sps(b):  # a step costs 1 + b/4 time units: verifying is worth it only for likely drafts
         return 1.0 / (1.0 + b / 4.0)
 
-    feats, forced = _features(d), torch.tensor([1, 2, 3, 4])
+    feats, forced = random_features(d), torch.tensor([1, 2, 3, 4])
     for temp, fit in ((0.0, FIT0), (1.0, FIT1)):
         f = verify_len_for(d.config, temp, sps)
         assert f.sts_temperatures == fit
