@@ -18,7 +18,9 @@ _spec.loader.exec_module(cov)
 
 
 def test_perfect_tau_counts_the_bonus_token_and_stops_at_the_sequence_end():
-    assert cov.perfect_tau(torch.ones(100), 7) == pytest.approx((93 * 8 + sum(range(1, 8))) / 100)
+    assert cov.perfect_tau(torch.ones(100), 7) == pytest.approx(
+        (94 * 8 + sum(range(2, 8))) / 100
+    )  # the last 6 positions: τ = 7 … 2
     # every slot passes with probability c: τ = Σ_{k=0..γ} c^k far from the end
     c = 0.8
     long = torch.full((10_000,), c)
