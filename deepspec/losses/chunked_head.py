@@ -46,10 +46,14 @@ from deepspec.losses.vocab_terms import (
 )
 
 # Rows per chunk when loss.chunk_size = 0: this many elements over max(d, V / 2) (a chunk holds ~4
-# buffers of its draft logits' width d and 2 of the target's V). Each chunk reads the whole output
-# matrices, so bigger chunks run closer to the arithmetic bound; on a multi-core CPU one chunk per
-# thread is in flight, and these buffers are the loss's whole working memory.
+# buffers of its draft logits' width d and 2 of the target's V), and at least 1/HEAD_MAX_CHUNKS of
+# the rows. Each chunk reads the whole output matrices, so bigger chunks run closer to the arithmetic
+# bound; on a multi-core CPU one chunk per thread is in flight, and these buffers are the loss's whole
+# working memory. The floor keeps small batches lean; the chunk cap keeps large ones from re-reading
+# the matrices a hundred times (docs/benchmarks.md, section 2: at 1,792 rows of a 151,936 vocabulary,
+# 20-row chunks took x1.24 the time of lean_lazy, 112-row chunks x0.90, at x0.35 its memory).
 HEAD_CHUNK_ELEMENTS = {"cpu": 3 << 20, "cuda": 1 << 26}
+HEAD_MAX_CHUNKS = 16
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -271,7 +275,7 @@ def factored_row_stats(
     if chunk_rows <= 0:
         width = max(f.lm_head.shape[0], tgt.shape[-1] // 2)
         per = HEAD_CHUNK_ELEMENTS.get(h.device.type, HEAD_CHUNK_ELEMENTS["cuda"])
-        chunk_rows = max(1, per // width)
+        chunk_rows = max(1, per // width, -(-h.shape[0] // HEAD_MAX_CHUNKS))
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (h, z, f.markov_w2)
     )
