@@ -27,3 +27,13 @@ def hydra_entry(config_name: str):
 
     register_configs()
     return hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+
+
+def split_overrides(argv=None):
+    """``(script arguments, Hydra overrides)``: a benchmark script's own options come before ``--``,
+    the overrides it passes on to every run after it (``argv`` None = the command line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1 :]

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
+from deepspec.entrypoint import split_overrides  # noqa: E402
+
 
 def drafter_folder(path: Path) -> Path:
     """A run folder's drafter/ or a drafter folder itself."""
@@ -66,11 +68,7 @@ def patch_draft_temperature(t: float) -> None:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    rest = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, rest = argv[:i], argv[i + 1 :]
+    argv, rest = split_overrides(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("drafter", type=Path)
     ap.add_argument("out", type=Path)

@@ -33,17 +33,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from deepspec import atomic
+from deepspec.entrypoint import split_overrides
 from deepspec.eval.drafter_bench import DRAFTERS, drafter_spec, load_run, report
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv: Optional[List[str]] = None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: List[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1 :]
+    argv, overrides = split_overrides(argv)
     ap = argparse.ArgumentParser(description="Train and evaluate drafters side by side over seeds.")
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (training seed and prompt sample)")
     ap.add_argument("--gammas", default="7,15", help="block sizes; the first is the main table's")

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from deepspec import atomic  # noqa: E402
+from deepspec.entrypoint import split_overrides  # noqa: E402
 
 
 def compose(overrides: List[str]):
@@ -62,11 +63,7 @@ def perfect_tau(mass: torch.Tensor, gamma: int) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides: List[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1 :]
+    argv, overrides = split_overrides(argv)
     ap = argparse.ArgumentParser(description="Target mass inside a pruned draft vocabulary.")
     ap.add_argument("--sizes", default="512,1024,2048", help="draft vocabulary sizes d")
     ap.add_argument("--gammas", default="7,15", help="block sizes for the perfect-drafter τ ratio")
