@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     from transformers import AutoModelForCausalLM
 
     from deepspec.data.chat import template_kwargs_of
-    from deepspec.models.vocab import always_kept_ids, answer_token_counts, select_draft_ids
+    from deepspec.models.vocab import always_kept_ids, answer_token_counts, maps_from_ids, select_draft_ids
     from deepspec.target.loading import open_target
     from deepspec.training.setup import load_records, tokenize_records, train_examples
 
@@ -89,7 +89,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     vocab = int(info.config["vocab_size"])
     counts = answer_token_counts(examples, vocab)
     keep = always_kept_ids(info.tokenizer, info.config, info.tokenizer.mask_token_id)
-    draft_sets = {d: select_draft_ids(counts, d, keep) for d in sizes}
+    # d -> t2d, bool [V]: the target tokens of that draft vocabulary
+    inside_of = {d: maps_from_ids(select_draft_ids(counts, d, keep), vocab)[1] for d in sizes}
 
     heldout = tokenize_records(
         splits["heldout"][: args.sequences],
@@ -113,9 +114,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             labels = ids[0, 1:][pred]
             top = probs.argmax(-1)
             positions += labels.numel()
-            for d, dids in draft_sets.items():
-                inside = torch.zeros(vocab, dtype=torch.bool)
-                inside[dids] = True
+            for d, inside in inside_of.items():
                 masses[d].append(probs[:, inside].sum(-1))
                 in_argmax[d] += int(inside[top].sum())
                 label_in[d] += int(inside[labels].sum())
