@@ -37,3 +37,20 @@ def split_overrides(argv=None):
         return argv, []
     i = argv.index("--")
     return argv[:i], argv[i + 1 :]
+
+
+def compose_config(overrides, config_name: str = "train"):
+    """The validated config a script's runs will see: ``configs/<config_name>.yaml`` with the Hydra
+    ``overrides`` (``recipe=tiny`` unless one is given), outside any Hydra app."""
+    from hydra import compose, initialize_config_dir
+
+    from deepspec.config import register_configs, validate
+
+    register_configs()
+    overrides = list(overrides)
+    if not any(o.startswith("recipe=") for o in overrides):
+        overrides = ["recipe=tiny", *overrides]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    validate(cfg)
+    return cfg

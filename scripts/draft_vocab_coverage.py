@@ -30,23 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from deepspec import atomic  # noqa: E402
-from deepspec.entrypoint import split_overrides  # noqa: E402
-
-
-def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from deepspec.config import register_configs, validate
-    from deepspec.entrypoint import CONFIG_DIR
-
-    register_configs()
-    if not any(o.startswith("recipe=") for o in overrides):
-        overrides = ["recipe=tiny", *overrides]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=overrides)
-    validate(cfg)
-    return cfg
+from deepspec.entrypoint import compose_config, split_overrides  # noqa: E402
 
 
 def perfect_tau(mass: torch.Tensor, gamma: int) -> float:
@@ -82,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     from deepspec.target.loading import open_target
     from deepspec.training.setup import load_records, tokenize_records, train_examples
 
-    cfg = compose(overrides)
+    cfg = compose_config(overrides)
     info = open_target(cfg)
     splits = load_records(cfg)
     examples = train_examples(cfg, info.tokenizer, splits["train"])
