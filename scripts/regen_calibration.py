@@ -15,13 +15,16 @@ a rerun resumes; ``--reuse`` is implied):
    answers can be trained on together.
 2. ``regen_t0.jsonl`` (greedy) and ``regen_t1.jsonl`` (pure sampling: T = 1, top-p 1, top-k off),
    written by ``deepspec/regenerate.py``.
-3. Four drafters, each ``recipe=tiny`` with its 300 steps: ``corpus`` (the recipe's own data, as the
-   README's main job), ``regen-t0``, ``regen-t1`` and ``regen-mix`` (both answer sets).
+3. A drafter per training data set, each ``recipe=tiny`` with its 300 steps: ``corpus`` (the recipe's
+   own data, as the README's main job), ``regen-t0``, ``regen-t1`` and ``regen-mix`` (both answer
+   sets); ``--models`` adds other drafters (EAGLE-3-1L, DFlash-2L, ... as in bench_drafters.py) on
+   the same data, in folders named ``<data>+<drafter>``.
 4. Each evaluated by ``deepspec/evaluate.py`` on the same ``--eval-prompts`` held-out prompts at
    T = 0 and T = 1 (STS fitted on half the prompts, scored on the other half).
 5. ``regen_calibration.{json,md}``: τ with a 95 % interval over prompts, τ over the corpus drafter's
    (paired by prompt), and per slot the ECE after STS, its floor and the AUC, against the goal
-   ECE ≤ 1.5 % and AUC > 0.6 at every slot.
+   ECE ≤ 1.5 % and AUC > 0.6 at every slot; and the recipe's DSpark-2L over each other drafter
+   trained on the same data.
 
 Arguments after ``--`` are Hydra overrides given to every stage (``recipe=tiny`` unless given).
 """
@@ -43,6 +46,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 from deepspec import atomic  # noqa: E402
 from deepspec.entrypoint import compose_config, split_overrides  # noqa: E402
 from deepspec.eval import intervals  # noqa: E402
+from deepspec.eval.drafter_bench import DRAFTERS as MODELS  # noqa: E402
 
 TEMPS = ("0.0", "1.0")
 # How each answer set is sampled: greedy, and the target's plain distribution (what T = 1 decoding verifies against).
@@ -50,7 +54,14 @@ REGEN = {
     "t0": ["regen.sampling.temperature=0"],
     "t1": ["regen.sampling.temperature=1.0", "regen.sampling.top_p=1.0", "regen.sampling.top_k=0"],
 }
-DRAFTERS = {"corpus": [], "regen-t0": ["t0"], "regen-t1": ["t1"], "regen-mix": ["t0", "t1"]}
+DATA = {"corpus": [], "regen-t0": ["t0"], "regen-t1": ["t1"], "regen-mix": ["t0", "t1"]}  # name: answer sets
+MAIN_MODEL = "DSpark-2L"  # the recipe's drafter; the others are compared with it on the same data
+
+
+def run_name(data: str, model: str) -> str:
+    return data if model == MAIN_MODEL else f"{data}+{model}"
+
+
 ECE_GOAL, AUC_GOAL = 0.015, 0.6
 
 
@@ -96,13 +107,15 @@ def run_stages(args, overrides: List[str]) -> None:
                    f"regen.output={answers}", f"regen.max_new_tokens={args.max_new_tokens}", f"regen.batch_size={args.regen_batch}", "regen.resume=true",
                    *REGEN[key]]  # fmt: skip
             _run(cmd, out / f"regen_{key}.log", args.threads)
-    for name, keys in DRAFTERS.items():
+    for data_name, model in [(d, m) for m in args.model_list for d in args.data_list]:
+        keys, name = DATA[data_name], run_name(data_name, model)
+        group, layers = MODELS[model]
         run = out / name
         if not (run / "train_summary.json").is_file():
-            data = []
+            data = [f"model={group}", f"model.num_layers={layers}"]
             if keys:
                 paths = ",".join(str(out / f"regen_{k}.jsonl") for k in keys)
-                data = ["data.source=chat", f"data.path='{paths}'", "data.heldout_fraction=0.02"]
+                data += ["data.source=chat", f"data.path='{paths}'", "data.heldout_fraction=0.02"]
             cmd = [py, str(ROOT / "deepspec/train.py"), *overrides, *data, f"train.output_dir={run}",
                    f"train.seed={args.seed}", "eval.enabled=false", "train.progress_bar=false"]  # fmt: skip
             _run(cmd, out / f"train_{name}.log", args.threads)
@@ -148,30 +161,45 @@ def goal_note(r: Dict) -> str:
 
 
 def report(out: Path) -> Dict:
-    runs: Dict[str, Dict[str, Dict]] = {}
-    for name in DRAFTERS:
-        for t in TEMPS:
-            ev = out / f"eval_{name}_T{t}"
-            if (ev / "eval.json").is_file():
-                runs.setdefault(name, {})[t] = load_eval(ev, t)
+    runs: Dict[str, Dict[str, Dict]] = {}  # run name -> temperature -> evaluation
+    for data_name in DATA:
+        for model in MODELS:
+            for t in TEMPS:
+                ev = out / f"eval_{run_name(data_name, model)}_T{t}"
+                if (ev / "eval.json").is_file():
+                    runs.setdefault(run_name(data_name, model), {})[t] = load_eval(ev, t) | {
+                        "data": data_name,
+                        "model": model,
+                    }
     if "corpus" not in runs:
         raise SystemExit(
             f"{out}: no evaluated corpus drafter (eval_corpus_T*/eval.json); run the stages first"
         )
+
+    def ratio(a: Optional[Dict], b: Optional[Dict]) -> Optional[Dict]:
+        return (
+            None
+            if a is None or b is None
+            else intervals.tau_ratio_interval([a["counts"]], [b["counts"]]).to_dict()
+        )
+
     rows = []
     for name, by_t in runs.items():
         for t, r in sorted(by_t.items()):
-            base = runs["corpus"].get(t)
-            ratio = None
-            if name != "corpus" and base is not None:
-                ratio = intervals.tau_ratio_interval([r["counts"]], [base["counts"]]).to_dict()
+            corpus = runs.get(run_name("corpus", r["model"]), {}).get(t) if r["data"] != "corpus" else None
             rows.append(
                 {"drafter": name, "temperature": float(t), "tau_interval": intervals.tau_interval([r["counts"]]).to_dict(),
-                 "tau_over_corpus": ratio, "goal": goal_note(r), **{k: v for k, v in r.items() if k != "counts"}}
+                 "tau_over_corpus": ratio(r, corpus), "goal": goal_note(r), **{k: v for k, v in r.items() if k != "counts"}}
             )  # fmt: skip
-    result = {"out": str(out), "ece_goal": ECE_GOAL, "auc_goal": AUC_GOAL, "rows": rows}
+    versus = [
+        {"data": r["data"], "temperature": float(t), "pair": f"{MAIN_MODEL} / {r['model']}",
+         "ratio": ratio(runs.get(r["data"], {}).get(t), r)}
+        for name, by_t in runs.items() for t, r in sorted(by_t.items())
+        if r["model"] != MAIN_MODEL and runs.get(r["data"], {}).get(t) is not None
+    ]  # fmt: skip
+    result = {"out": str(out), "ece_goal": ECE_GOAL, "auc_goal": AUC_GOAL, "rows": rows, "versus": versus}
     atomic.write_json(out / "regen_calibration.json", result, indent=1)
-    atomic.write_text(out / "regen_calibration.md", "\n".join(table(rows)) + "\n")
+    atomic.write_text(out / "regen_calibration.md", "\n".join(table(rows) + versus_table(versus)) + "\n")
     return result
 
 
@@ -196,6 +224,26 @@ def table(rows: List[Dict]) -> List[str]:
     return lines
 
 
+def versus_table(versus: List[Dict]) -> List[str]:
+    """The recipe's drafter against the other drafters trained on the same data (paired by prompt)."""
+    if not versus:
+        return []
+    lines = [
+        "",
+        "| training data | T | τ ratio | value [95 %] | verdict |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for v in versus:
+        iv, (a, b) = v["ratio"], v["pair"].split(" / ")
+        verdict = (
+            "within noise"
+            if iv["low"] <= 1 <= iv["high"]
+            else (f"{a} beats {b}" if iv["low"] > 1 else f"{b} beats {a}")
+        )
+        lines.append(f"| {v['data']} | {v['temperature']:g} | {v['pair']} | {_iv(iv)} | {verdict} |")
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     argv, overrides = split_overrides(argv)
     ap = argparse.ArgumentParser(
@@ -211,9 +259,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--regen-batch", type=int, default=32, help="prompts per regeneration call")
     ap.add_argument("--seed", type=int, default=0, help="prompt sample, training and decoding seed")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of every stage")
+    ap.add_argument("--data", default=",".join(DATA), help=f"training data sets, of {','.join(DATA)}")
+    ap.add_argument("--models", default=MAIN_MODEL, help=f"drafters trained on each, of {','.join(MODELS)}")
     ap.add_argument("--report-only", action="store_true", help="only tabulate the folders already in --out")
     ap.add_argument("--out", default="outputs/regen_calibration")
     args = ap.parse_args(argv)
+    args.data_list = [d for d in args.data.split(",") if d]
+    args.model_list = [m for m in args.models.split(",") if m]
+    for what, names, known in (("--data", args.data_list, DATA), ("--models", args.model_list, MODELS)):
+        if not names or any(n not in known for n in names):
+            ap.error(f"{what} {','.join(names)!r}: expected a comma list of {', '.join(known)}")
     if not any(o.startswith("recipe=") for o in overrides):
         overrides = ["recipe=tiny", *overrides]
     if not args.report_only:

@@ -98,6 +98,7 @@ def test_report_pairs_each_drafter_with_the_corpus_one_and_checks_the_goal(tmp_p
     assert regen["goal"] == "met at every slot"
     assert corpus["goal"] == "ECE misses at slot 1: 10.00 %, 2: 2.00 %"
     assert rows[("regen-t0", 1.0)]["goal"] == "AUC misses at slot 2: 0.600"  # the goal is AUC > 0.6
+    assert result["versus"] == []  # one drafter only
     md = (tmp_path / "regen_calibration.md").read_text()
     assert "| regen-t0 | 0 | 3.167 [" in md and "| 1.2 0.9 |" in md
     assert json.loads((tmp_path / "regen_calibration.json").read_text())["rows"] == result["rows"]
@@ -135,6 +136,7 @@ def test_stages_run_in_order_and_a_rerun_skips_what_is_done(corpus, tmp_path, mo
     ns = SimpleNamespace(
         out=str(out), prompts=12, eval_prompts=5, seed=3, max_new_tokens=64, regen_batch=4, threads=1
     )
+    ns.data_list, ns.model_list = list(rc.DATA), ["DSpark-2L"]
     rc.run_stages(ns, ["recipe=tiny"])
     scripts = [Path(c[0]).name for c in ran]
     assert scripts == ["regenerate.py"] * 2 + ["train.py", "evaluate.py", "evaluate.py"] * 4
@@ -154,3 +156,24 @@ def test_stages_run_in_order_and_a_rerun_skips_what_is_done(corpus, tmp_path, mo
     ran.clear()
     rc.run_stages(ns, ["recipe=tiny"])
     assert ran == []  # everything was there
+    ns.data_list, ns.model_list = ["regen-mix"], ["EAGLE-3-1L"]
+    rc.run_stages(ns, ["recipe=tiny"])
+    assert [Path(c[0]).name for c in ran] == ["train.py", "evaluate.py", "evaluate.py"]
+    assert "model=eagle3" in ran[0] and "model.num_layers=1" in ran[0]
+    assert f"train.output_dir={out / 'regen-mix+EAGLE-3-1L'}" in ran[0]
+    assert f"eval.drafter={out / 'regen-mix+EAGLE-3-1L'}" in ran[1]
+
+
+def test_report_compares_the_recipe_drafter_with_others_on_the_same_data(tmp_path):
+    _eval_dir(tmp_path, "corpus", "0.0", [[1, 1], [2, 0], [1, 2]], ece=[0.01], auc=[0.8])
+    _eval_dir(tmp_path, "corpus+EAGLE-3-1L", "0.0", [[2, 2], [3, 1], [2, 3]], ece=[0.01], auc=[0.8])
+    _eval_dir(tmp_path, "regen-mix+DFlash-2L", "0.0", [[0, 0], [1, 0], [0, 1]], ece=[0.01], auc=[0.8])
+    result = rc.report(tmp_path)
+    (v,) = result["versus"]  # DFlash-2L has no DSpark-2L run on its data to pair with
+    assert (v["data"], v["temperature"], v["pair"]) == ("corpus", 0.0, "DSpark-2L / EAGLE-3-1L")
+    assert v["ratio"]["value"] == pytest.approx((1 + 7 / 6) / (1 + 13 / 6))
+    rows = {r["drafter"]: r for r in result["rows"]}
+    assert rows["corpus+EAGLE-3-1L"]["tau_over_corpus"] is None  # its own data is the corpus
+    assert rows["regen-mix+DFlash-2L"]["tau_over_corpus"] is None  # no corpus-trained DFlash-2L
+    md = (tmp_path / "regen_calibration.md").read_text()
+    assert "| corpus | 0 | DSpark-2L / EAGLE-3-1L |" in md
