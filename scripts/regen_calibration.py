@@ -134,13 +134,13 @@ def load_eval(ev: Path, temp: str) -> Dict:
     e = json.loads((ev / "eval.json").read_text())
     m = e["datasets"]["tiny"]["temperatures"][temp]
     recs = [json.loads(x) for x in (ev / "rounds.jsonl").read_text().splitlines() if x.strip()]
-    c = m["confidence"]
+    c = m.get("confidence") or {"before": [], "after": []}  # none: the drafter has no confidence head
     return {
         "tau": m["tau"],
         "counts": intervals.prompt_counts(recs, float(temp), num_prompts=m["num_prompts"]),
-        "event": c["event"],
-        "scored_rounds": c["evaluation_rounds"],
-        "sts_temperatures": c["sts_temperatures"],
+        "event": c.get("event"),
+        "scored_rounds": c.get("evaluation_rounds"),
+        "sts_temperatures": c.get("sts_temperatures"),
         "ece_raw": [s["ece"] for s in c["before"]],
         "ece": [s["ece"] for s in c["after"]],
         "ece_floor": [s["ece_floor"] for s in c["after"]],
@@ -150,6 +150,8 @@ def load_eval(ev: Path, temp: str) -> Dict:
 
 
 def goal_note(r: Dict) -> str:
+    if not r["ece"]:
+        return "no confidence head"
     ece_miss = [f"{k + 1}: {e * 100:.2f} %" for k, e in enumerate(r["ece"]) if e > ECE_GOAL]
     auc_miss = [f"{k + 1}: {a:.3f}" for k, a in enumerate(r["auc"]) if a is None or a <= AUC_GOAL]
     if not ece_miss and not auc_miss:
@@ -208,13 +210,13 @@ def _iv(d: Optional[Dict]) -> str:
 
 
 def table(rows: List[Dict]) -> List[str]:
-    pct = lambda xs: " ".join(f"{x * 100:.1f}" for x in xs)  # noqa: E731
+    pct = lambda xs: " ".join(f"{x * 100:.1f}" for x in xs) or "-"  # noqa: E731
     lines = [
         "| training data | T | τ [95 %] | τ / corpus [95 %] | ECE after STS %, slot 1..γ | ECE floor % | AUC, slot 1..γ | goal (ECE ≤ 1.5 %, AUC > 0.6) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        auc = " ".join("-" if a is None else f"{a:.2f}" for a in r["auc"])
+        auc = " ".join("-" if a is None else f"{a:.2f}" for a in r["auc"]) or "-"
         lines.append(
             f"| {r['drafter']} | {r['temperature']:g} | {_iv(r['tau_interval'])} | {_iv(r['tau_over_corpus'])} "
             f"| {pct(r['ece'])} | {pct(r['ece_floor'])} | {auc} | {r['goal']} |"

@@ -73,7 +73,7 @@ def _eval_dir(root: Path, name: str, temp: str, per_prompt, ece, auc):
         "before": [_slot(e + 0.01, x) for e, x in zip(ece, auc)],
         "after": [_slot(e, x) for e, x in zip(ece, auc)],
     }
-    m = {"tau": 1 + a / n, "num_prompts": len(per_prompt), "confidence": conf}
+    m = {"tau": 1 + a / n, "num_prompts": len(per_prompt), "confidence": conf if ece else None}
     (d / "eval.json").write_text(json.dumps({"datasets": {"tiny": {"temperatures": {temp: m}}}}))
     (d / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
 
@@ -167,7 +167,7 @@ def test_stages_run_in_order_and_a_rerun_skips_what_is_done(corpus, tmp_path, mo
 def test_report_compares_the_recipe_drafter_with_others_on_the_same_data(tmp_path):
     _eval_dir(tmp_path, "corpus", "0.0", [[1, 1], [2, 0], [1, 2]], ece=[0.01], auc=[0.8])
     _eval_dir(tmp_path, "corpus+EAGLE-3-1L", "0.0", [[2, 2], [3, 1], [2, 3]], ece=[0.01], auc=[0.8])
-    _eval_dir(tmp_path, "regen-mix+DFlash-2L", "0.0", [[0, 0], [1, 0], [0, 1]], ece=[0.01], auc=[0.8])
+    _eval_dir(tmp_path, "regen-mix+DFlash-2L", "0.0", [[0, 0], [1, 0], [0, 1]], ece=[], auc=[])
     result = rc.report(tmp_path)
     (v,) = result["versus"]  # DFlash-2L has no DSpark-2L run on its data to pair with
     assert (v["data"], v["temperature"], v["pair"]) == ("corpus", 0.0, "DSpark-2L / EAGLE-3-1L")
@@ -177,3 +177,5 @@ def test_report_compares_the_recipe_drafter_with_others_on_the_same_data(tmp_pat
     assert rows["regen-mix+DFlash-2L"]["tau_over_corpus"] is None  # no corpus-trained DFlash-2L
     md = (tmp_path / "regen_calibration.md").read_text()
     assert "| corpus | 0 | DSpark-2L / EAGLE-3-1L |" in md
+    assert rows["regen-mix+DFlash-2L"]["goal"] == "no confidence head"  # DFlash has none
+    assert "| regen-mix+DFlash-2L | 0 | 1.333 [" in md and "| - | - | - | no confidence head |" in md
