@@ -56,22 +56,18 @@ REGEN = {
 }
 DATA = {"corpus": [], "regen-t0": ["t0"], "regen-t1": ["t1"], "regen-mix": ["t0", "t1"]}  # name: answer sets
 MAIN_MODEL = "DSpark-2L"  # the recipe's drafter; the others are compared with it on the same data
+ECE_GOAL, AUC_GOAL = 0.015, 0.6
 
 
 def run_name(data: str, model: str) -> str:
     return data if model == MAIN_MODEL else f"{data}+{model}"
 
 
-ECE_GOAL, AUC_GOAL = 0.015, 0.6
-
-
-def write_prompts(tiny_cfg, n: int, seed: int, path: Path, id_suffix: str = "") -> int:
-    """``n`` training conversations of the embedded target's chat data (a seeded sample), one per line."""
-    from deepspec.data.tiny_chat import tiny_chat_splits
-
-    train = tiny_chat_splits(tiny_cfg)["train"]
-    random.Random(seed).shuffle(train)
-    lines = [json.dumps({"id": r["id"] + id_suffix, "messages": r["messages"]}) for r in train[:n]]
+def write_prompts(train: List[Dict], n: int, seed: int, path: Path, id_suffix: str = "") -> int:
+    """``n`` of the ``train`` conversations (a sample drawn with ``seed``), one per line."""
+    sample = list(train)  # shuffled as a copy: the caller writes several files from one list
+    random.Random(seed).shuffle(sample)
+    lines = [json.dumps({"id": r["id"] + id_suffix, "messages": r["messages"]}) for r in sample[:n]]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return len(lines)
 
@@ -91,16 +87,15 @@ def _run(cmd: List[str], log: Path, threads: int) -> None:
 def run_stages(args, overrides: List[str]) -> None:
     out, py = Path(args.out), sys.executable
     out.mkdir(parents=True, exist_ok=True)
+    train: Optional[List[Dict]] = None  # the embedded target's training conversations, cut once
     for key in REGEN:
         prompts, answers = out / f"prompts_{key}.jsonl", out / f"regen_{key}.jsonl"
         if not prompts.is_file():
-            n = write_prompts(
-                compose_config(overrides).target.tiny,
-                args.prompts,
-                args.seed,
-                prompts,
-                f"@{key}" * (key != "t0"),
-            )
+            if train is None:
+                from deepspec.data.tiny_chat import tiny_chat_splits
+
+                train = tiny_chat_splits(compose_config(overrides).target.tiny)["train"]
+            n = write_prompts(train, args.prompts, args.seed, prompts, f"@{key}" * (key != "t0"))
             print(f"{prompts}: {n} prompts", flush=True)
         if not (out / f"regen_{key}.meta.json").is_file():
             cmd = [py, str(ROOT / "deepspec/regenerate.py"), *overrides, f"regen.input={prompts}",

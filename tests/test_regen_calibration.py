@@ -38,9 +38,10 @@ def test_prompts_are_a_seeded_sample_of_the_training_split(corpus, tmp_path):
     train_ids = {r["id"] for r in splits["train"]}
     heldout_ids = {r["id"] for r in splits["heldout"]}
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
-    assert rc.write_prompts(corpus, 20, 0, a) == 20
-    rc.write_prompts(corpus, 20, 0, b, id_suffix="@t1")
-    rc.write_prompts(corpus, 20, 1, c)
+    train = splits["train"]
+    assert rc.write_prompts(train, 20, 0, a) == 20
+    rc.write_prompts(train, 20, 0, b, id_suffix="@t1")  # the same list again: the same sample
+    rc.write_prompts(train, 20, 1, c)
     ra = [json.loads(x) for x in a.read_text().splitlines()]
     rb = [json.loads(x) for x in b.read_text().splitlines()]
     ids = [r["id"] for r in ra]
@@ -49,7 +50,7 @@ def test_prompts_are_a_seeded_sample_of_the_training_split(corpus, tmp_path):
     assert [r["messages"] for r in rb] == [r["messages"] for r in ra]
     assert all(r["messages"][0]["role"] == "user" for r in ra)
     assert ids != [json.loads(x)["id"] for x in c.read_text().splitlines()]  # the seed draws the sample
-    assert rc.write_prompts(corpus, 10**6, 0, a) == len(train_ids)  # asking for more takes them all
+    assert rc.write_prompts(train, 10**6, 0, a) == len(train_ids)  # asking for more takes them all
 
 
 def _slot(ece, auc, observed=0.5):
@@ -152,7 +153,10 @@ def test_stages_run_in_order_and_a_rerun_skips_what_is_done(corpus, tmp_path, mo
         "eval.temperatures=[0.0]",
         "eval.temperatures=[1.0]",
     }
-    assert len((out / "prompts_t1.jsonl").read_text().splitlines()) == 12
+    t0, t1 = (
+        [json.loads(x) for x in (out / f"prompts_{k}.jsonl").read_text().splitlines()] for k in ("t0", "t1")
+    )
+    assert len(t1) == 12 and [r["id"] + "@t1" for r in t0] == [r["id"] for r in t1]  # one sample, both files
     ran.clear()
     rc.run_stages(ns, ["recipe=tiny"])
     assert ran == []  # everything was there
