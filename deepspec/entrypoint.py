@@ -39,6 +39,13 @@ def split_overrides(argv=None):
     return argv[:i], argv[i + 1 :]
 
 
+def with_default_recipe(overrides):
+    """``overrides`` as a list, led by ``recipe=tiny`` unless they name a recipe: a script's runs
+    default to the embedded target, as the README's main job does."""
+    overrides = list(overrides)
+    return overrides if any(o.startswith("recipe=") for o in overrides) else ["recipe=tiny", *overrides]
+
+
 def compose_config(overrides, config_name: str = "train"):
     """The validated config a script's runs will see: ``configs/<config_name>.yaml`` with the Hydra
     ``overrides`` (``recipe=tiny`` unless one is given), outside any Hydra app."""
@@ -47,10 +54,7 @@ def compose_config(overrides, config_name: str = "train"):
     from deepspec.config import register_configs, validate
 
     register_configs()
-    overrides = list(overrides)
-    if not any(o.startswith("recipe=") for o in overrides):
-        overrides = ["recipe=tiny", *overrides]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=overrides)
+        cfg = compose(config_name, overrides=with_default_recipe(overrides))
     validate(cfg)
     return cfg

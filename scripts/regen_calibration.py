@@ -44,9 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled
 
 from deepspec import atomic  # noqa: E402
-from deepspec.entrypoint import compose_config, split_overrides  # noqa: E402
+from deepspec.entrypoint import compose_config, split_overrides, with_default_recipe  # noqa: E402
 from deepspec.eval import intervals  # noqa: E402
 from deepspec.eval.drafter_bench import DRAFTERS as MODELS  # noqa: E402
+from deepspec.eval.drafter_bench import interval_text, verdict  # noqa: E402
 
 TEMPS = ("0.0", "1.0")
 # How each answer set is sampled: greedy, and the target's plain distribution (what T = 1 decoding verifies against).
@@ -173,12 +174,11 @@ def report(out: Path) -> Dict:
             f"{out}: no evaluated corpus drafter (eval_corpus_T*/eval.json); run the stages first"
         )
 
-    def ratio(a: Optional[Dict], b: Optional[Dict]) -> Optional[Dict]:
-        return (
-            None
-            if a is None or b is None
-            else intervals.tau_ratio_interval([a["counts"]], [b["counts"]]).to_dict()
-        )
+    def ratio(a: Optional[Dict], b: Optional[Dict]) -> Optional[intervals.Interval]:
+        return None if a is None or b is None else intervals.tau_ratio_interval([a["counts"]], [b["counts"]])
+
+    def as_dict(iv: Optional[intervals.Interval]) -> Optional[Dict]:
+        return None if iv is None else iv.to_dict()
 
     rows = []
     for name, by_t in runs.items():
@@ -186,14 +186,16 @@ def report(out: Path) -> Dict:
             corpus = runs.get(run_name("corpus", r["model"]), {}).get(t) if r["data"] != "corpus" else None
             rows.append(
                 {"drafter": name, "temperature": float(t), "tau_interval": intervals.tau_interval([r["counts"]]).to_dict(),
-                 "tau_over_corpus": ratio(r, corpus), "goal": goal_note(r), **{k: v for k, v in r.items() if k != "counts"}}
+                 "tau_over_corpus": as_dict(ratio(r, corpus)), "goal": goal_note(r), **{k: v for k, v in r.items() if k != "counts"}}
             )  # fmt: skip
-    versus = [
-        {"data": r["data"], "temperature": float(t), "pair": f"{MAIN_MODEL} / {r['model']}",
-         "ratio": ratio(runs.get(r["data"], {}).get(t), r)}
-        for name, by_t in runs.items() for t, r in sorted(by_t.items())
-        if r["model"] != MAIN_MODEL and runs.get(r["data"], {}).get(t) is not None
-    ]  # fmt: skip
+    versus = []
+    for by_t in runs.values():
+        for t, r in sorted(by_t.items()):
+            main_run = runs.get(run_name(r["data"], MAIN_MODEL), {}).get(t)
+            if r["model"] != MAIN_MODEL and main_run is not None:
+                iv = ratio(main_run, r)
+                versus.append({"data": r["data"], "temperature": float(t), "pair": f"{MAIN_MODEL} / {r['model']}",
+                               "ratio": iv.to_dict(), "verdict": verdict(MAIN_MODEL, r["model"], iv)})  # fmt: skip
     result = {"out": str(out), "ece_goal": ECE_GOAL, "auc_goal": AUC_GOAL, "rows": rows, "versus": versus}
     atomic.write_json(out / "regen_calibration.json", result, indent=1)
     atomic.write_text(out / "regen_calibration.md", "\n".join(table(rows) + versus_table(versus)) + "\n")
@@ -201,7 +203,7 @@ def report(out: Path) -> Dict:
 
 
 def _iv(d: Optional[Dict]) -> str:
-    return "-" if d is None else f"{d['value']:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+    return "-" if d is None else interval_text(d)
 
 
 def table(rows: List[Dict]) -> List[str]:
@@ -231,13 +233,9 @@ def versus_table(versus: List[Dict]) -> List[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     for v in versus:
-        iv, (a, b) = v["ratio"], v["pair"].split(" / ")
-        verdict = (
-            "within noise"
-            if iv["low"] <= 1 <= iv["high"]
-            else (f"{a} beats {b}" if iv["low"] > 1 else f"{b} beats {a}")
+        lines.append(
+            f"| {v['data']} | {v['temperature']:g} | {v['pair']} | {_iv(v['ratio'])} | {v['verdict']} |"
         )
-        lines.append(f"| {v['data']} | {v['temperature']:g} | {v['pair']} | {_iv(iv)} | {verdict} |")
     return lines
 
 
@@ -266,10 +264,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for what, names, known in (("--data", args.data_list, DATA), ("--models", args.model_list, MODELS)):
         if not names or any(n not in known for n in names):
             ap.error(f"{what} {','.join(names)!r}: expected a comma list of {', '.join(known)}")
-    if not any(o.startswith("recipe=") for o in overrides):
-        overrides = ["recipe=tiny", *overrides]
     if not args.report_only:
-        run_stages(args, overrides)
+        run_stages(args, with_default_recipe(overrides))
     result = report(Path(args.out))
     print((Path(args.out) / "regen_calibration.md").read_text())
     return result

@@ -160,7 +160,8 @@ def gain_growth(runs, a: str = "DSpark-2L", b: str = BASELINE) -> List[Dict]:
 
 
 # ----------------------------------------------------------------------------- tables
-def _iv(d: Dict, digits: int = 3) -> str:
+def interval_text(d: Dict, digits: int = 3) -> str:
+    """An interval's dict (Interval.to_dict) as the tables print it: ``value [low, high]``."""
     return f"{d['value']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
@@ -200,14 +201,14 @@ def ratio_table(comps: List[Dict], growth: List[Dict]) -> List[str]:
         if c["kind"] != "pruning":
             r = c["ratio"]
             rows.append(
-                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} / {c['b']} | {_iv(r)} | {r['seeds']} | "
+                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} / {c['b']} | {interval_text(r)} | {r['seeds']} | "
                 f"{c['verdict']} |"
             )
     for g in growth:
         r = g["ratio"]
         rows.append(
             f"| {g['gammas'][1]} vs {g['gammas'][0]} | {g['temperature']:g} | ({g['a']} / {g['b']}) at γ="
-            f"{g['gammas'][1]} over γ={g['gammas'][0]} | {_iv(r)} | {r['seeds']} | {g['verdict']} |"
+            f"{g['gammas'][1]} over γ={g['gammas'][0]} | {interval_text(r)} | {r['seeds']} | {g['verdict']} |"
         )
     return rows
 
@@ -221,7 +222,7 @@ def prune_table(comps: List[Dict]) -> List[str]:
         if c["kind"] == "pruning":
             k = c["cost"]
             rows.append(
-                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} | {_iv(c['ratio'])} | {100 * k['value']:+.1f} % "
+                f"| {c['gamma']} | {c['temperature']:g} | {c['a']} | {interval_text(c['ratio'])} | {100 * k['value']:+.1f} % "
                 f"[{100 * k['low']:+.1f}, {100 * k['high']:+.1f}] | {c['ratio']['seeds']} | {c['goal']} |"
             )
     return rows if len(rows) > 2 else []
